@@ -1,0 +1,28 @@
+"""Devices the suite runs on: NumPy ("cpu"), the strict CuPy stand-in ("strict"), and CuPy ("gpu") if present."""
+import numpy
+import pytest
+
+import tinybn
+from tinybn import backend
+
+from strict_xp import strict
+
+backend.register_array_module("strict", strict)
+
+DEVICES = ["cpu", "strict"] + (["gpu"] if backend.cupy_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Every op test runs once per array module: NumPy, the strict stand-in, and CuPy when a GPU is there."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    tinybn.manual_seed(0)
+    yield
+
+
+def make(array, device, requires_grad=False):
+    return tinybn.tensor(numpy.asarray(array), device=device, requires_grad=requires_grad)

@@ -1,0 +1,108 @@
+"""The autograd engine: accumulation, fan-out, no_grad, broadcasting, deep graphs, freeing."""
+import numpy
+import pytest
+
+import tinybn
+
+from conftest import make
+
+
+def test_fan_out_adds_every_path(device):
+    x = make(numpy.array([1.5, -2.0]), device, requires_grad=True)
+    y = x * x + x * 3.0 + x  # dy/dx = 2x + 4
+    y.sum().backward()
+    numpy.testing.assert_allclose(tinybn.tensor(x.grad).numpy(), 2 * numpy.array([1.5, -2.0]) + 4)
+
+
+def test_shared_subexpression():
+    x = tinybn.tensor([2.0], requires_grad=True)
+    h = x * x
+    z = h * h + h  # x^4 + x^2 -> 4x^3 + 2x = 36
+    z.backward()
+    assert float(x.grad[0]) == pytest.approx(36.0)
+
+
+def test_gradients_accumulate_across_backward_calls():
+    x = tinybn.tensor([1.0, 2.0], requires_grad=True)
+    (x * 2.0).sum().backward()
+    (x * 3.0).sum().backward()
+    numpy.testing.assert_allclose(x.grad, [5.0, 5.0])
+    x.zero_grad()
+    assert x.grad is None
+
+
+def test_no_grad_records_nothing():
+    x = tinybn.tensor([1.0], requires_grad=True)
+    with tinybn.no_grad():
+        y = x * 2.0
+    assert not y.requires_grad and y.is_leaf
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        y.backward()
+    assert tinybn.is_grad_enabled()
+
+
+def test_no_grad_as_decorator():
+    @tinybn.no_grad()
+    def f(x):
+        return x * 2.0
+    assert not f(tinybn.tensor([1.0], requires_grad=True)).requires_grad
+
+
+def test_broadcast_gradients_are_reduced(device):
+    a = make(numpy.ones((3, 1)), device, requires_grad=True)
+    b = make(numpy.ones(4), device, requires_grad=True)
+    (a * b).sum().backward()
+    assert a.grad.shape == (3, 1) and b.grad.shape == (4,)
+    numpy.testing.assert_allclose(tinybn.tensor(a.grad).numpy(), numpy.full((3, 1), 4.0))
+    numpy.testing.assert_allclose(tinybn.tensor(b.grad).numpy(), numpy.full(4, 3.0))
+
+
+def test_thousand_layer_chain_has_no_recursion_limit():
+    x = tinybn.tensor([0.5], requires_grad=True)
+    y = x
+    for _ in range(1000):
+        y = y * 1.001 + 0.0
+    y.backward()
+    assert float(x.grad[0]) == pytest.approx(1.001 ** 1000, rel=1e-4)
+    y2 = x
+    for _ in range(5000):
+        y2 = tinybn.functional.sigmoid(y2)
+    y2.backward()  # deeper than Python's recursion limit
+
+
+def test_graph_is_freed_after_backward():
+    x = tinybn.tensor([1.0], requires_grad=True)
+    y = x * 2.0
+    z = y * 3.0
+    z.backward()
+    assert z._node is None and y._node is None
+
+
+def test_explicit_upstream_gradient_and_its_shape_check():
+    x = tinybn.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    y = x * 2.0
+    with pytest.raises(RuntimeError, match="one-element"):
+        y.backward()
+    with pytest.raises(ValueError, match="shape"):
+        (x * 2.0).backward(numpy.ones(2))
+    (x * 2.0).backward(numpy.array([1.0, 0.0, -1.0]))
+    numpy.testing.assert_allclose(x.grad, [2.0, 0.0, -2.0])
+
+
+def test_tensor_api():
+    t = tinybn.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert t.dtype == numpy.float32 and t.shape == (2, 2) and t.device == "cpu"
+    assert tinybn.tensor([1, 2]).dtype == numpy.int64
+    assert t.sum().item() == 10.0
+    assert t.to("cpu") is t
+    numpy.testing.assert_array_equal(t.numpy(), [[1, 2], [3, 4]])
+    source = numpy.zeros(3)
+    copy = tinybn.tensor(source)
+    copy.data[0] = 1
+    assert source[0] == 0, "tensor() copies its input"
+    d = tinybn.tensor([1.0], requires_grad=True) * 2.0
+    assert not d.detach().requires_grad
+    with pytest.raises(TypeError, match="floating-point"):
+        tinybn.tensor([1, 2], requires_grad=True)
+    with pytest.raises(ValueError, match="one element"):
+        t.item()

@@ -1,0 +1,136 @@
+"""One table of gradient checks: every op, every differentiable input, several shapes, both BN modes.
+
+Each row gives the op, its arguments as (name, array, requires_grad) and the call. The check runs in
+float64 with central differences and a random upstream gradient (tinybn.gradcheck), on every device.
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy
+import pytest
+
+import tinybn
+from tinybn import functional as F
+
+from conftest import make
+
+rng = numpy.random.default_rng(1234)
+
+
+def randn(*shape):
+    return rng.standard_normal(shape)
+
+
+def positive(*shape):
+    return rng.uniform(0.5, 1.5, shape)
+
+
+def distinct(*shape):
+    """Values far apart, so max pooling has no near-ties that central differences would straddle."""
+    return rng.permutation(numpy.arange(int(numpy.prod(shape)), dtype=float)).reshape(shape) * 0.1
+
+
+@dataclass
+class Row:
+    name: str
+    call: Callable
+    args: list  # (array, requires_grad) pairs, in the order of call's arguments
+
+    def __str__(self):
+        return self.name
+
+
+def bn(training, momentum=0.9):
+    def call(x, gamma, beta, moving_mean, moving_var):
+        return F.batch_norm(x, gamma, beta, moving_mean, moving_var, training=training, momentum=momentum)
+    return call
+
+
+ROWS = [
+    # convolution: stride 2, padding 1-2, non-square kernels and inputs, batch 2
+    Row("conv2d k3x2 s2 p1", lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1),
+        [(randn(2, 3, 7, 6), True), (randn(4, 3, 3, 2), True), (randn(4), True)]),
+    Row("conv2d k2x3 s(1,2) p(2,1) no bias", lambda x, w: F.conv2d(x, w, stride=(1, 2), padding=(2, 1)),
+        [(randn(2, 2, 5, 7), True), (randn(3, 2, 2, 3), True)]),
+    Row("conv2d k5 s1 p0 (LeNet)", lambda x, w, b: F.conv2d(x, w, b),
+        [(randn(2, 1, 8, 9), True), (randn(2, 1, 5, 5), True), (randn(2), True)]),
+    # pooling
+    Row("max_pool2d k2 s2", lambda x: F.max_pool2d(x, 2, 2), [(distinct(2, 3, 6, 4), True)]),
+    Row("max_pool2d k3 s2 p1", lambda x: F.max_pool2d(x, 3, 2, 1), [(distinct(2, 2, 7, 6), True)]),
+    Row("max_pool2d k(2,3) s(1,2)", lambda x: F.max_pool2d(x, (2, 3), (1, 2)), [(distinct(2, 2, 5, 7), True)]),
+    Row("avg_pool2d k2 s2", lambda x: F.avg_pool2d(x, 2), [(randn(2, 3, 6, 4), True)]),
+    Row("avg_pool2d k(3,2) s(2,1) p1", lambda x: F.avg_pool2d(x, (3, 2), (2, 1), 1), [(randn(2, 2, 7, 5), True)]),
+    # dense and elementwise
+    Row("linear", F.linear, [(randn(3, 5), True), (randn(4, 5), True), (randn(4), True)]),
+    Row("linear no bias", F.linear, [(randn(2, 6), True), (randn(3, 6), True)]),
+    Row("sigmoid", F.sigmoid, [(randn(3, 4) * 3, True)]),
+    Row("relu", F.relu, [(randn(3, 4) + 0.05, True)]),
+    Row("flatten", F.flatten, [(randn(2, 3, 2, 2), True)]),
+    Row("dropout p0.4 train", lambda x: F.dropout(x, 0.4, True, tinybn.get_array_module(x.data).random.default_rng(7)),
+        [(randn(4, 5), True)]),
+    Row("dropout eval", lambda x: F.dropout(x, 0.4, False), [(randn(4, 5), True)]),
+    Row("cross_entropy", lambda z, t: F.cross_entropy(z, t),
+        [(randn(5, 4), True), (numpy.array([0, 3, 1, 1, 2]), False)]),
+    # batch norm: 2-D and 4-D, training and prediction, gamma shaped (C,) or (1, C[, 1, 1])
+    Row("batch_norm 2-D train", bn(True),
+        [(randn(6, 4) * 2 + 1, True), (positive(4), True), (randn(4), True), (randn(4), False), (positive(4), False)]),
+    Row("batch_norm 4-D train", bn(True),
+        [(randn(2, 3, 3, 2), True), (positive(1, 3, 1, 1), True), (randn(1, 3, 1, 1), True),
+         (randn(1, 3, 1, 1), False), (positive(1, 3, 1, 1), False)]),
+    Row("batch_norm 2-D eval", bn(False),
+        [(randn(5, 3), True), (positive(1, 3), True), (randn(1, 3), True), (randn(1, 3), False),
+         (positive(1, 3), False)]),
+    Row("batch_norm 4-D eval", bn(False),
+        [(randn(2, 3, 2, 3), True), (positive(3), True), (randn(3), True), (randn(3), False), (positive(3), False)]),
+    # the tensor arithmetic the engine offers
+    Row("add broadcast", lambda a, b: a + b, [(randn(3, 4), True), (randn(4), True)]),
+    Row("sub broadcast", lambda a, b: a - b, [(randn(3, 1), True), (randn(1, 4), True)]),
+    Row("mul broadcast", lambda a, b: a * b, [(randn(2, 3, 4), True), (randn(3, 1), True)]),
+    Row("div broadcast", lambda a, b: a / b, [(randn(3, 4), True), (positive(4), True)]),
+    Row("pow scalar", lambda a: a ** 3, [(randn(3, 4), True)]),
+    Row("pow tensor", lambda a, b: a ** b, [(positive(3, 4), True), (randn(4), True)]),
+    Row("neg", lambda a: -a, [(randn(3), True)]),
+    Row("matmul", lambda a, b: a @ b, [(randn(3, 4), True), (randn(4, 2), True)]),
+    Row("matmul batched", lambda a, b: a @ b, [(randn(2, 3, 4), True), (randn(4, 2), True)]),
+    Row("sum axis", lambda a: a.sum(axis=1), [(randn(3, 4, 2), True)]),
+    Row("mean keepdims", lambda a: a.mean(axis=(0, 2), keepdims=True), [(randn(3, 4, 2), True)]),
+    Row("reshape", lambda a: a.reshape(4, 3), [(randn(3, 4), True)]),
+    Row("transpose", lambda a: a.transpose(2, 0, 1), [(randn(3, 4, 2), True)]),
+    Row("getitem fancy (repeats)", lambda a: a[[0, 2, 0]], [(randn(3, 4), True)]),
+    Row("exp/log", lambda a: (a.exp() + 1.0).log(), [(randn(3, 4), True)]),
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=str)
+def test_gradient(row, device):
+    inputs = [make(array, device, requires_grad=needs) for array, needs in row.args]
+    report = tinybn.gradcheck(row.call, inputs)
+    assert report["ok"], f"{row.name}: {report}"
+    assert report["where"] is not None
+
+
+def test_every_op_has_a_row():
+    """A new op in tinybn.functional must get a row in the table above."""
+    names = " ".join(row.name for row in ROWS)
+    for op in F.__all__:
+        assert op in names, f"{op} has no gradient-check row"
+
+
+def test_gradcheck_catches_a_wrong_backward():
+    """A backward that is right for an all-ones upstream gradient but wrong otherwise must fail."""
+    from tinybn.tensor import Cache, apply
+
+    def forward(x):
+        return x * 2.0, Cache()
+
+    def wrong_backward(dy, cache):
+        return (dy.sum() * 0 + 2.0 * dy.mean() + 0 * dy,)  # constant gradient: right only when dy is constant
+
+    x = make(randn(4), "cpu", requires_grad=True)
+    with pytest.raises(AssertionError, match="input 0"):
+        tinybn.gradcheck(lambda t: apply(forward, wrong_backward, t), [x])
+
+
+def test_gradcheck_rejects_no_differentiable_input():
+    with pytest.raises(ValueError, match="requires_grad"):
+        tinybn.gradcheck(F.sigmoid, [make(randn(3), "cpu")])

@@ -1,0 +1,151 @@
+"""Modules: registration, state dicts, modes, devices, input errors, and a LeNet-BN gradient check."""
+import numpy
+import pytest
+
+import tinybn
+from tinybn import nn
+
+from conftest import make
+
+
+def small_lenet_bn(concise=False):
+    bn4 = (lambda c: nn.BatchNorm2d()) if concise else (lambda c: nn.BatchNorm(c, num_dims=4))
+    bn2 = (lambda c: nn.BatchNorm1d()) if concise else (lambda c: nn.BatchNorm(c, num_dims=2))
+    return nn.Sequential(
+        nn.Conv2d(1, 2, kernel_size=3), bn4(2), nn.Sigmoid(), nn.MaxPool2d(2, 2),
+        nn.Conv2d(2, 3, kernel_size=2), bn4(3), nn.Sigmoid(), nn.AvgPool2d(2), nn.Flatten(),
+        nn.Linear(3, 4), bn2(4), nn.Sigmoid(), nn.Linear(4, 3))
+
+
+def test_lenet_bn_layer_level_gradient_check(device):
+    """Every parameter of a small LeNet-BN, through the loss, in float64 against finite differences."""
+    net = small_lenet_bn().to(device, dtype=numpy.float64)
+    x = make(numpy.random.default_rng(0).standard_normal((4, 1, 10, 10)), device)
+    labels = make(numpy.array([0, 1, 2, 1]), device)
+    slots = [(module, name) for _, module in net.named_modules() for name, p in module._parameters.items()
+             if p is not None]
+
+    def loss_of(*values):
+        # gradcheck hands over float64 copies of the parameters; let the layers read those copies
+        for (module, name), value in zip(slots, values):
+            object.__setattr__(module, name, value)
+        return tinybn.functional.cross_entropy(net(x), labels)
+
+    params = [getattr(module, name) for module, name in slots]
+    assert len(params) == 14
+    report = tinybn.gradcheck(loss_of, params, rtol=1e-3)
+    assert report["ok"]
+
+
+def test_parameters_buffers_and_indexing():
+    net = small_lenet_bn()
+    names = [name for name, _ in net.named_parameters()]
+    assert names[:4] == ["0.weight", "0.bias", "1.gamma", "1.beta"]
+    assert len(net.parameters()) == 14
+    assert [name for name, _ in net.named_buffers()][:2] == ["1.moving_mean", "1.moving_var"]
+    assert net[1].gamma.shape == (1, 2, 1, 1)
+    assert isinstance(net[0], nn.Conv2d) and len(net) == 13
+
+
+def test_train_eval_propagates():
+    net = small_lenet_bn()
+    net.eval()
+    assert all(not m.training for m in net.modules())
+    net.train()
+    assert all(m.training for m in net.modules())
+
+
+def test_state_dict_round_trip(device):
+    net = small_lenet_bn().to(device)
+    x = make(numpy.random.default_rng(1).standard_normal((4, 1, 10, 10)), device).astype(numpy.float32)
+    net(x)  # moves the moving averages
+    state = net.state_dict()
+    assert all(isinstance(v, numpy.ndarray) for v in state.values())
+    other = small_lenet_bn().to(device)
+    other.load_state_dict(state)
+    net.eval(), other.eval()
+    numpy.testing.assert_array_equal(net(x).numpy(), other(x).numpy())
+
+
+def test_lazy_layers_load_their_size_from_a_state_dict():
+    source = small_lenet_bn(concise=True)
+    source(tinybn.tensor(numpy.zeros((2, 1, 10, 10), numpy.float32) + numpy.arange(10, dtype=numpy.float32)))
+    target = small_lenet_bn(concise=True)
+    target.load_state_dict(source.state_dict())
+    assert target[1].num_features == 2 and target[10].gamma.shape == (4,)
+
+
+def test_load_state_dict_names_what_is_wrong():
+    net = small_lenet_bn()
+    state = net.state_dict()
+    state.pop("0.bias")
+    state["extra.weight"] = numpy.zeros(1)
+    with pytest.raises(KeyError, match=r"missing entries \['0.bias'\].*unexpected entries \['extra.weight'\]"):
+        net.load_state_dict(state)
+    state = net.state_dict()
+    state["9.weight"] = numpy.zeros((5, 3))
+    before = net[0].weight.numpy().copy()
+    with pytest.raises(ValueError, match=r"9.weight: expected \(4, 3\), got \(5, 3\)"):
+        net.load_state_dict(state)
+    numpy.testing.assert_array_equal(net[0].weight.numpy(), before)  # nothing was loaded
+
+
+@pytest.mark.parametrize("layer, shape, match", [
+    (nn.Conv2d(1, 6, 5), (2, 28, 28), r"Conv2d\(1, 6.*expects a 4-D input of shape \(N, 1, H, W\), got shape \(2, 28, 28\)"),
+    (nn.Conv2d(1, 6, 5), (2, 3, 28, 28), r"expects 1 channels.*got shape \(2, 3, 28, 28\)"),
+    (nn.Linear(256, 120), (2, 100), r"Linear\(256, 120.*expects 256 channels/features.*got shape \(2, 100\)"),
+    (nn.Linear(256, 120), (2, 16, 4, 4), r"expects a 2-D input of shape \(N, 256\)"),
+    (nn.BatchNorm(6, num_dims=4), (2, 6), r"BatchNorm\(6, num_dims=4.*4-D input"),
+    (nn.BatchNorm(6, num_dims=4), (2, 5, 3, 3), r"expects 6 channels"),
+    (nn.BatchNorm1d(), (2, 3, 4, 4), r"BatchNorm1d.*2-D input"),
+    (nn.BatchNorm2d(8), (2, 4, 3, 3), r"BatchNorm2d\(8.*expects 8 channels"),
+    (nn.MaxPool2d(2), (4, 4), r"MaxPool2d.*4-D input"),
+])
+def test_layers_name_the_expected_and_received_shape(layer, shape, match):
+    with pytest.raises(ValueError, match=match):
+        layer(tinybn.tensor(numpy.zeros(shape, numpy.float32)))
+
+
+@pytest.mark.parametrize("layer, shape", [(nn.Conv2d(1, 2, 3), (1, 1, 5, 5)), (nn.Linear(3, 2), (2, 3)),
+                                          (nn.BatchNorm2d(2), (2, 2, 3, 3))])
+def test_layers_refuse_integer_input(layer, shape):
+    with pytest.raises(ValueError, match="floating-point input, got dtype int64"):
+        layer(tinybn.tensor(numpy.zeros(shape, numpy.int64)))
+
+
+def test_other_bad_inputs():
+    with pytest.raises(ValueError, match="Dropout probability"):
+        nn.Dropout(1.5)
+    with pytest.raises(ValueError, match="momentum"):
+        nn.BatchNorm2d(3, momentum=2.0)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        tinybn.functional.cross_entropy(tinybn.tensor(numpy.zeros((2, 3))), tinybn.tensor([0, 3]))
+    with pytest.raises(TypeError, match="integer class labels"):
+        tinybn.functional.cross_entropy(tinybn.tensor(numpy.zeros((2, 3))), tinybn.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="does not fit"):
+        tinybn.functional.conv2d(tinybn.tensor(numpy.zeros((1, 1, 3, 3))), tinybn.tensor(numpy.zeros((1, 1, 5, 5))))
+    with pytest.raises(TypeError, match="stride must be an int or a pair"):
+        tinybn.functional.max_pool2d(tinybn.tensor(numpy.zeros((1, 1, 4, 4))), 2, stride=(1, 2, 3))
+
+
+def test_stable_sigmoid_and_cross_entropy():
+    x = tinybn.tensor(numpy.array([-1e4, -50.0, 0.0, 50.0, 1e4]), requires_grad=True)
+    with numpy.errstate(over="raise", invalid="raise", divide="raise"):
+        y = tinybn.functional.sigmoid(x)
+        y.sum().backward()
+    numpy.testing.assert_allclose(y.numpy(), [0.0, 1.9287498479639178e-22, 0.5, 1.0, 1.0])
+    logits = tinybn.tensor(numpy.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 1e4]]), requires_grad=True)
+    with numpy.errstate(over="raise", invalid="raise", divide="raise"):
+        loss = tinybn.functional.cross_entropy(logits, tinybn.tensor([0, 1]))
+        loss.backward()
+    assert loss.item() == pytest.approx(numpy.log(2) / 2)
+    assert numpy.isfinite(logits.grad).all()
+
+
+def test_dropout_keeps_expectation_and_is_identity_in_eval():
+    x = tinybn.tensor(numpy.ones((200, 200), numpy.float32))
+    layer = nn.Dropout(0.3)
+    y = layer(x).numpy()
+    assert abs((y == 0).mean() - 0.3) < 0.01 and abs(y.mean() - 1.0) < 0.02
+    layer.eval()
+    numpy.testing.assert_array_equal(layer(x).numpy(), x.numpy())

@@ -1,0 +1,17 @@
+"""``tinybn.functional``: the mathematics, one file per operation.
+
+Each file holds, for its operation, the pure array functions ``<op>_forward(...) -> (y, cache)`` and
+``<op>_backward(dy, cache) -> (dx, ...)`` side by side, and ``<op>(...)``, which runs them on tensors
+and records the backward for autograd. The derivations are in ``docs/derivations.md``.
+"""
+from .activation import relu, sigmoid
+from .batchnorm import batch_norm
+from .conv import conv2d
+from .dropout import dropout
+from .linear import linear
+from .loss import cross_entropy
+from .pooling import avg_pool2d, max_pool2d
+from .shape import flatten
+
+__all__ = ["avg_pool2d", "batch_norm", "conv2d", "cross_entropy", "dropout", "flatten", "linear", "max_pool2d",
+           "relu", "sigmoid"]

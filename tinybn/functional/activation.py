@@ -1,0 +1,45 @@
+"""Elementwise activations.
+
+sigmoid:  y = 1 / (1 + e^(−x)),         dx = dy · y · (1 − y)
+relu:     y = max(x, 0),                dx = dy · [x > 0]
+
+The sigmoid is evaluated without overflow for any finite x: with e = e^(−|x|) ≤ 1,
+y = 1/(1+e) for x ≥ 0 and y = e/(1+e) for x < 0. Both are the same function, but
+neither ever exponentiates a large positive number.
+"""
+from __future__ import annotations
+
+from ..backend import get_array_module
+from ..tensor import Cache, apply
+
+
+def sigmoid_forward(x):
+    xp = get_array_module(x)
+    e = xp.exp(-xp.abs(x))
+    y = xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return y, Cache(y=y)
+
+
+def sigmoid_backward(dy, cache):
+    y = cache.y
+    return (dy * y * (1.0 - y),)
+
+
+def sigmoid(x):
+    """Logistic sigmoid, elementwise; safe from overflow for any finite input."""
+    return apply(sigmoid_forward, sigmoid_backward, x)
+
+
+def relu_forward(x):
+    xp = get_array_module(x)
+    return xp.maximum(x, 0), Cache(positive=x > 0)
+
+
+def relu_backward(dy, cache):
+    # The derivative at exactly 0 is taken to be 0, as in PyTorch.
+    return (dy * cache.positive,)
+
+
+def relu(x):
+    """Rectified linear unit, elementwise."""
+    return apply(relu_forward, relu_backward, x)

@@ -1,0 +1,165 @@
+r"""Batch normalization: the mathematics (the layers in :mod:`tinybn.nn` do the bookkeeping).
+
+Inputs and shapes
+-----------------
+x is either (N, D) — a fully-connected layer's output, normalized per feature — or
+(N, C, H, W) — a convolution's output, normalized per channel over all N·H·W positions.
+Call the normalized groups "channels" (D or C of them) and let m be the number of values per
+channel (N, or N·H·W). ``gamma``, ``beta``, ``moving_mean`` and ``moving_var`` hold one value per
+channel, shaped (C,), (1, C) or (1, C, 1, 1); results come back in the shapes given.
+
+Forward
+-------
+Training mode uses the statistics of the minibatch::
+
+    μ     = (1/m) Σ x                     (per channel)
+    σ²    = (1/m) Σ (x − μ)²              biased, computed from x − μ (two passes, see below)
+    x̂     = (x − μ) / √(σ² + ε)
+    y     = γ · x̂ + β
+
+Prediction mode uses the moving averages instead of μ and σ², and leaves them unchanged.
+
+Moving averages: tinybn's convention, written down once
+--------------------------------------------------------
+After each training step::
+
+    new_moving_mean = momentum · moving_mean + (1 − momentum) · μ
+    new_moving_var  = momentum · moving_var  + (1 − momentum) · σ²        (σ² biased)
+
+with ``momentum = 0.9`` by default, so ``momentum`` is the weight of the OLD value — the
+chapter's convention, and Keras' (``BatchNormalization(momentum=0.99)``).
+
+* PyTorch's ``momentum`` is the weight of the NEW value: tinybn ``momentum = 1 − torch_momentum``,
+  so PyTorch's default 0.1 is tinybn's 0.9. PyTorch also feeds the *unbiased* batch variance
+  σ² · m/(m − 1) into ``running_var``; tinybn (like the chapter) feeds the biased one. The two
+  differ by a factor m/(m−1): 1.0000064 for a 256×24×24 conv batch, 1.004 for a 256-row dense batch.
+* Keras' ``momentum`` means what tinybn's means; its ``moving_variance`` uses the biased variance too.
+
+Why two passes for σ²
+---------------------
+E[x²] − E[x]² subtracts two nearly equal numbers when |μ| ≫ σ: for float32 data with mean 1e4
+and std 1, E[x²] ≈ 1e8 carries only about 8 significant bits of the variance and the result can be
+0 or negative. Subtracting μ first and then averaging the squares keeps every digit.
+
+Backward
+--------
+Two implementations, checked equal in the tests (derivations: docs/derivations.md, "Batch normalization"):
+
+* :func:`batch_norm_backward_staged` walks the forward graph in reverse, one line per forward line;
+* :func:`batch_norm_backward` is the closed form that the staged one simplifies to::
+
+      dβ = Σ dy        dγ = Σ dy · x̂        dx̂ = dy · γ
+      dx = (1/√(σ² + ε)) · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ · x̂))        (means per channel over m values)
+
+In prediction mode the statistics are constants, so dx = dy · γ / √(moving_var + ε).
+"""
+from __future__ import annotations
+
+from ..backend import get_array_module
+from ..tensor import Cache, apply
+
+DEFAULT_MOMENTUM = 0.9
+DEFAULT_EPS = 1e-5
+
+
+def torch_momentum_to_tinybn(torch_momentum: float) -> float:
+    """PyTorch weighs the new batch statistic by ``momentum``; tinybn weighs the old average."""
+    return 1.0 - torch_momentum
+
+
+def reduction_axes(x) -> tuple[int, ...]:
+    """The axes batch norm averages over: (0,) for (N, D) input, (0, 2, 3) for (N, C, H, W)."""
+    if x.ndim == 2:
+        return (0,)
+    if x.ndim == 4:
+        return (0, 2, 3)
+    raise ValueError(f"batch_norm expects a 2-D (N, features) or 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+
+
+def _per_channel(value, x):
+    """View a per-channel array (C,), (1, C) or (1, C, 1, 1) in the shape that broadcasts against x."""
+    channels = x.shape[1]
+    if value.size != channels:
+        raise ValueError(f"batch_norm: a per-channel array of shape {tuple(value.shape)} does not match the "
+                         f"{channels} channels of an input of shape {tuple(x.shape)}")
+    return value.reshape((1, channels) + (1,) * (x.ndim - 2))
+
+
+def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, training, momentum=DEFAULT_MOMENTUM,
+                       eps=DEFAULT_EPS):
+    """Forward pass; returns ``((y, new_moving_mean, new_moving_var), cache)``."""
+    xp = get_array_module(x)
+    axes = reduction_axes(x)
+    m = x.size // x.shape[1]
+    g, b = _per_channel(gamma, x), _per_channel(beta, x)
+    if training:
+        if m == 1:
+            raise ValueError(f"batch_norm in training mode needs more than one value per channel, but an input of "
+                             f"shape {tuple(x.shape)} has exactly one: every normalized value would be 0 and "
+                             f"nothing could be learned. Use a larger batch, or switch the layer to eval mode.")
+        mu = x.mean(axis=axes, keepdims=True)
+        x_centered = x - mu
+        var = (x_centered * x_centered).mean(axis=axes, keepdims=True)
+        new_moving_mean = momentum * moving_mean + (1.0 - momentum) * mu.reshape(moving_mean.shape)
+        new_moving_var = momentum * moving_var + (1.0 - momentum) * var.reshape(moving_var.shape)
+    else:
+        mu, var = _per_channel(moving_mean, x), _per_channel(moving_var, x)
+        x_centered = x - mu
+        new_moving_mean, new_moving_var = moving_mean, moving_var
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    x_hat = x_centered * inv_std
+    y = g * x_hat + b
+    cache = Cache(x_hat=x_hat, x_centered=x_centered, inv_std=inv_std, var=var, gamma=g, eps=eps, axes=axes, m=m,
+                  training=training, gamma_shape=gamma.shape, beta_shape=beta.shape)
+    return (y, new_moving_mean, new_moving_var), cache
+
+
+def batch_norm_backward(dy, cache):
+    """Closed-form backward: ``(dx, dgamma, dbeta, None, None)``."""
+    axes, x_hat = cache.axes, cache.x_hat
+    dbeta = dy.sum(axis=axes, keepdims=True)
+    dgamma = (dy * x_hat).sum(axis=axes, keepdims=True)
+    if cache.training:
+        # dx = inv_std · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ · x̂)), with dx̂ = dy·γ; both means reuse dβ and dγ.
+        dx = (cache.gamma * cache.inv_std) * (dy - dbeta / cache.m - x_hat * (dgamma / cache.m))
+    else:
+        dx = dy * (cache.gamma * cache.inv_std)
+    return dx, dgamma.reshape(cache.gamma_shape), dbeta.reshape(cache.beta_shape), None, None
+
+
+def batch_norm_backward_staged(dy, cache):
+    """Staged backward: the forward's steps, undone one at a time (same result as the closed form)."""
+    xp = get_array_module(dy)
+    axes, m = cache.axes, cache.m
+    # y = γ·x̂ + β
+    dbeta = dy.sum(axis=axes, keepdims=True)
+    dgamma = (dy * cache.x_hat).sum(axis=axes, keepdims=True)
+    dx_hat = dy * cache.gamma
+    if not cache.training:
+        return dx_hat * cache.inv_std, dgamma.reshape(cache.gamma_shape), dbeta.reshape(cache.beta_shape), None, None
+    # x̂ = x_centered · inv_std
+    dx_centered = dx_hat * cache.inv_std
+    dinv_std = (dx_hat * cache.x_centered).sum(axis=axes, keepdims=True)
+    # inv_std = (σ² + ε)^(−1/2)
+    dvar = dinv_std * (-0.5) * (cache.var + cache.eps) ** -1.5
+    # σ² = mean(x_centered²)
+    dx_centered = dx_centered + dvar * 2.0 * cache.x_centered / m
+    # x_centered = x − μ
+    dx = dx_centered
+    dmu = -dx_centered.sum(axis=axes, keepdims=True)
+    # μ = mean(x)
+    dx = dx + xp.broadcast_to(dmu / m, dx.shape)
+    return dx, dgamma.reshape(cache.gamma_shape), dbeta.reshape(cache.beta_shape), None, None
+
+
+def batch_norm(x, gamma, beta, moving_mean, moving_var, *, training, momentum=DEFAULT_MOMENTUM, eps=DEFAULT_EPS):
+    """Batch-normalize ``x``; returns ``(y, new_moving_mean, new_moving_var)``.
+
+    Training mode normalizes with the minibatch mean and biased variance and returns updated moving
+    averages (``new = momentum·old + (1 − momentum)·batch``); prediction mode normalizes with the
+    moving averages and returns them unchanged. The function never modifies its arguments: the
+    caller (a layer) decides what to do with the new averages. See the module docstring for shapes,
+    formulas and the conversion to PyTorch's and Keras' momentum.
+    """
+    return apply(batch_norm_forward, batch_norm_backward, x, gamma, beta, moving_mean, moving_var,
+                 training=training, momentum=momentum, eps=eps)

@@ -1,0 +1,17 @@
+"""Flatten: (N, d1, d2, ...) -> (N, d1·d2·...). Its backward only restores the shape."""
+from __future__ import annotations
+
+from ..tensor import Cache, apply
+
+
+def flatten_forward(x):
+    return x.reshape(x.shape[0], -1), Cache(shape=x.shape)
+
+
+def flatten_backward(dy, cache):
+    return (dy.reshape(cache.shape),)
+
+
+def flatten(x):
+    """Keep the batch axis and merge all the others."""
+    return apply(flatten_forward, flatten_backward, x)

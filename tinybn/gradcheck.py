@@ -1,0 +1,145 @@
+"""Numerical gradient checks.
+
+:func:`gradcheck` compares the gradients that autograd computes with central finite differences::
+
+    dL/dx[i] ≈ (L(x + h·e_i) − L(x − h·e_i)) / (2h),      L(x) = Σ f(x) · dy
+
+where ``dy`` is a RANDOM upstream gradient. (With dy = 1, L = Σ f(x), and for batch norm
+Σ_i y_i = Σ_i β, which does not depend on x at all: dL/dx = 0 everywhere, so a wrong input
+gradient would pass. A random dy has no such blind spot.)
+
+:func:`assert_same` checks that two implementations (a fast path and the readable reference)
+agree on outputs and gradients.
+"""
+from __future__ import annotations
+
+import numpy
+
+from . import backend
+from .tensor import Tensor, enable_grad
+
+
+class GradcheckError(AssertionError):
+    """Analytic and numerical gradients disagree."""
+
+
+def _to_float64_inputs(inputs):
+    converted = []
+    for value in inputs:
+        if isinstance(value, Tensor):
+            data = value.data.astype(numpy.float64) if value.dtype.kind == "f" else value.data
+            converted.append(Tensor(data, requires_grad=value.requires_grad))
+        else:
+            converted.append(value)
+    return converted
+
+
+def _first_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def gradcheck(fn, inputs, *, eps: float = 1e-6, atol: float = 1e-6, rtol: float = 1e-4, seed: int = 0,
+              raise_on_failure: bool = True) -> dict:
+    """Check autograd's gradients of ``fn(*inputs)`` against central differences, in float64.
+
+    ``inputs`` is a sequence of tensors (and other arguments passed as they are); every tensor with
+    ``requires_grad`` is checked, element by element. ``fn`` may return a tensor or a tuple whose
+    first item is the differentiable output (as ``batch_norm`` does).
+
+    Returns ``{"ok", "worst_abs", "worst_rel", "where"}``, where ``where`` names the input (by position)
+    and the index of the element with the largest error. Raises :class:`GradcheckError` with that
+    report when some element has ``|analytic − numeric| > atol + rtol·|numeric|``.
+    """
+    inputs = _to_float64_inputs(inputs)
+    checked = [i for i, value in enumerate(inputs) if isinstance(value, Tensor) and value.requires_grad]
+    if not checked:
+        raise ValueError("gradcheck: no input has requires_grad=True, so there is nothing to check")
+    with enable_grad():
+        out = _first_output(fn(*inputs))
+        xp = backend.get_array_module(out.data)
+        host_rng = numpy.random.default_rng(seed)
+        dy = backend.to_device(host_rng.standard_normal(out.shape), out.device).astype(numpy.float64)
+        for i in checked:
+            inputs[i].grad = None
+        out.backward(dy)
+
+    def objective():
+        with enable_grad():
+            return float((_first_output(fn(*inputs)).data * dy).sum())
+
+    report = {"ok": True, "worst_abs": 0.0, "worst_rel": 0.0, "where": None}
+    failures = []
+    for i in checked:
+        x = inputs[i]
+        analytic = backend.to_numpy(x.grad) if x.grad is not None else numpy.zeros(x.shape)
+        numeric = numpy.zeros(x.shape)
+        flat = x.data.reshape(-1)  # a view: perturbing it perturbs x
+        for k in range(flat.size):
+            original = float(flat[k])
+            flat[k] = original + eps
+            plus = objective()
+            flat[k] = original - eps
+            minus = objective()
+            flat[k] = original
+            numeric.reshape(-1)[k] = (plus - minus) / (2 * eps)
+        error = numpy.abs(analytic - numeric)
+        worst = int(error.argmax()) if error.size else 0
+        index = numpy.unravel_index(worst, x.shape) if x.shape else ()
+        abs_err = float(error.reshape(-1)[worst]) if error.size else 0.0
+        rel_err = abs_err / max(float(abs(numeric.reshape(-1)[worst])), 1e-12) if error.size else 0.0
+        if abs_err >= report["worst_abs"]:
+            report.update(worst_abs=abs_err, worst_rel=rel_err, where=f"input {i}, index {tuple(map(int, index))}")
+        bad = error > atol + rtol * numpy.abs(numeric)
+        if bad.any():
+            k = int(numpy.argmax(numpy.where(bad, error, -1.0)))
+            idx = tuple(map(int, numpy.unravel_index(k, x.shape))) if x.shape else ()
+            failures.append(f"input {i} (shape {x.shape}) at index {idx}: analytic {analytic.reshape(-1)[k]:.8g}, "
+                            f"numeric {numeric.reshape(-1)[k]:.8g}, |diff| {error.reshape(-1)[k]:.3g} "
+                            f"({int(bad.sum())} of {bad.size} elements out of tolerance)")
+    if failures:
+        report["ok"] = False
+        if raise_on_failure:
+            raise GradcheckError("gradient check failed:\n  " + "\n  ".join(failures))
+    return report
+
+
+def assert_same(fn_fast, fn_reference, inputs, *, atol: float = 1e-6, rtol: float = 1e-5, seed: int = 0,
+                check_grad: bool = True) -> None:
+    """Assert that two implementations give the same output and the same input gradients.
+
+    Both functions get fresh copies of ``inputs``; gradients are taken with one shared random
+    upstream gradient. A failure names what differs (output or which input's gradient) and where.
+    """
+    def run(fn):
+        copies = [Tensor(v.data.copy(), requires_grad=v.requires_grad) if isinstance(v, Tensor) else v for v in inputs]
+        with enable_grad():
+            out = _first_output(fn(*copies))
+        return copies, out
+
+    fast_inputs, fast_out = run(fn_fast)
+    ref_inputs, ref_out = run(fn_reference)
+    _assert_close("output", fast_out.data, ref_out.data, atol, rtol)
+    if not check_grad or not ref_out.requires_grad:
+        return
+    dy = backend.to_device(numpy.random.default_rng(seed).standard_normal(ref_out.shape), ref_out.device)
+    dy = dy.astype(ref_out.dtype)
+    fast_out.backward(dy)
+    ref_out.backward(dy)
+    for i, (fast, ref) in enumerate(zip(fast_inputs, ref_inputs)):
+        if isinstance(ref, Tensor) and ref.requires_grad:
+            if fast.grad is None or ref.grad is None:
+                raise AssertionError(f"gradient of input {i}: fast {fast.grad is not None}, reference {ref.grad is not None}")
+            _assert_close(f"gradient of input {i}", fast.grad, ref.grad, atol, rtol)
+
+
+def _assert_close(what, actual, expected, atol, rtol):
+    actual, expected = backend.to_numpy(actual), backend.to_numpy(expected)
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {actual.shape} differs from the reference's {expected.shape}")
+    error = numpy.abs(actual.astype(numpy.float64) - expected.astype(numpy.float64))
+    bad = error > atol + rtol * numpy.abs(expected)
+    if bad.any():
+        k = int(numpy.argmax(numpy.where(bad, error, -1.0)))
+        index = tuple(map(int, numpy.unravel_index(k, actual.shape)))
+        raise AssertionError(f"{what} differs from the reference at {index}: {actual.reshape(-1)[k]!r} vs "
+                             f"{expected.reshape(-1)[k]!r} ({int(bad.sum())} of {bad.size} elements out of tolerance)")

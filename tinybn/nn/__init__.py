@@ -1,0 +1,8 @@
+"""``tinybn.nn``: layers and models — the bookkeeping around :mod:`tinybn.functional`."""
+from . import init
+from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d
+from .layers import AvgPool2d, Conv2d, CrossEntropyLoss, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sigmoid
+from .module import Module, Parameter, Sequential
+
+__all__ = ["AvgPool2d", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "Conv2d", "CrossEntropyLoss", "Dropout",
+           "Flatten", "Linear", "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential", "Sigmoid", "init"]

@@ -1,0 +1,123 @@
+"""Batch-norm layers: parameters, moving averages, train/eval — the math is in tinybn.functional.batchnorm.
+
+* :class:`BatchNorm` is the chapter's from-scratch layer: you give ``num_features`` and
+  ``num_dims`` (2 after a dense layer, 4 after a convolution) and its tensors have the broadcast
+  shapes (1, C) or (1, C, 1, 1), so ``net[1].gamma.reshape(-1)`` shows the learned scales.
+* :class:`BatchNorm1d` and :class:`BatchNorm2d` are the concise layers: ``num_features`` may be
+  left out and is read from the first input; their tensors have shape (C,), as in PyTorch.
+
+In training mode (``model.train()``, the default) a layer normalizes with the statistics of the
+current batch and folds them into ``moving_mean``/``moving_var``; in prediction mode
+(``model.eval()``) it normalizes with those moving averages and changes nothing.
+
+The moving-average convention (``momentum`` weighs the OLD average, default 0.9 = PyTorch's
+0.1) is documented once, in :mod:`tinybn.functional.batchnorm`. ``momentum=None`` keeps an exact
+cumulative average instead: after k training batches the moving statistics are the plain mean of
+the k batch statistics, which is how to estimate population statistics with a frozen network
+(see :func:`tinybn.nn.recompute_batch_norm_statistics`).
+"""
+from __future__ import annotations
+
+import numpy
+
+from .. import backend
+from .. import functional as F
+from ..functional.batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM
+from ..tensor import Tensor
+from .layers import check_input
+from .module import Module, Parameter
+
+
+class _BatchNormBase(Module):
+    num_dims = None  # 2 or 4
+
+    def __init__(self, num_features, momentum, eps, device, dtype):
+        super().__init__()
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] (the weight of the old moving average) or None, got {momentum}")
+        self.num_features, self.momentum, self.eps = num_features, momentum, eps
+        object.__setattr__(self, "_device", backend.resolve_device(device)[0])
+        object.__setattr__(self, "_dtype", numpy.dtype(dtype))
+        for name in ("gamma", "beta"):
+            self.register_parameter(name, None)
+        for name in ("moving_mean", "moving_var", "num_batches_tracked"):
+            self.register_buffer(name, None)
+        if num_features is not None:
+            self._materialize(num_features)
+
+    def _param_shape(self, num_features):
+        raise NotImplementedError
+
+    def _materialize(self, num_features: int) -> None:
+        """Create γ = 1, β = 0, moving mean 0 and moving variance 1 for ``num_features`` channels."""
+        shape, device, dtype = self._param_shape(num_features), self._device, self._dtype
+        self.num_features = num_features
+        self.gamma = Parameter(backend.to_device(numpy.ones(shape, dtype), device))
+        self.beta = Parameter(backend.to_device(numpy.zeros(shape, dtype), device))
+        self.register_buffer("moving_mean", Tensor(backend.to_device(numpy.zeros(shape, dtype), device)))
+        self.register_buffer("moving_var", Tensor(backend.to_device(numpy.ones(shape, dtype), device)))
+        self.register_buffer("num_batches_tracked", Tensor(backend.to_device(numpy.zeros((), numpy.int64), device)))
+
+    def _materialize_from_state(self, state, prefix) -> None:
+        key = f"{prefix}.gamma" if prefix else "gamma"
+        if self.gamma is None and key in state:
+            self._materialize(int(numpy.prod(state[key].shape)))
+
+    def forward(self, x):
+        data = x.data if isinstance(x, Tensor) else x
+        layout = "(N, C)" if self.num_dims == 2 else "(N, C, H, W)"
+        if self.gamma is None:  # concise layer: the size comes from the first input
+            check_input(self, x, self.num_dims, layout)
+            object.__setattr__(self, "_device", backend.device_of(data))
+            self._materialize(data.shape[1])
+        check_input(self, x, self.num_dims, layout, self.num_features)
+        momentum = self.momentum
+        if momentum is None:  # cumulative average: the k-th batch gets weight 1/k
+            momentum = 1.0 - 1.0 / (int(self.num_batches_tracked.item()) + 1)
+        y, new_mean, new_var = F.batch_norm(x, self.gamma, self.beta, self.moving_mean, self.moving_var,
+                                            training=self.training, momentum=momentum, eps=self.eps)
+        if self.training:
+            self.moving_mean.data, self.moving_var.data = new_mean.data, new_var.data
+            self.num_batches_tracked.data = self.num_batches_tracked.data + 1
+        return y
+
+    def extra_repr(self):
+        return f"{self.num_features}, momentum={self.momentum}, eps={self.eps}"
+
+
+class BatchNorm(_BatchNormBase):
+    """The chapter's layer: ``BatchNorm(num_features, num_dims)`` with num_dims 2 (dense) or 4 (conv).
+
+    ``gamma``, ``beta``, ``moving_mean`` and ``moving_var`` have shape (1, C) or (1, C, 1, 1).
+    """
+
+    def __init__(self, num_features: int, num_dims: int, momentum=DEFAULT_MOMENTUM, eps=DEFAULT_EPS, device=None,
+                 dtype=numpy.float32):
+        if num_dims not in (2, 4):
+            raise ValueError(f"BatchNorm num_dims must be 2 (after a dense layer) or 4 (after a convolution), "
+                             f"got {num_dims}")
+        object.__setattr__(self, "num_dims", num_dims)  # needed by _param_shape during __init__
+        super().__init__(num_features, momentum, eps, device, dtype)
+
+    def _param_shape(self, num_features):
+        return (1, num_features) if self.num_dims == 2 else (1, num_features, 1, 1)
+
+    def extra_repr(self):
+        return f"{self.num_features}, num_dims={self.num_dims}, momentum={self.momentum}, eps={self.eps}"
+
+
+class BatchNorm1d(_BatchNormBase):
+    """Concise batch norm for (N, C) input; ``num_features`` is inferred from the first batch when omitted."""
+    num_dims = 2
+
+    def __init__(self, num_features: int | None = None, momentum=DEFAULT_MOMENTUM, eps=DEFAULT_EPS, device=None,
+                 dtype=numpy.float32):
+        super().__init__(num_features, momentum, eps, device, dtype)
+
+    def _param_shape(self, num_features):
+        return (num_features,)
+
+
+class BatchNorm2d(BatchNorm1d):
+    """Concise batch norm for (N, C, H, W) input, per channel; ``num_features`` inferred when omitted."""
+    num_dims = 4

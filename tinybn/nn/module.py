@@ -1,0 +1,213 @@
+"""Module, Parameter and Sequential: the bookkeeping that layers share."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy
+
+from .. import backend
+from ..tensor import Tensor
+
+
+class Parameter(Tensor):
+    """A tensor that a module trains: it always requires a gradient."""
+
+    def __init__(self, data):
+        super().__init__(data, requires_grad=True)
+
+    def __repr__(self):
+        return "Parameter(" + super().__repr__() + ")"
+
+
+class Module:
+    """Base class of every layer and model.
+
+    Assigning a :class:`Parameter` or a :class:`Module` to an attribute registers it; buffers
+    (state that is saved but not trained, such as batch norm's moving averages) are registered
+    with :meth:`register_buffer`. ``training`` is True after construction and after
+    :meth:`train`, False after :meth:`eval`.
+    """
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    # -- registration
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() before setting attributes")
+        for registry in (self._parameters, self._buffers, self._modules):
+            registry.pop(name, None)
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        elif name in self.__dict__.get("_buffer_names", ()):
+            self._buffers[name] = value
+        object.__setattr__(self, name, value)
+
+    def register_buffer(self, name: str, value: Tensor | None):
+        """Register ``value`` as state that ``state_dict`` saves and ``to`` moves, but no optimizer trains."""
+        self.__dict__.setdefault("_buffer_names", set()).add(name)
+        setattr(self, name, value)
+
+    def register_parameter(self, name: str, value: Parameter | None):
+        """Register a parameter; None reserves the name (a layer that infers its size later)."""
+        setattr(self, name, value)
+        if value is None:
+            self._parameters[name] = None
+
+    # -- traversal
+    def named_modules(self, prefix: str = ""):
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self):
+        return [module for _, module in self.named_modules()]
+
+    def children(self):
+        return list(self._modules.values())
+
+    def named_parameters(self):
+        """``(dotted_name, parameter)`` for every parameter, in registration order."""
+        for prefix, module in self.named_modules():
+            for name, param in module._parameters.items():
+                if param is not None:
+                    yield (f"{prefix}.{name}" if prefix else name), param
+
+    def parameters(self):
+        return [param for _, param in self.named_parameters()]
+
+    def named_buffers(self):
+        for prefix, module in self.named_modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    yield (f"{prefix}.{name}" if prefix else name), buffer
+
+    def buffers(self):
+        return [buffer for _, buffer in self.named_buffers()]
+
+    # -- modes and devices
+    def train(self, mode: bool = True):
+        """Training mode: batch norm uses batch statistics and dropout drops."""
+        for module in self.modules():
+            object.__setattr__(module, "training", mode)
+        return self
+
+    def eval(self):
+        """Prediction mode: batch norm uses its moving averages and dropout is the identity."""
+        return self.train(False)
+
+    def to(self, device=None, dtype=None):
+        """Move every parameter and buffer to ``device`` and/or cast floating ones to ``dtype``, in place.
+
+        Returns the module, so ``net = LeNet().to("gpu")`` reads naturally.
+        """
+        name = backend.resolve_device(device)[0] if device is not None else None
+        for module in self.modules():
+            for registry in (module._parameters, module._buffers):
+                for tensor in registry.values():
+                    if tensor is None:
+                        continue
+                    if name is not None and tensor.device != name:
+                        tensor.data = backend.to_device(tensor.data, name)
+                    if dtype is not None and tensor.dtype.kind == "f":
+                        tensor.data = tensor.data.astype(dtype, copy=False)
+                    tensor.grad = None
+            if name is not None:
+                object.__setattr__(module, "_device", name)
+            if dtype is not None:
+                object.__setattr__(module, "_dtype", numpy.dtype(dtype))
+        return self
+
+    @property
+    def device(self):
+        """The device of the first parameter or buffer (or the one set by ``to``)."""
+        for tensor in (*self.parameters(), *self.buffers()):
+            return tensor.device
+        return self.__dict__.get("_device", backend.get_default_device())
+
+    def zero_grad(self):
+        for param in self.parameters():
+            param.grad = None
+
+    # -- saving and loading
+    def state_dict(self) -> "OrderedDict[str, numpy.ndarray]":
+        """Host (NumPy) copies of every parameter and buffer, by dotted name."""
+        state = OrderedDict()
+        for name, tensor in (*self.named_parameters(), *self.named_buffers()):
+            state[name] = numpy.array(backend.to_numpy(tensor.data), copy=True)
+        return state
+
+    def load_state_dict(self, state) -> None:
+        """Copy ``state`` (arrays or tensors by dotted name) into this module, on its current device.
+
+        Every name must match and every shape must agree; otherwise nothing is changed and a
+        ``KeyError``/``ValueError`` lists every missing, unexpected and mis-shaped entry.
+        """
+        for prefix, module in self.named_modules():  # layers that infer their size take it from the state
+            if hasattr(module, "_materialize_from_state"):
+                module._materialize_from_state(state, prefix)
+        own = OrderedDict((*self.named_parameters(), *self.named_buffers()))
+        missing = [name for name in own if name not in state]
+        unexpected = [name for name in state if name not in own]
+        if missing or unexpected:
+            raise KeyError(f"load_state_dict: missing entries {missing}, unexpected entries {unexpected}")
+        wrong = [f"{name}: expected {tuple(tensor.shape)}, got {tuple(_data(state[name]).shape)}"
+                 for name, tensor in own.items() if tuple(_data(state[name]).shape) != tuple(tensor.shape)]
+        if wrong:
+            raise ValueError("load_state_dict: shape mismatch for " + "; ".join(wrong))
+        for name, tensor in own.items():
+            value = backend.to_numpy(_data(state[name])).astype(tensor.dtype, copy=True)
+            tensor.data = backend.to_device(value, tensor.device)
+
+    # -- calling
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} must define forward()")
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self):
+        if not self._modules:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        lines = [f"  ({name}): " + repr(child).replace("\n", "\n  ") for name, child in self._modules.items()]
+        return f"{type(self).__name__}(\n" + "\n".join(lines) + "\n)"
+
+
+def _data(value):
+    return value.data if isinstance(value, Tensor) else value
+
+
+class Sequential(Module):
+    """Layers applied one after the other; ``net[i]`` is the i-th layer, as in ``net[1].gamma``."""
+
+    def __init__(self, *layers: Module):
+        super().__init__()
+        for index, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential takes Modules, argument {index} is a {type(layer).__name__}")
+            setattr(self, str(index), layer)
+
+    def __getitem__(self, index):
+        layers = list(self._modules.values())
+        if isinstance(index, slice):
+            return Sequential(*layers[index])
+        return layers[index]
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def forward(self, x):
+        for layer in self._modules.values():
+            x = layer(x)
+        return x

@@ -1,0 +1,477 @@
+"""Tensor and reverse-mode automatic differentiation.
+
+A :class:`Tensor` wraps an array (``.data``, NumPy or CuPy) and, when it was made by an
+operation on tensors that require gradients, remembers a :class:`Node`: the backward rule of
+that operation, what the rule needs (its ``cache``) and the input tensors.
+``loss.backward()`` visits the nodes in reverse topological order and sends each gradient
+back through its rule, adding up the contributions of every path (fan-out).
+
+Every operation, from ``+`` to ``conv2d``, is a pair of pure array functions::
+
+    out, cache = forward(*arrays, **params)
+    input_grads = backward(dy, cache)       # one entry per input, None where not needed
+
+and :func:`apply` connects such a pair to the graph. The arithmetic pairs live in this file; the
+neural-network ones in :mod:`tinybn.functional`.
+
+Conventions: ``dy`` is the gradient of the loss with respect to an operation's output,
+``dx``/``da``/``db`` ... those with respect to its inputs, in the order of the inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from types import SimpleNamespace as Cache
+
+import numpy
+
+from . import backend
+
+__all__ = ["Tensor", "tensor", "no_grad", "enable_grad", "is_grad_enabled", "apply", "Cache", "unbroadcast"]
+
+_grad_enabled = True
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+class _GradMode(contextlib.ContextDecorator):
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        global _grad_enabled
+        self._previous, _grad_enabled = _grad_enabled, self.enabled
+
+    def __exit__(self, *exc):
+        global _grad_enabled
+        _grad_enabled = self._previous
+        return False
+
+
+def no_grad():
+    """Context manager (or decorator) inside which operations record no graph."""
+    return _GradMode(False)
+
+
+def enable_grad():
+    """Context manager (or decorator) that turns graph recording back on."""
+    return _GradMode(True)
+
+
+class Node:
+    """One recorded operation: its backward rule, the cache the rule needs and its inputs."""
+
+    __slots__ = ("backward", "cache", "inputs", "name")
+
+    def __init__(self, backward, cache, inputs, name):
+        self.backward, self.cache, self.inputs, self.name = backward, cache, inputs, name
+
+
+def _as_data(value):
+    return value.data if isinstance(value, Tensor) else value
+
+
+def apply(forward, backward, *inputs, name=None, **params):
+    """Run ``forward`` on the arrays of ``inputs`` and, if any input needs a gradient, record ``backward``.
+
+    ``inputs`` may mix tensors, arrays and Python scalars; only tensors with ``requires_grad``
+    receive gradients. ``params`` are passed to ``forward`` unchanged (strides, modes, ...).
+    A forward may return a tuple ``(y, *state)``: only ``y`` is differentiable, and the state
+    (batch norm's new moving averages) comes back as plain tensors after it.
+    """
+    out, cache = forward(*map(_as_data, inputs), **params)
+    extras = ()
+    if isinstance(out, tuple):  # (differentiable output, *state such as new moving averages)
+        out, *extras = out
+    needs_grad = _grad_enabled and any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
+    result = Tensor(out, requires_grad=needs_grad)
+    if needs_grad:
+        graph_inputs = tuple(t if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
+        result._node = Node(backward, cache, graph_inputs, name or forward.__name__.removesuffix("_forward"))
+    if extras:
+        return (result, *(Tensor(extra) for extra in extras))
+    return result
+
+
+def unbroadcast(grad, shape):
+    """Sum ``grad`` over the axes that broadcasting added or stretched, so it gets ``shape``."""
+    if grad.shape == tuple(shape):
+        return grad
+    extra = grad.ndim - len(shape)
+    axes = tuple(range(extra)) + tuple(i + extra for i, n in enumerate(shape) if n == 1 and grad.shape[i + extra] != 1)
+    return grad.sum(axis=axes, keepdims=True).reshape(shape) if axes else grad.reshape(shape)
+
+
+def _shape(value):
+    return getattr(value, "shape", ())
+
+
+# ---------------------------------------------------------------- arithmetic: forward, then backward
+
+
+def add_forward(a, b):
+    return a + b, Cache(a_shape=_shape(a), b_shape=_shape(b))
+
+
+def add_backward(dy, cache):
+    return unbroadcast(dy, cache.a_shape), unbroadcast(dy, cache.b_shape)
+
+
+def sub_forward(a, b):
+    return a - b, Cache(a_shape=_shape(a), b_shape=_shape(b))
+
+
+def sub_backward(dy, cache):
+    return unbroadcast(dy, cache.a_shape), unbroadcast(-dy, cache.b_shape)
+
+
+def mul_forward(a, b):
+    return a * b, Cache(a=a, b=b)
+
+
+def mul_backward(dy, cache):
+    # y = a*b:  dL/da = dy*b,  dL/db = dy*a
+    return unbroadcast(dy * cache.b, _shape(cache.a)), unbroadcast(dy * cache.a, _shape(cache.b))
+
+
+def div_forward(a, b):
+    return a / b, Cache(a=a, b=b)
+
+
+def div_backward(dy, cache):
+    # y = a/b:  dL/da = dy/b,  dL/db = -dy*a/b^2
+    da = dy / cache.b
+    db = -da * cache.a / cache.b
+    return unbroadcast(da, _shape(cache.a)), unbroadcast(db, _shape(cache.b))
+
+
+def pow_forward(a, b):
+    y = a ** b
+    return y, Cache(a=a, b=b, y=y)
+
+
+def pow_backward(dy, cache):
+    # y = a^b:  dL/da = dy*b*a^(b-1),  dL/db = dy*y*log(a)  (only asked for when b is a tensor)
+    a, b, y = cache.a, cache.b, cache.y
+    da = unbroadcast(dy * b * a ** (b - 1), _shape(a)) if hasattr(a, "shape") else None
+    if not hasattr(b, "shape"):  # a Python number: no gradient wanted
+        return da, None
+    xp = backend.get_array_module(a, b)
+    return da, unbroadcast(dy * y * xp.log(a), _shape(b))
+
+
+def neg_forward(a):
+    return -a, None
+
+
+def neg_backward(dy, cache):
+    return (-dy,)
+
+
+def matmul_forward(a, b):
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(f"matmul needs operands with at least 2 dimensions, got shapes {a.shape} and {b.shape}")
+    return a @ b, Cache(a=a, b=b)
+
+
+def matmul_backward(dy, cache):
+    # Y = A B:  dA = dY B^T,  dB = A^T dY  (summed over broadcast batch axes)
+    a, b = cache.a, cache.b
+    da = dy @ b.swapaxes(-1, -2)
+    db = a.swapaxes(-1, -2) @ dy
+    return unbroadcast(da, a.shape), unbroadcast(db, b.shape)
+
+
+def exp_forward(a):
+    xp = backend.get_array_module(a)
+    y = xp.exp(a)
+    return y, Cache(y=y)
+
+
+def exp_backward(dy, cache):
+    return (dy * cache.y,)
+
+
+def log_forward(a):
+    xp = backend.get_array_module(a)
+    return xp.log(a), Cache(a=a)
+
+
+def log_backward(dy, cache):
+    return (dy / cache.a,)
+
+
+def _normalize_axis(axis, ndim):
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(sorted(a % ndim for a in axes))
+
+
+def sum_forward(a, axis=None, keepdims=False):
+    return a.sum(axis=axis, keepdims=keepdims), Cache(shape=a.shape, axes=_normalize_axis(axis, a.ndim), keepdims=keepdims)
+
+
+def sum_backward(dy, cache):
+    # Every input element contributes once to its sum, so it receives the sum's gradient.
+    xp = backend.get_array_module(dy)
+    if not cache.keepdims:
+        dy = xp.expand_dims(dy, cache.axes) if cache.axes else dy
+    return (xp.broadcast_to(dy, cache.shape),)
+
+
+def mean_forward(a, axis=None, keepdims=False):
+    axes = _normalize_axis(axis, a.ndim)
+    count = int(numpy.prod([a.shape[i] for i in axes])) if axes else 1
+    return a.mean(axis=axis, keepdims=keepdims), Cache(shape=a.shape, axes=axes, keepdims=keepdims, count=count)
+
+
+def mean_backward(dy, cache):
+    (dx,) = sum_backward(dy, cache)
+    return (dx / cache.count,)
+
+
+def reshape_forward(a, shape):
+    return a.reshape(shape), Cache(shape=a.shape)
+
+
+def reshape_backward(dy, cache):
+    return (dy.reshape(cache.shape),)
+
+
+def transpose_forward(a, axes=None):
+    axes = tuple(reversed(range(a.ndim))) if axes is None else tuple(axes)
+    return a.transpose(axes), Cache(axes=axes)
+
+
+def transpose_backward(dy, cache):
+    return (dy.transpose(numpy.argsort(cache.axes).tolist()),)
+
+
+def getitem_forward(a, index):
+    return a[index], Cache(shape=a.shape, dtype=a.dtype, index=index)
+
+
+def getitem_backward(dy, cache):
+    # Scatter-add: an element picked twice by a fancy index gets both gradients.
+    xp = backend.get_array_module(dy)
+    dx = xp.zeros(cache.shape, dtype=cache.dtype)
+    xp.add.at(dx, cache.index, dy)
+    return (dx,)
+
+
+# ---------------------------------------------------------------- the Tensor class
+
+
+def _unwrap_index(index):
+    if isinstance(index, Tensor):
+        return index.data
+    if isinstance(index, tuple):
+        return tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    return index
+
+
+class Tensor:
+    """An array on a device, with an optional gradient and the operation that made it.
+
+    Build one with :func:`tinybn.tensor`. ``data`` is the NumPy or CuPy array; ``grad``
+    is filled by :meth:`backward` for leaf tensors that ``requires_grad``.
+    """
+
+    __array_priority__ = 1000  # make ``ndarray + Tensor`` call Tensor.__radd__
+
+    def __init__(self, data, requires_grad: bool = False):
+        self.data = data
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self._node: Node | None = None
+
+    # -- description
+    shape = property(lambda self: tuple(self.data.shape))
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: int(self.data.size))
+    device = property(lambda self: backend.device_of(self.data))
+    is_leaf = property(lambda self: self._node is None)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        device = "" if self.device == "cpu" else f", device='{self.device}'"
+        return f"tensor({backend.to_numpy(self.data)!r}{device}{grad})".replace("\n", "\n" + " " * 7)
+
+    # -- conversion
+    def numpy(self):
+        """A host NumPy copy of the data (a view on the CPU), detached from the graph."""
+        return backend.to_numpy(self.data)
+
+    def item(self):
+        if self.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, this one has shape {self.shape}")
+        return self.data.reshape(-1)[0].item()
+
+    def detach(self):
+        """The same data, cut from the graph."""
+        return Tensor(self.data)
+
+    def to(self, device):
+        """A copy on ``device`` ("cpu", "gpu", "cuda:N"); the tensor itself if it is already there."""
+        if backend.resolve_device(device)[0] == self.device:
+            return self
+        return Tensor(backend.to_device(self.data, device), requires_grad=self.requires_grad)
+
+    def astype(self, dtype):
+        """A detached copy with another dtype."""
+        return Tensor(self.data.astype(dtype), requires_grad=self.requires_grad)
+
+    # -- autograd
+    def backward(self, grad=None):
+        """Send gradients from this tensor back to every leaf that requires them.
+
+        ``grad`` is the upstream gradient dL/dself; it may be left out only for a
+        one-element tensor (then it is 1). Gradients accumulate into ``.grad`` (call
+        ``zero_grad`` between steps) and the graph is freed afterwards.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() called on a tensor that does not require grad: "
+                               "no input of the computation had requires_grad=True (or it ran under no_grad()).")
+        xp = backend.get_array_module(self.data)
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward() without a gradient needs a one-element tensor, this one has shape "
+                                   f"{self.shape}; pass grad= with the same shape.")
+            grad = xp.ones_like(self.data)
+        else:
+            grad = _as_data(grad)
+            if tuple(grad.shape) != self.shape:
+                raise ValueError(f"backward(grad) got a gradient of shape {tuple(grad.shape)} for a tensor of shape {self.shape}")
+        if self._node is None:  # a leaf: its own gradient
+            self.grad = grad if self.grad is None else self.grad + grad
+            return
+        pending = {id(self): grad}
+        for node_tensor in reversed(self._topological_order()):
+            dy = pending.pop(id(node_tensor), None)
+            node = node_tensor._node
+            node_tensor._node = None  # free the graph as we go
+            if dy is None:
+                continue
+            input_grads = node.backward(dy, node.cache)
+            for parent, d_parent in zip(node.inputs, input_grads):
+                if parent is None or d_parent is None:
+                    continue
+                if parent._node is None:  # leaf: accumulate as the user will read it
+                    parent.grad = d_parent if parent.grad is None else parent.grad + d_parent
+                elif id(parent) in pending:  # fan-out: add every path's contribution
+                    pending[id(parent)] = pending[id(parent)] + d_parent
+                else:
+                    pending[id(parent)] = d_parent
+
+    def _topological_order(self):
+        """Non-leaf tensors of the graph, inputs before outputs (iterative: deep graphs are fine)."""
+        order, visited, stack = [], set(), [(self, False)]
+        while stack:
+            node_tensor, children_done = stack.pop()
+            if children_done:
+                order.append(node_tensor)
+                continue
+            if id(node_tensor) in visited:
+                continue
+            visited.add(id(node_tensor))
+            stack.append((node_tensor, True))
+            for parent in node_tensor._node.inputs:
+                if parent is not None and parent._node is not None and id(parent) not in visited:
+                    stack.append((parent, False))
+        return order
+
+    def zero_grad(self):
+        self.grad = None
+
+    # -- arithmetic
+    def __add__(self, other): return apply(add_forward, add_backward, self, _as_data_or_tensor(other))
+    def __radd__(self, other): return apply(add_forward, add_backward, _as_data_or_tensor(other), self)
+    def __sub__(self, other): return apply(sub_forward, sub_backward, self, _as_data_or_tensor(other))
+    def __rsub__(self, other): return apply(sub_forward, sub_backward, _as_data_or_tensor(other), self)
+    def __mul__(self, other): return apply(mul_forward, mul_backward, self, _as_data_or_tensor(other))
+    def __rmul__(self, other): return apply(mul_forward, mul_backward, _as_data_or_tensor(other), self)
+    def __truediv__(self, other): return apply(div_forward, div_backward, self, _as_data_or_tensor(other))
+    def __rtruediv__(self, other): return apply(div_forward, div_backward, _as_data_or_tensor(other), self)
+    def __pow__(self, other): return apply(pow_forward, pow_backward, self, _as_data_or_tensor(other))
+    def __rpow__(self, other): return apply(pow_forward, pow_backward, _as_data_or_tensor(other), self)
+    def __neg__(self): return apply(neg_forward, neg_backward, self)
+    def __matmul__(self, other): return apply(matmul_forward, matmul_backward, self, _as_data_or_tensor(other))
+    def __rmatmul__(self, other): return apply(matmul_forward, matmul_backward, _as_data_or_tensor(other), self)
+
+    def __getitem__(self, index):
+        return apply(getitem_forward, getitem_backward, self, index=_unwrap_index(index))
+
+    def sum(self, axis=None, keepdims=False):
+        return apply(sum_forward, sum_backward, self, axis=axis, keepdims=keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        return apply(mean_forward, mean_backward, self, axis=axis, keepdims=keepdims)
+
+    def reshape(self, *shape):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        return apply(reshape_forward, reshape_backward, self, shape=tuple(shape))
+
+    def transpose(self, *axes):
+        axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
+        return apply(transpose_forward, transpose_backward, self, axes=axes or None)
+
+    @property
+    def T(self):
+        return self.transpose()
+
+    def exp(self):
+        return apply(exp_forward, exp_backward, self)
+
+    def log(self):
+        return apply(log_forward, log_backward, self)
+
+    # comparisons give plain arrays wrapped without a graph
+    def __eq__(self, other): return Tensor(self.data == _as_data(other))
+    def __lt__(self, other): return Tensor(self.data < _as_data(other))
+    def __gt__(self, other): return Tensor(self.data > _as_data(other))
+    __hash__ = object.__hash__
+
+    def argmax(self, axis=None):
+        return Tensor(self.data.argmax(axis=axis))
+
+
+def _as_data_or_tensor(value):
+    """Other operands of arithmetic: tensors stay tensors, Python numbers stay numbers."""
+    if isinstance(value, (Tensor, int, float)) or hasattr(value, "shape"):
+        return value
+    raise TypeError(f"unsupported operand of type {type(value).__name__} for a Tensor operation")
+
+
+_FLOAT_DEFAULT = numpy.float32
+
+
+def tensor(obj, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    """Make a :class:`Tensor` from a list, scalar, NumPy/CuPy array or tensor.
+
+    Python floats become float32 (as in PyTorch), Python ints int64, arrays keep their dtype
+    unless ``dtype`` is given. ``device`` defaults to :func:`tinybn.get_default_device`.
+    """
+    if isinstance(obj, Tensor):
+        obj = obj.data
+    name, xp = backend.resolve_device(device)
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        data = backend.to_device(obj, name)
+        if data is obj:  # like torch.tensor, never share memory with the caller's array
+            data = data.copy()
+    else:
+        host = numpy.asarray(obj)
+        if host.dtype == numpy.float64 and dtype is None:
+            host = host.astype(_FLOAT_DEFAULT)
+        data = backend.to_device(host, name)
+    if dtype is not None and data.dtype != numpy.dtype(dtype):
+        data = data.astype(dtype)
+    if requires_grad and data.dtype.kind != "f":
+        raise TypeError(f"only floating-point tensors can require gradients, got dtype {data.dtype}")
+    return Tensor(data, requires_grad=requires_grad)
