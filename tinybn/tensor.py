@@ -81,6 +81,8 @@ def apply(forward, backward, *inputs, name=None, **params):
     A forward may return a tuple ``(y, *state)``: only ``y`` is differentiable, and the state
     (batch norm's new moving averages) comes back as plain tensors after it.
     """
+    if profiler is not None:
+        return profiler.apply(forward, backward, inputs, name, params)
     out, cache = forward(*map(_as_data, inputs), **params)
     extras = ()
     if isinstance(out, tuple):  # (differentiable output, *state such as new moving averages)
@@ -93,6 +95,9 @@ def apply(forward, backward, *inputs, name=None, **params):
     if extras:
         return (result, *(Tensor(extra) for extra in extras))
     return result
+
+
+profiler = None  # set by tinybn.bench --profile: an object whose .apply times forward and backward per op
 
 
 def unbroadcast(grad, shape):

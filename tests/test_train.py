@@ -1,0 +1,119 @@
+"""Training on the real Fashion-MNIST (a subset), checkpoints, exact resume, NaN stop, and the CLI."""
+import json
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+import tinybn
+from tinybn import checkpoint, data, models, optim  # noqa: F401
+from tinybn.train import Diverged, TrainConfig, train
+
+from test_data import HAVE_DATA, needs_data
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    if not HAVE_DATA:
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    return data.load_fashion_mnist()
+
+
+def config(tmp_path, **overrides):
+    base = dict(epochs=1, train_subset=3000, test_subset=1000, out=str(tmp_path / "run"), progress=False, plot=False)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def quiet(*_):
+    pass
+
+
+@needs_data
+def test_short_real_training_beats_chance_by_far(tmp_path, fashion):
+    result = train(config(tmp_path, epochs=2, train_subset=6000), log=quiet, data=fashion)
+    last = result["history"][-1]
+    assert last["test_acc"] > 0.6, last  # chance is 0.1
+    assert (tmp_path / "run" / "metrics.csv").read_text().startswith("epoch,train_loss,train_acc,test_acc")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["history"][-1]["epoch"] == 2
+
+
+@needs_data
+@pytest.mark.parametrize("model", ["lenet-bn", "lenet-bn-concise"])
+def test_resume_continues_exactly(tmp_path, fashion, model):
+    straight = train(config(tmp_path / "a", epochs=2, model=model), log=quiet, data=fashion)
+    train(config(tmp_path / "b", epochs=1, model=model), log=quiet, data=fashion)
+    resumed = train(config(tmp_path / "b", epochs=2, model=model, resume=True), log=quiet, data=fashion)
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        numpy.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert [r["train_loss"] for r in straight["history"]] == [r["train_loss"] for r in resumed["history"]]
+
+
+@needs_data
+def test_checkpoint_round_trip_and_validation(tmp_path, fashion):
+    result = train(config(tmp_path), log=quiet, data=fashion)
+    model_state, optim_state, meta = checkpoint.load(result["checkpoint"])
+    assert meta["epoch"] == 1 and "1.moving_mean" in model_state
+    other = tinybn.models.build_model("lenet")
+    with pytest.raises(KeyError, match="missing entries"):
+        other.load_state_dict(model_state)
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable tinybn checkpoint"):
+        checkpoint.load(bad)
+
+
+@needs_data
+def test_divergence_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path, fashion):
+    first = train(config(tmp_path), log=quiet, data=fashion)
+    # poison the last layer's weights: the very next step's loss is NaN
+    model_state, optim_state, meta = checkpoint.load(first["checkpoint"])
+    model = tinybn.models.build_model("lenet-bn")
+    model_state["15.weight"][0, 0] = numpy.nan
+    model.load_state_dict(model_state)
+    checkpoint.save(first["checkpoint"], model, tinybn.optim.SGD(model.parameters(), 1.0), meta)
+    saved = first["checkpoint"].read_bytes()
+    with pytest.raises(Diverged, match=r"became nan at epoch 2, step 1 .*smaller learning rate"):
+        train(config(tmp_path, epochs=2, resume=True), log=quiet, data=fashion)
+    assert first["checkpoint"].read_bytes() == saved, "the last checkpoint must survive a divergence"
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "tinybn", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_cli_help():
+    out = run_cli("train", "--help")
+    assert out.returncode == 0
+    for flag in ["--model", "--epochs", "--lr", "--batch-size", "--device", "--seed", "--out", "--resume", "--data",
+                 "--schedule", "--momentum", "--weight-decay", "--download"]:
+        assert flag in out.stdout
+
+
+def test_cli_errors_have_no_traceback(tmp_path):
+    import os
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    missing = run_cli("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), env=env)
+    if not HAVE_DATA:
+        assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    gpu = run_cli("train", "--device", "gpu", "--out", str(tmp_path / "o"))
+    if not tinybn.cupy_available():
+        assert gpu.returncode == 2 and "cupy-cuda12x" in gpu.stderr and "Traceback" not in gpu.stderr
+    bad = run_cli("train", "--epochs", "0")
+    assert bad.returncode == 2 and "positive" in bad.stderr
+    nockpt = run_cli("eval", str(tmp_path / "missing.npz"))
+    assert nockpt.returncode == 2 and "does not exist" in nockpt.stderr and "Traceback" not in nockpt.stderr
+
+
+@needs_data
+def test_cli_train_and_eval(tmp_path):
+    out = run_cli("train", "--epochs", "1", "--train-subset", "1000", "--out", str(tmp_path / "cli"), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "examples/sec on cpu" in out.stdout and "first BN layer gamma" in out.stdout
+    assert (tmp_path / "cli" / "metrics.png").is_file()
+    evaluated = run_cli("eval", str(tmp_path / "cli" / "checkpoint.npz"))
+    assert evaluated.returncode == 0 and "test acc 0." in evaluated.stdout

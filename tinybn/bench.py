@@ -1,0 +1,294 @@
+"""``python -m tinybn bench``: steady-state throughput of a training step and of prediction.
+
+For the chosen model, batch size, device and dtype it measures, after a warm-up, the median over
+several repeats of
+
+* the training step (forward, loss, backward, SGD update), in examples/sec;
+* prediction (eval mode, no graph), in examples/sec;
+* peak memory of one training step (NumPy allocations traced by ``tracemalloc`` on the CPU;
+  the memory pool's high-water mark on the GPU).
+
+``--compare torch`` runs the identical model in PyTorch in the same process, interleaving the
+repeats so both see the same machine state, with the same number of threads, and prints the
+ratio tinybn / PyTorch. ``--profile`` prints forward and backward time per operation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+import tracemalloc
+from collections import defaultdict
+
+import numpy
+
+from . import backend, tensor as tensor_module
+from . import functional as F
+from .models import MODELS, build_model
+from .optim import SGD
+from .tensor import Tensor, no_grad
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", choices=MODELS, default="lenet-bn")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default=None, help="cpu, gpu, cuda:N (default: $TINYBN_DEVICE or cpu)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported")
+    parser.add_argument("--steps", type=int, default=10, help="steps per repeat")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--compare", choices=("torch",), default=None, help="also run PyTorch, interleaved")
+    parser.add_argument("--torch-variant", choices=("builtin", "scratch"), default="builtin",
+                        help="PyTorch side: nn.BatchNorm2d/1d, or the chapter's from-scratch BN")
+    parser.add_argument("--threads", type=int, default=None, help="threads for BLAS and PyTorch (default: all cores)")
+    parser.add_argument("--profile", action="store_true", help="per-operation forward/backward times")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def sample_batch(batch_size: int):
+    """A real Fashion-MNIST batch when the data is installed, else uniform noise of the same shape."""
+    try:
+        from .data import load_fashion_mnist
+        images, labels, _, _ = load_fashion_mnist()
+        index = numpy.arange(batch_size) % len(labels)
+        return images[index].astype(numpy.float32) / 255, labels[index], "Fashion-MNIST"
+    except Exception:
+        rng = numpy.random.default_rng(0)
+        return rng.random((batch_size, 1, 28, 28), numpy.float32), rng.integers(0, 10, batch_size), "random"
+
+
+class TinybnRunner:
+    name = "tinybn"
+
+    def __init__(self, model_name, images, labels, device, dtype):
+        self.device = backend.resolve_device(device)[0]
+        self.model = build_model(model_name, device=self.device).to(dtype=dtype)
+        self.optimizer = SGD(self.model.parameters(), lr=0.1)
+        self.x = Tensor(backend.to_device(images.astype(dtype), self.device))
+        self.y = Tensor(backend.to_device(labels.astype(numpy.int64), self.device))
+
+    def sync(self):
+        if self.device.startswith("cuda"):
+            backend.resolve_device(self.device)[1].cuda.Device().synchronize()
+
+    def train_step(self):
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+    def predict(self):
+        self.model.eval()
+        with no_grad():
+            self.model(self.x)
+        self.model.train()
+
+    def peak_memory(self) -> int:
+        if self.device.startswith("cuda"):
+            pool = backend.resolve_device(self.device)[1].get_default_memory_pool()
+            self.train_step()
+            self.sync()
+            return int(pool.total_bytes())
+        tracemalloc.start()
+        self.train_step()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+
+class TorchRunner:
+    def __init__(self, model_name, images, labels, device, dtype, variant):
+        import torch
+        from torch import nn
+
+        self.torch = torch
+        self.name = f"PyTorch {torch.__version__} ({'nn.BatchNorm' if variant == 'builtin' else 'scratch BN'})"
+        self.device = "cuda" if device.startswith("cuda") else "cpu"
+        bn4 = bn2 = None
+        if model_name != "lenet":
+            if variant == "builtin":
+                bn4, bn2 = nn.BatchNorm2d, nn.BatchNorm1d
+            else:
+                bn4, bn2 = (lambda c: _TorchScratchBN(c, 4)), (lambda c: _TorchScratchBN(c, 2))
+
+        def block(layer, channels, bn):
+            return [layer] + ([bn(channels)] if bn else []) + [nn.Sigmoid()]
+
+        self.model = nn.Sequential(
+            *block(nn.Conv2d(1, 6, 5), 6, bn4), nn.MaxPool2d(2, 2), *block(nn.Conv2d(6, 16, 5), 16, bn4),
+            nn.MaxPool2d(2, 2), nn.Flatten(), *block(nn.Linear(256, 120), 120, bn2),
+            *block(nn.Linear(120, 84), 84, bn2), nn.Linear(84, 10)).to(self.device, getattr(torch, str(dtype)))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.loss = nn.CrossEntropyLoss()
+        self.x = torch.tensor(images, dtype=getattr(torch, str(dtype)), device=self.device)
+        self.y = torch.tensor(labels, device=self.device)
+
+    def sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def train_step(self):
+        loss = self.loss(self.model(self.x), self.y)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+    def predict(self):
+        self.model.eval()
+        with self.torch.no_grad():
+            self.model(self.x)
+        self.model.train()
+
+    def peak_memory(self):
+        if self.device == "cuda":
+            self.torch.cuda.reset_peak_memory_stats()
+            self.train_step()
+            self.sync()
+            return int(self.torch.cuda.max_memory_allocated())
+        return None  # PyTorch's CPU allocator is not visible to tracemalloc
+
+
+def _TorchScratchBN(num_features, num_dims):
+    """The chapter's from-scratch BN in PyTorch (the reference the chapter itself benchmarks against)."""
+    import torch
+    from torch import nn
+
+    class ScratchBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            shape = (1, num_features) if num_dims == 2 else (1, num_features, 1, 1)
+            self.gamma, self.beta = nn.Parameter(torch.ones(shape)), nn.Parameter(torch.zeros(shape))
+            self.register_buffer("moving_mean", torch.zeros(shape))
+            self.register_buffer("moving_var", torch.ones(shape))
+
+        def forward(self, x):
+            axes = (0,) if x.dim() == 2 else (0, 2, 3)
+            mean = x.mean(dim=axes, keepdim=True)
+            var = ((x - mean) ** 2).mean(dim=axes, keepdim=True)
+            with torch.no_grad():
+                self.moving_mean.mul_(0.9).add_(0.1 * mean)
+                self.moving_var.mul_(0.9).add_(0.1 * var)
+            return self.gamma * (x - mean) / torch.sqrt(var + 1e-5) + self.beta
+
+    return ScratchBN()
+
+
+def _time(runner, what: str, steps: int) -> float:
+    work = runner.train_step if what == "train" else runner.predict
+    runner.sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        work()
+    runner.sync()
+    return time.perf_counter() - start
+
+
+class OpProfiler:
+    """Collects forward and backward seconds per op name (installed as tinybn.tensor.profiler)."""
+
+    def __init__(self, sync):
+        self.forward, self.backward, self.calls, self.sync = defaultdict(float), defaultdict(float), defaultdict(int), sync
+
+    def apply(self, forward, backward, inputs, name, params):
+        op = name or forward.__name__.removesuffix("_forward")
+        profiler = tensor_module.profiler
+
+        def timed_backward(dy, cache):
+            self.sync()
+            start = time.perf_counter()
+            grads = backward(dy, cache)
+            self.sync()
+            self.backward[op] += time.perf_counter() - start
+            return grads
+
+        tensor_module.profiler = None
+        try:
+            self.sync()
+            start = time.perf_counter()
+            result = tensor_module.apply(forward, timed_backward, *inputs, name=op, **params)
+            self.sync()
+            self.forward[op] += time.perf_counter() - start
+            self.calls[op] += 1
+        finally:
+            tensor_module.profiler = profiler
+        return result
+
+    def report(self, steps: int) -> list[dict]:
+        ops = sorted(set(self.forward) | set(self.backward), key=lambda k: -(self.forward[k] + self.backward[k]))
+        return [{"op": op, "calls/step": self.calls[op] // steps, "forward ms": 1e3 * self.forward[op] / steps,
+                 "backward ms": 1e3 * self.backward[op] / steps} for op in ops]
+
+
+def run(args) -> int:
+    if args.threads:
+        _set_threads(args.threads)
+    device = backend.resolve_device(args.device)[0]
+    dtype = numpy.dtype(args.dtype)
+    images, labels, source = sample_batch(args.batch_size)
+    runners = [TinybnRunner(args.model, images, labels, device, dtype)]
+    if args.compare == "torch":
+        try:
+            import torch
+        except ImportError:
+            raise ValueError("--compare torch needs PyTorch, which tinybn never depends on: pip install torch") from None
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        runners.append(TorchRunner(args.model, images, labels, device, dtype, args.torch_variant))
+    for runner in runners:
+        for _ in range(args.warmup):
+            runner.train_step()
+            runner.predict()
+    times = {(r.name, what): [] for r in runners for what in ("train", "predict")}
+    for repeat in range(args.repeats):  # interleaved: each repeat runs every framework once
+        for runner in runners:
+            for what in ("train", "predict"):
+                times[(runner.name, what)].append(_time(runner, what, args.steps))
+        print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    results = {"model": args.model, "batch_size": args.batch_size, "device": device, "dtype": str(dtype),
+               "data": source, "repeats": args.repeats, "steps": args.steps, "threads": args.threads or os.cpu_count(),
+               "numpy": numpy.__version__, "frameworks": {}}
+    for runner in runners:
+        entry = {what: args.batch_size * args.steps / statistics.median(times[(runner.name, what)])
+                 for what in ("train", "predict")}
+        entry["peak_memory_mb"] = (lambda b: None if b is None else round(b / 2**20, 2))(runner.peak_memory())
+        results["frameworks"][runner.name] = entry
+    if len(runners) == 2:
+        mine, theirs = (results["frameworks"][r.name] for r in runners)
+        results["ratio_train"] = mine["train"] / theirs["train"]
+        results["ratio_predict"] = mine["predict"] / theirs["predict"]
+    if args.profile:
+        runner = runners[0]
+        tensor_module.profiler = profiler = OpProfiler(runner.sync)
+        try:
+            for _ in range(args.steps):
+                runner.train_step()
+        finally:
+            tensor_module.profiler = None
+        results["profile"] = profiler.report(args.steps)
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    print(f"{args.model}, batch {args.batch_size}, {dtype}, {device}, {results['threads']} threads, {source} data; "
+          f"median of {args.repeats} repeats x {args.steps} steps")
+    print(f"{'framework':44s} {'train ex/s':>11s} {'predict ex/s':>13s} {'peak MB':>9s}")
+    for name, entry in results["frameworks"].items():
+        peak = "n/a" if entry["peak_memory_mb"] is None else f"{entry['peak_memory_mb']:.1f}"
+        print(f"{name:44s} {entry['train']:11.0f} {entry['predict']:13.0f} {peak:>9s}")
+    if "ratio_train" in results:
+        print(f"ratio tinybn/PyTorch: train {results['ratio_train']:.2f}x, predict {results['ratio_predict']:.2f}x")
+    if args.profile:
+        print(f"\nper-op time per training step ({args.steps} steps, synchronised):")
+        print(f"{'op':16s} {'calls':>5s} {'forward ms':>11s} {'backward ms':>12s}")
+        for row in results["profile"]:
+            print(f"{row['op']:16s} {row['calls/step']:5d} {row['forward ms']:11.2f} {row['backward ms']:12.2f}")
+    return 0
+
+
+def _set_threads(count: int) -> None:
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(count)
+    except ImportError:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(count)  # effective only before NumPy starts its pools
