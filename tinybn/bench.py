@@ -14,6 +14,7 @@ ratio tinybn / PyTorch. ``--profile`` prints forward and backward time per opera
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import statistics
@@ -24,11 +25,14 @@ from collections import defaultdict
 
 import numpy
 
-from . import backend, tensor as tensor_module
+from . import backend
 from . import functional as F
 from .models import MODELS, build_model
 from .optim import SGD
 from .tensor import Tensor, no_grad
+
+# the module itself (the package attribute `tinybn.tensor` is the tensor() function)
+tensor_module = importlib.import_module("tinybn.tensor")
 
 
 def add_arguments(parser) -> None:

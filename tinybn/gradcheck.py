@@ -56,7 +56,6 @@ def gradcheck(fn, inputs, *, eps: float = 1e-6, atol: float = 1e-6, rtol: float 
         raise ValueError("gradcheck: no input has requires_grad=True, so there is nothing to check")
     with enable_grad():
         out = _first_output(fn(*inputs))
-        xp = backend.get_array_module(out.data)
         host_rng = numpy.random.default_rng(seed)
         dy = backend.to_device(host_rng.standard_normal(out.shape), out.device).astype(numpy.float64)
         for i in checked:

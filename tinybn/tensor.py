@@ -20,7 +20,6 @@ Conventions: ``dy`` is the gradient of the loss with respect to an operation's o
 from __future__ import annotations
 
 import contextlib
-import functools
 from types import SimpleNamespace as Cache
 
 import numpy

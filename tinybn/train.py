@@ -5,7 +5,6 @@ import csv
 import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
