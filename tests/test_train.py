@@ -98,8 +98,8 @@ def test_cli_errors_have_no_traceback(tmp_path):
     import os
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
     missing = run_cli("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), env=env)
-    if not HAVE_DATA:
-        assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "apt-get install dataset-fashion-mnist" in missing.stderr and "--download" in missing.stderr
     gpu = run_cli("train", "--device", "gpu", "--out", str(tmp_path / "o"))
     if not tinybn.cupy_available():
         assert gpu.returncode == 2 and "cupy-cuda12x" in gpu.stderr and "Traceback" not in gpu.stderr

@@ -2,7 +2,8 @@
 
 Where the files come from, in order:
 
-1. ``--data DIR`` (the ``data_dir`` argument) or the ``TINYBN_DATA`` environment variable;
+1. ``--data DIR`` (the ``data_dir`` argument) or the ``TINYBN_DATA`` environment variable — when given,
+   this folder is the only place looked at (and the download target);
 2. tinybn's cache, ``$XDG_CACHE_HOME/tinybn/fashion-mnist`` (default ``~/.cache/tinybn/fashion-mnist``);
 3. Debian's ``dataset-fashion-mnist`` package, ``/usr/share/datasets/fashion-mnist``;
 4. a download from the official source into the cache, when allowed (``--download``).
@@ -172,13 +173,14 @@ def load_fashion_mnist(data_dir=None, allow_download: bool = False, verify: bool
 
     Images are (N, 1, 28, 28) uint8; labels (N,) int64. Raises :class:`DataError` when missing or corrupt.
     """
-    dirs = candidate_dirs(data_dir)
+    explicit = data_dir or os.environ.get("TINYBN_DATA")
+    dirs = [Path(explicit)] if explicit else candidate_dirs()  # an explicit folder is the only place looked at
     paths = {key: _find(key, dirs) for key in FILES}
     if any(path is None for path in paths.values()):
         if not allow_download:
             raise DataError(missing_message(dirs))
-        download(cache_dir())
-        paths = {key: _find(key, [cache_dir()]) for key in FILES}
+        target = download(dirs[0] if explicit else cache_dir())
+        paths = {key: _find(key, [target]) for key in FILES}
     arrays = {key: load_array(key, path, verify) for key, path in paths.items()}
     for split in ("train", "t10k"):
         images, labels = arrays[f"{split}-images"], arrays[f"{split}-labels"]
