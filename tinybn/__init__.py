@@ -7,7 +7,7 @@ The same code runs on NumPy (CPU, the default) and CuPy (GPU)::
 
     x = tinybn.tensor(..., device="cpu")          # or "gpu" / "cuda:0"
 """
-from . import data, functional, models, nn, optim
+from . import data, fast, functional, models, nn, optim
 from .backend import (DeviceUnavailableError, get_array_module, get_default_device, set_default_device,
                       cupy_available)
 from .gradcheck import gradcheck, assert_same

@@ -80,6 +80,9 @@ def apply(forward, backward, *inputs, name=None, **params):
     A forward may return a tuple ``(y, *state)``: only ``y`` is differentiable, and the state
     (batch norm's new moving averages) comes back as plain tensors after it.
     """
+    name = name or forward.__name__.removesuffix("_forward")
+    if fast_paths is not None:  # a faster implementation of the same op, when one applies (tinybn.fast)
+        forward, backward = fast_paths(forward, backward, inputs, params)
     if profiler is not None:
         return profiler.apply(forward, backward, inputs, name, params)
     out, cache = forward(*map(_as_data, inputs), **params)
@@ -90,12 +93,13 @@ def apply(forward, backward, *inputs, name=None, **params):
     result = Tensor(out, requires_grad=needs_grad)
     if needs_grad:
         graph_inputs = tuple(t if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
-        result._node = Node(backward, cache, graph_inputs, name or forward.__name__.removesuffix("_forward"))
+        result._node = Node(backward, cache, graph_inputs, name)
     if extras:
         return (result, *(Tensor(extra) for extra in extras))
     return result
 
 
+fast_paths = None  # set by tinybn.fast: (forward, backward, inputs, params) -> the pair to run
 profiler = None  # set by tinybn.bench --profile: an object whose .apply times forward and backward per op
 
 

@@ -1,0 +1,262 @@
+"""The fast paths (tinybn.fast) against the readable reference (tinybn.functional).
+
+One table of cases a fast path accepts. For each: the fast pair is really the one chosen, it agrees
+with the reference on outputs and gradients (float64 tightly, float32 to rounding), and its own
+backward passes a numerical gradient check. Then: the cases that must fall back to the reference,
+the switch, and whole LeNet-BN training steps, fast against reference.
+"""
+import contextlib
+import os
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy
+import pytest
+
+import tinybn
+from tinybn import fast
+from tinybn import functional as F
+from tinybn.models import build_model
+from tinybn.optim import SGD
+
+rng = numpy.random.default_rng(2024)
+
+
+def randn(*shape):
+    return rng.standard_normal(shape)
+
+
+def positive(*shape):
+    return rng.uniform(0.5, 1.5, shape)
+
+
+def distinct(*shape):
+    return rng.permutation(numpy.arange(int(numpy.prod(shape)), dtype=float)).reshape(shape) * 0.1
+
+
+def channel_major(array):
+    """The same NCHW values, stored (C, N, H, W) in memory, as the fast paths produce them."""
+    return numpy.ascontiguousarray(array.swapaxes(0, 1)).swapaxes(0, 1)
+
+
+def with_ties(shape):
+    """Pooling windows whose maximum occurs two, three or four times."""
+    x = rng.integers(0, 3, shape).astype(float)
+    x[0, 0, :2, :2] = 2.0
+    return x
+
+
+def bn(training):
+    def call(x, gamma, beta, moving_mean, moving_var):
+        return F.batch_norm(x, gamma, beta, moving_mean, moving_var, training=training)
+    return call
+
+
+@dataclass
+class Case:
+    name: str
+    op: str              # name of the reference forward in tinybn.functional
+    call: Callable
+    args: list           # (array, requires_grad) pairs
+    gradcheck: bool = True
+
+    def __str__(self):
+        return self.name
+
+
+CASES = [
+    Case("conv2d LeNet-1 k5", "conv2d", lambda x, w, b: F.conv2d(x, w, b),
+         [(randn(3, 1, 9, 8), True), (randn(4, 1, 5, 5), True), (randn(4), True)]),
+    Case("conv2d k3x2 p(2,1) no bias", "conv2d", lambda x, w: F.conv2d(x, w, padding=(2, 1)),
+         [(randn(2, 3, 5, 6), True), (randn(4, 3, 3, 2), True)]),
+    Case("conv2d k3 p1 channel-major input", "conv2d", lambda x, w, b: F.conv2d(x, w, b, stride=1, padding=1),
+         [(channel_major(randn(2, 3, 4, 5)), True), (randn(2, 3, 3, 3), True), (randn(2), True)]),
+    Case("conv2d data input (no dx)", "conv2d", lambda x, w, b: F.conv2d(x, w, b),
+         [(randn(2, 2, 6, 6), False), (randn(3, 2, 3, 3), True), (randn(3), True)]),
+    Case("conv2d 1x1", "conv2d", lambda x, w: F.conv2d(x, w),
+         [(randn(2, 3, 3, 4), True), (randn(5, 3, 1, 1), True)]),
+    Case("max_pool2d k2", "max_pool2d", lambda x: F.max_pool2d(x, 2), [(distinct(2, 3, 6, 4), True)]),
+    Case("max_pool2d k(2,3) s(2,3) channel-major", "max_pool2d", lambda x: F.max_pool2d(x, (2, 3), (2, 3)),
+         [(channel_major(distinct(2, 2, 4, 6)), True)]),
+    Case("max_pool2d k2 ties", "max_pool2d", lambda x: F.max_pool2d(x, 2), [(with_ties((2, 2, 4, 4)), True)],
+         gradcheck=False),  # a tie has no derivative; the tie rule itself is compared with the reference
+    Case("batch_norm 4-D train, (C,)", "batch_norm", bn(True),
+         [(randn(3, 2, 3, 4) * 2 + 1, True), (positive(2), True), (randn(2), True), (randn(2), False),
+          (positive(2), False)]),
+    Case("batch_norm 4-D train, (1,C,1,1), channel-major", "batch_norm", bn(True),
+         [(channel_major(randn(2, 3, 2, 3)), True), (positive(1, 3, 1, 1), True), (randn(1, 3, 1, 1), True),
+          (randn(1, 3, 1, 1), False), (positive(1, 3, 1, 1), False)]),
+    Case("batch_norm 4-D eval", "batch_norm", bn(False),
+         [(randn(2, 3, 2, 2), True), (positive(3), True), (randn(3), True), (randn(3), False), (positive(3), False)]),
+    Case("sigmoid", "sigmoid", F.sigmoid, [(randn(3, 4, 2) * 4, True)]),
+    Case("sigmoid channel-major", "sigmoid", F.sigmoid, [(channel_major(randn(2, 3, 2, 2)), True)]),
+]
+
+
+def tensors(case, dtype):
+    return [tinybn.tensor(numpy.asarray(a, dtype=dtype) if numpy.asarray(a).dtype.kind == "f" else a,
+                          requires_grad=needs) for a, needs in case.args]
+
+
+def reference(call):
+    def run(*inputs):
+        with fast.disabled():
+            return call(*inputs)
+    return run
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fast_path_is_chosen(case):
+    reference_forward = getattr(F, case.op).__globals__[f"{case.op}_forward"]
+    recorded = []
+    tensor_module = sys.modules["tinybn.tensor"]
+    original = tensor_module.fast_paths
+
+    def spy(forward, backward, inputs, params):
+        chosen = original(forward, backward, inputs, params)
+        recorded.append((forward, chosen[0]))
+        return chosen
+
+    tensor_module.fast_paths = spy
+    try:
+        case.call(*tensors(case, numpy.float32))
+    finally:
+        tensor_module.fast_paths = original
+    assert (reference_forward, getattr(fast.cpu, f"{case.op}_forward")) in recorded
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", [(numpy.float64, 1e-12, 1e-10), (numpy.float32, 1e-5, 1e-4)])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fast_equals_reference(case, dtype, atol, rtol):
+    inputs = tensors(case, dtype)
+    tinybn.assert_same(case.call, reference(case.call), inputs, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.gradcheck], ids=str)
+def test_fast_backward_gradcheck(case):
+    report = tinybn.gradcheck(case.call, tensors(case, numpy.float64))
+    assert report["ok"], f"{case.name}: {report}"
+
+
+def test_fast_batch_norm_returns_the_same_moving_averages():
+    x, gamma, beta, mean, var = randn(4, 3, 2, 2) * 3 + 2, positive(3), randn(3), randn(3), positive(3)
+    fast_out = F.batch_norm(x, gamma, beta, mean, var, training=True, momentum=0.8)
+    ref_out = reference(lambda *a: F.batch_norm(*a, training=True, momentum=0.8))(x, gamma, beta, mean, var)
+    for name, f, r in zip(("y", "moving_mean", "moving_var"), fast_out, ref_out):
+        numpy.testing.assert_allclose(f.data, r.data, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_fast_sigmoid_saturates_without_warnings():
+    x = numpy.array([-1e4, -100.0, -88.8, -20.0, 0.0, 20.0, 100.0, 1e4], numpy.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = F.sigmoid(x).data
+    with fast.disabled():
+        expected = F.sigmoid(x).data
+    assert numpy.all(numpy.isfinite(y))
+    numpy.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-37)
+
+
+def test_fast_conv_rejects_a_kernel_larger_than_the_input():
+    with pytest.raises(ValueError, match="does not fit"):
+        F.conv2d(randn(1, 1, 3, 3), randn(1, 1, 5, 5))
+
+
+FALLBACKS = [
+    ("conv2d stride 2", lambda: F.conv2d(randn(1, 2, 6, 6), randn(3, 2, 3, 3), stride=2), "conv2d"),
+    ("conv2d mixed dtypes", lambda: F.conv2d(randn(1, 2, 6, 6).astype(numpy.float32), randn(3, 2, 3, 3)), "conv2d"),
+    ("max_pool2d overlapping", lambda: F.max_pool2d(randn(1, 2, 6, 6), 3, 2), "max_pool2d"),
+    ("max_pool2d padded", lambda: F.max_pool2d(randn(1, 2, 6, 6), 2, 2, 1), "max_pool2d"),
+    ("max_pool2d ragged", lambda: F.max_pool2d(randn(1, 2, 5, 6), 2), "max_pool2d"),
+    ("batch_norm 2-D", lambda: F.batch_norm(randn(4, 3), positive(3), randn(3), randn(3), positive(3),
+                                            training=True), "batch_norm"),
+    ("sigmoid of integers", lambda: F.sigmoid(numpy.arange(3)), "sigmoid"),
+]
+
+
+@pytest.mark.parametrize("name, run, op", FALLBACKS, ids=[f[0] for f in FALLBACKS])
+def test_unsupported_cases_run_the_reference(name, run, op):
+    tensor_module = sys.modules["tinybn.tensor"]
+    original, chosen = tensor_module.fast_paths, []
+    tensor_module.fast_paths = lambda *a: chosen.append(original(*a)) or chosen[-1]
+    try:
+        run()
+    finally:
+        tensor_module.fast_paths = original
+    assert chosen and all(forward.__module__.startswith("tinybn.functional") for forward, _ in chosen), chosen
+
+
+def test_other_array_modules_run_the_reference():
+    """CuPy (here: the strict stand-in) never meets the NumPy fast paths."""
+    x_data, w_data = randn(2, 1, 6, 6), randn(2, 1, 3, 3)
+    results = {}
+    for device in ("strict", "cpu"):  # the stand-in raises if a NumPy function meets its arrays
+        x = tinybn.tensor(x_data, device=device, requires_grad=True)
+        w = tinybn.tensor(w_data, device=device, requires_grad=True)
+        y = F.max_pool2d(F.sigmoid(F.conv2d(x, w)), 2)
+        y.sum().backward()
+        results[device] = tinybn.backend.to_numpy(y.data), tinybn.backend.to_numpy(x.grad)
+    assert tinybn.get_array_module(x.grad) is numpy
+    for strict_value, numpy_value in zip(results["strict"], results["cpu"]):
+        numpy.testing.assert_allclose(strict_value, numpy_value, rtol=1e-12)
+
+
+def test_switch_off_and_on():
+    assert fast.enabled()
+    with fast.disabled():
+        assert not fast.enabled()
+        forward, _ = fast.choose(F.sigmoid.__globals__["sigmoid_forward"], None, (randn(3),), {})
+        assert forward.__module__ == "tinybn.functional.activation"
+    assert fast.enabled()
+    forward, _ = fast.choose(F.sigmoid.__globals__["sigmoid_forward"], None, (randn(3),), {})
+    assert forward is fast.cpu.sigmoid_forward
+
+
+def test_environment_variable_turns_fast_paths_off():
+    code = ("import tinybn, numpy; from tinybn import functional as F; "
+            "f, _ = tinybn.fast.choose(F.sigmoid.__globals__['sigmoid_forward'], None, (numpy.ones(2),), {}); "
+            "print(tinybn.fast.enabled(), f.__module__)")
+    env = dict(os.environ, TINYBN_FAST="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "tinybn.functional.activation"]
+
+
+@pytest.mark.parametrize("model", ["lenet-bn", "lenet-bn-concise", "lenet"])
+def test_training_steps_fast_equal_reference(model):
+    """Three SGD steps of a whole model: the same losses and the same weights, fast or not."""
+    images = numpy.random.default_rng(0).random((16, 1, 28, 28)).astype(numpy.float64)
+    labels = numpy.arange(16) % 10
+
+    def train(use_fast):
+        tinybn.manual_seed(3)
+        net = build_model(model).to(dtype=numpy.float64)
+        optimizer = SGD(net.parameters(), lr=0.5)
+        losses = []
+        with contextlib.nullcontext() if use_fast else fast.disabled():
+            for _ in range(3):
+                loss = F.cross_entropy(net(tinybn.tensor(images)), tinybn.tensor(labels))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.item()))
+            net.eval()
+            with tinybn.no_grad():
+                scores = net(tinybn.tensor(images)).data
+        return losses, net.state_dict(), scores
+
+    fast_losses, fast_state, fast_scores = train(True)
+    ref_losses, ref_state, ref_scores = train(False)
+    numpy.testing.assert_allclose(fast_losses, ref_losses, rtol=1e-10)
+    numpy.testing.assert_allclose(fast_scores, ref_scores, rtol=1e-9, atol=1e-10)
+    for name in ref_state:
+        numpy.testing.assert_allclose(fast_state[name], ref_state[name], rtol=1e-9, atol=1e-11, err_msg=name)
+
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_allocator_thresholds_are_set_once_fast_paths_run():
+    F.sigmoid(randn(2))
+    assert fast.memory.keep_freed_memory() is True

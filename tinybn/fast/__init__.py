@@ -1,0 +1,121 @@
+"""Fast paths: faster implementations of some ops, used automatically in place of the readable ones.
+
+The readable mathematics lives in :mod:`tinybn.functional` and stays the reference. For a few ops
+this package holds a second implementation of the same forward/backward pair, tuned for speed
+(:mod:`tinybn.fast.cpu`: channel-major memory, convolution on flattened rows, in-place elementwise
+chains). :func:`tinybn.tensor.apply` asks :func:`choose` before running an op;
+when a fast pair applies to the given arrays and parameters it runs instead, otherwise the
+reference runs. The tests check every fast pair equal to its reference.
+
+Switch them off to study or debug the reference::
+
+    TINYBN_FAST=0 python -m tinybn train ...      # environment variable
+    tinybn.fast.set_enabled(False)                 # from Python, or
+    with tinybn.fast.disabled(): ...               # for one block
+
+Which ops have a fast path, and when (all on NumPy arrays; anything else runs the reference):
+
+* ``conv2d``: stride 1, any padding;
+* ``max_pool2d``: stride equal to the kernel, no padding, height and width divisible by the kernel;
+* ``batch_norm``: 4-D input (per-channel statistics), both modes;
+* ``sigmoid``: any floating-point array.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+
+import numpy
+
+from ..functional import activation, batchnorm, conv, pooling
+from ..functional._util import pair
+from ..tensor import Tensor
+from . import cpu
+from .memory import keep_freed_memory
+
+__all__ = ["choose", "disabled", "enabled", "set_enabled"]
+
+_FALSE = ("0", "false", "no", "off")
+_enabled = os.environ.get("TINYBN_FAST", "1").strip().lower() not in _FALSE
+
+
+def enabled() -> bool:
+    """Whether fast paths are used (default yes; ``TINYBN_FAST=0`` turns them off)."""
+    return _enabled
+
+
+def set_enabled(flag: bool) -> None:
+    global _enabled
+    _enabled = bool(flag)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run a block on the readable reference implementations only."""
+    previous = _enabled
+    set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
+
+
+def _arrays(inputs):
+    return [value.data if isinstance(value, Tensor) else value for value in inputs]
+
+
+def _numpy_floats(*arrays):
+    """All NumPy arrays of one floating-point dtype."""
+    if not all(type(a) is numpy.ndarray for a in arrays):
+        return False
+    dtype = arrays[0].dtype
+    return dtype.kind == "f" and all(a.dtype == dtype for a in arrays)
+
+
+def _conv2d_applies(x, weight, bias=None, stride=1, padding=0, need_dx=True):
+    arrays = (x, weight) if bias is None else (x, weight, bias)
+    return (_numpy_floats(*arrays) and x.ndim == 4 and weight.ndim == 4 and x.shape[1] == weight.shape[1]
+            and pair(stride, "stride") == (1, 1))
+
+
+def _max_pool2d_applies(x, kernel_size, stride=None, padding=0):
+    kernel = pair(kernel_size, "kernel_size")
+    return (_numpy_floats(x) and x.ndim == 4 and pair(padding, "padding") == (0, 0)
+            and (stride is None or pair(stride, "stride") == kernel)
+            and x.shape[2] % kernel[0] == 0 and x.shape[3] % kernel[1] == 0)
+
+
+def _batch_norm_applies(x, gamma, beta, moving_mean, moving_var, training, momentum, eps):
+    return (_numpy_floats(x, gamma, beta, moving_mean, moving_var) and x.ndim == 4
+            and all(a.size == x.shape[1] for a in (gamma, beta, moving_mean, moving_var)))
+
+
+def _sigmoid_applies(x):
+    return _numpy_floats(x)
+
+
+# reference forward -> (test on the op's arrays and parameters, fast forward, fast backward)
+_FAST_PAIRS = {
+    conv.conv2d_forward: (_conv2d_applies, cpu.conv2d_forward, cpu.conv2d_backward),
+    pooling.max_pool2d_forward: (_max_pool2d_applies, cpu.max_pool2d_forward, cpu.max_pool2d_backward),
+    batchnorm.batch_norm_forward: (_batch_norm_applies, cpu.batch_norm_forward, cpu.batch_norm_backward),
+    activation.sigmoid_forward: (_sigmoid_applies, cpu.sigmoid_forward, cpu.sigmoid_backward),
+}
+
+
+def choose(forward, backward, inputs, params):
+    """The (forward, backward) pair to run: a fast one when enabled and applicable, else the ones given."""
+    entry = _FAST_PAIRS.get(forward) if _enabled else None
+    if entry is not None:
+        applies, fast_forward, fast_backward = entry
+        try:
+            if applies(*_arrays(inputs), **params):
+                keep_freed_memory()
+                return fast_forward, fast_backward
+        except (TypeError, ValueError):  # malformed arguments: let the reference raise its own error
+            pass
+    return forward, backward
+
+
+importlib.import_module("tinybn.tensor").fast_paths = choose

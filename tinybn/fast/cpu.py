@@ -1,0 +1,212 @@
+"""NumPy fast paths: the same forward/backward pairs as :mod:`tinybn.functional`, arranged for speed.
+
+Each function here computes exactly what its namesake in ``tinybn/functional/`` computes (the tests
+check this with :func:`tinybn.assert_same`); read the reference first for the mathematics. What
+changes is only how the arrays are laid out and traversed:
+
+* **Channel-major memory.** Outputs are allocated as (C, N, H, W) and handed back as the NCHW view
+  ``.transpose(1, 0, 2, 3)``. Shapes and values are the usual NCHW ones; only the strides differ.
+  Every per-channel block is then contiguous, so batch-norm statistics are plain row reductions,
+  and a convolution's matrix product writes its result in place without a transpose.
+* **Convolution on flattened rows** (stride 1). Each image channel, zero-padded to Hp×Wp, is stored
+  as one flat row. A window offset (i, j) then shifts the whole row by ``i·Wp + j``, so im2col copies
+  kH·kW long contiguous slices instead of N·C·H_out short ones, and col2im adds them back the same
+  way. The price is computing Wp − W_out extra output columns per row, which are dropped.
+* **Max pooling with kernel = stride** visits the kH·kW strided sub-grids of the input once each;
+  the first-maximum mask for the backward pass is recomputed from the saved input and output.
+* **In-place elementwise chains** (``out=``) instead of temporaries.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..functional._util import pair
+from ..functional.batchnorm import _per_channel
+from ..tensor import Cache
+
+
+def channel_major(x):
+    """The (C, N, ...) view of an (N, C, ...) array; contiguous when x came from a fast path."""
+    return x.swapaxes(0, 1)
+
+
+def _as_nchw(channel_major_array):
+    return channel_major_array.swapaxes(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------- conv2d
+
+
+def conv2d_forward(x, weight, bias=None, stride=1, padding=0, need_dx=True):
+    """Stride-1 convolution; see :func:`tinybn.functional.conv.conv2d_forward`."""
+    ph, pw = pair(padding, "padding")
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    hp, wp = h + 2 * ph, w + 2 * pw
+    out_h, out_w = hp - kh + 1, wp - kw + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"conv2d: a {kh}x{kw} kernel with padding {(ph, pw)} does not fit an input of {h}x{w}")
+    # each (channel, image) as one flat zero-padded row, with kw − 1 zeros of slack for the last window
+    rows = np.zeros((c_in, n, hp * wp + kw - 1), x.dtype)
+    rows[:, :, :hp * wp].reshape(c_in, n, hp, wp)[:, :, ph:ph + h, pw:pw + w] = channel_major(x)
+    length = out_h * wp                                   # output rows, each wp wide (the last kw − 1 dropped)
+    cols = np.empty((c_in, kh, kw, n, length), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            shift = i * wp + j
+            cols[:, i, j] = rows[:, :, shift:shift + length]
+    y_wide = np.matmul(weight.reshape(c_out, -1), cols.reshape(c_in * kh * kw, n * length))
+    y = np.empty((c_out, n, out_h, out_w), x.dtype)
+    visible = y_wide.reshape(c_out, n, out_h, wp)[..., :out_w]
+    if bias is not None:
+        np.add(visible, bias.reshape(c_out, 1, 1, 1), out=y)
+    else:
+        np.copyto(y, visible)
+    cache = Cache(cols=cols, weight=weight, has_bias=bias is not None, padding=(ph, pw), in_hw=(h, w),
+                  out_hw=(out_h, out_w), wp=wp, need_dx=need_dx)
+    return _as_nchw(y), cache
+
+
+def conv2d_backward(dy, cache):
+    weight, cols = cache.weight, cache.cols
+    c_out, c_in, kh, kw = weight.shape
+    out_h, out_w = cache.out_hw
+    wp = cache.wp
+    n = dy.shape[0]
+    length = out_h * wp
+    dy_wide = np.zeros((c_out, n, out_h, wp), dy.dtype)   # zeros in the dropped columns: they contribute nothing
+    dy_wide[..., :out_w] = channel_major(dy)
+    dy_wide = dy_wide.reshape(c_out, n * length)
+    dweight = np.matmul(dy_wide, cols.reshape(c_in * kh * kw, n * length).T).reshape(weight.shape)
+    dbias = dy_wide.sum(axis=1) if cache.has_bias else None
+    if not cache.need_dx:  # the first layer's input is data
+        return None, dweight, dbias
+    dcols = np.matmul(weight.reshape(c_out, -1).T, dy_wide).reshape(c_in, kh, kw, n, length)
+    (ph, pw), (h, w) = cache.padding, cache.in_hw
+    hp = h + 2 * ph
+    drows = np.zeros((c_in, n, hp * wp + kw - 1), dy.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            shift = i * wp + j
+            drows[:, :, shift:shift + length] += dcols[:, i, j]
+    dx = np.empty((c_in, n, h, w), dy.dtype)
+    np.copyto(dx, drows[:, :, :hp * wp].reshape(c_in, n, hp, wp)[:, :, ph:ph + h, pw:pw + w])
+    return _as_nchw(dx), dweight, dbias
+
+
+# ------------------------------------------------------------------------------------------ max_pool2d
+
+
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
+    """Non-overlapping max pooling (stride = kernel, no padding, sizes divisible by the kernel)."""
+    kh, kw = pair(kernel_size, "kernel_size")
+    xc = channel_major(x)
+    c, n, h, w = xc.shape
+    y = np.empty((c, n, h // kh, w // kw), x.dtype)
+    np.copyto(y, xc[:, :, 0::kh, 0::kw])
+    for p in range(kh):
+        for q in range(kw):
+            if p or q:
+                np.maximum(y, xc[:, :, p::kh, q::kw], out=y)
+    return _as_nchw(y), Cache(x=x, y=y, kernel=(kh, kw))
+
+
+def max_pool2d_backward(dy, cache):
+    """Route each dy to the first maximum of its window (row-major order), as the reference does."""
+    kh, kw = cache.kernel
+    xc, y, dyc = channel_major(cache.x), cache.y, channel_major(dy)
+    c, n, h, w = xc.shape
+    dx = np.empty((c, n, h, w), dy.dtype)
+    taken = np.zeros(y.shape, bool)           # windows whose maximum has already been found
+    hit = np.empty(y.shape, bool)
+    for p in range(kh):
+        for q in range(kw):
+            np.equal(xc[:, :, p::kh, q::kw], y, out=hit)
+            hit &= ~taken
+            taken |= hit
+            np.multiply(dyc, hit, out=dx[:, :, p::kh, q::kw])
+    return (_as_nchw(dx),)
+
+
+# ------------------------------------------------------------------------------------------ batch_norm
+
+
+def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, training, momentum, eps):
+    """4-D batch norm on channel-major rows; see :func:`tinybn.functional.batchnorm.batch_norm_forward`."""
+    c = x.shape[1]
+    rows = np.ascontiguousarray(channel_major(x)).reshape(c, -1)   # no copy when x came from a fast path
+    m = rows.shape[1]
+    g, b = gamma.reshape(c, 1), beta.reshape(c, 1)
+    if training:
+        if m == 1:
+            raise ValueError(f"batch_norm in training mode needs more than one value per channel, but an input of "
+                             f"shape {tuple(x.shape)} has exactly one. Use a larger batch, or switch to eval mode.")
+        mu = rows.mean(axis=1, keepdims=True)
+        x_hat = np.subtract(rows, mu)
+        var = _row_dot(x_hat, x_hat) / m
+        new_moving_mean = momentum * moving_mean + (1.0 - momentum) * mu.reshape(moving_mean.shape)
+        new_moving_var = momentum * moving_var + (1.0 - momentum) * var.reshape(moving_var.shape)
+        inv_std = 1.0 / np.sqrt(var + eps)
+        x_hat *= inv_std
+        y = np.multiply(x_hat, g)
+        y += b
+        cache = Cache(x_hat=x_hat, inv_std=inv_std, gamma=g, m=m, training=True, x_shape=x.shape,
+                      gamma_shape=gamma.shape, beta_shape=beta.shape)
+    else:
+        inv_std = 1.0 / np.sqrt(moving_var.reshape(c, 1) + eps)
+        scale = g * inv_std
+        shift = b - moving_mean.reshape(c, 1) * scale
+        y = np.multiply(rows, scale)
+        y += shift
+        new_moving_mean, new_moving_var = moving_mean, moving_var
+        cache = Cache(rows=rows, mean=moving_mean.reshape(c, 1), inv_std=inv_std, gamma=g, m=m, training=False, x_shape=x.shape, gamma_shape=gamma.shape, beta_shape=beta.shape)
+    return (_as_nchw(y.reshape(c, x.shape[0], *x.shape[2:])), new_moving_mean, new_moving_var), cache
+
+
+def batch_norm_backward(dy, cache):
+    """The closed form of :func:`tinybn.functional.batchnorm.batch_norm_backward`, fused into three passes."""
+    c, m = cache.gamma.shape[0], cache.m
+    # prediction mode computes x̂ only here, so that inference never pays for it
+    x_hat = cache.x_hat if cache.training else (cache.rows - cache.mean) * cache.inv_std
+    dy_rows = np.ascontiguousarray(channel_major(dy)).reshape(c, m)
+    dbeta = dy_rows.sum(axis=1, keepdims=True)
+    dgamma = _row_dot(dy_rows, x_hat)
+    k = cache.gamma * cache.inv_std
+    if cache.training:
+        # dx = k·(dy − dβ/m − x̂·dγ/m) = (x̂·(−dγ/m) + dy)·k − k·dβ/m
+        dx = np.multiply(x_hat, -dgamma / m)
+        dx += dy_rows
+        dx *= k
+        dx -= k * dbeta / m
+    else:
+        dx = np.multiply(dy_rows, k)
+    n, _, h, w = cache.x_shape
+    return (_as_nchw(dx.reshape(c, n, h, w)), dgamma.reshape(cache.gamma_shape), dbeta.reshape(cache.beta_shape),
+            None, None)
+
+
+def _row_dot(a, b):
+    """Σ_j a[i, j]·b[i, j] for each row i, as a column (c, 1)."""
+    return np.einsum("ij,ij->i", a, b).reshape(-1, 1)
+
+
+# --------------------------------------------------------------------------------------------- sigmoid
+
+
+def sigmoid_forward(x):
+    """y = 1 / (1 + e^(−x)) in place; e^(−x) = inf for x < −88 (float32) gives exactly 0, the right limit."""
+    y = np.negative(x)        # same memory order as x
+    with np.errstate(over="ignore"):
+        np.exp(y, out=y)
+    y += 1.0
+    np.reciprocal(y, out=y)
+    return y, Cache(y=y)
+
+
+def sigmoid_backward(dy, cache):
+    y = cache.y
+    dx = np.subtract(1.0, y)
+    dx *= y
+    dx *= dy
+    return (dx,)
+
