@@ -260,3 +260,15 @@ def test_training_steps_fast_equal_reference(model):
 def test_allocator_thresholds_are_set_once_fast_paths_run():
     F.sigmoid(randn(2))
     assert fast.memory.keep_freed_memory() is True
+
+
+def test_max_pool_backward_after_a_forward_without_graph():
+    """The argmax is kept only while recording; called by hand after no_grad, backward recomputes it."""
+    x = with_ties((2, 3, 4, 6))
+    dy = randn(2, 3, 2, 3)
+    _, recorded = fast.cpu.max_pool2d_forward(x, 2)
+    with tinybn.no_grad():
+        _, unrecorded = fast.cpu.max_pool2d_forward(x, 2)
+    assert recorded.argmax is not None and unrecorded.argmax is None
+    numpy.testing.assert_array_equal(fast.cpu.max_pool2d_backward(dy, unrecorded)[0],
+                                     fast.cpu.max_pool2d_backward(dy, recorded)[0])

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..functional._util import pair
 from ..functional.batchnorm import _per_channel
-from ..tensor import Cache
+from ..tensor import Cache, is_grad_enabled
 
 
 def channel_major(x):
@@ -98,34 +98,53 @@ def conv2d_backward(dy, cache):
 
 
 def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
-    """Non-overlapping max pooling (stride = kernel, no padding, sizes divisible by the kernel)."""
+    """Non-overlapping max pooling (stride = kernel, no padding, sizes divisible by the kernel).
+
+    Visits the kH·kW strided sub-grids once each. When a graph is being recorded it also keeps, per
+    window, the index of the first sub-grid that holds the maximum (the reference's tie rule): a
+    later sub-grid takes over only if strictly greater, and its index is larger than any earlier one,
+    so ``argmax = max(argmax, k·[v > y])`` tracks it without a branch.
+    """
     kh, kw = pair(kernel_size, "kernel_size")
     xc = channel_major(x)
     c, n, h, w = xc.shape
     y = np.empty((c, n, h // kh, w // kw), x.dtype)
     np.copyto(y, xc[:, :, 0::kh, 0::kw])
-    for p in range(kh):
-        for q in range(kw):
-            if p or q:
-                np.maximum(y, xc[:, :, p::kh, q::kw], out=y)
-    return _as_nchw(y), Cache(x=x, y=y, kernel=(kh, kw))
+    argmax = np.zeros(y.shape, np.uint8) if is_grad_enabled() and kh * kw < 256 else None
+    if argmax is not None:
+        greater, candidate = np.empty(y.shape, bool), np.empty(y.shape, np.uint8)
+    for k in range(1, kh * kw):
+        window = xc[:, :, k // kw::kh, k % kw::kw]
+        if argmax is not None:
+            np.greater(window, y, out=greater)
+            np.multiply(greater, np.uint8(k), out=candidate)
+            np.maximum(argmax, candidate, out=argmax)
+        np.maximum(y, window, out=y)
+    return _as_nchw(y), Cache(argmax=argmax, x=x, y=y, kernel=(kh, kw))
 
 
 def max_pool2d_backward(dy, cache):
     """Route each dy to the first maximum of its window (row-major order), as the reference does."""
     kh, kw = cache.kernel
-    xc, y, dyc = channel_major(cache.x), cache.y, channel_major(dy)
-    c, n, h, w = xc.shape
-    dx = np.empty((c, n, h, w), dy.dtype)
-    taken = np.zeros(y.shape, bool)           # windows whose maximum has already been found
-    hit = np.empty(y.shape, bool)
-    for p in range(kh):
-        for q in range(kw):
-            np.equal(xc[:, :, p::kh, q::kw], y, out=hit)
-            hit &= ~taken
-            taken |= hit
-            np.multiply(dyc, hit, out=dx[:, :, p::kh, q::kw])
+    dyc = channel_major(dy)
+    c, n, out_h, out_w = cache.y.shape
+    dx = np.empty((c, n, out_h * kh, out_w * kw), dy.dtype)
+    hit = np.empty(cache.y.shape, bool)
+    argmax = cache.argmax if cache.argmax is not None else _first_argmax(cache)
+    for k in range(kh * kw):
+        np.equal(argmax, k, out=hit)
+        np.multiply(dyc, hit, out=dx[:, :, k // kw::kh, k % kw::kw])
     return (_as_nchw(dx),)
+
+
+def _first_argmax(cache):
+    """The argmax for a forward run without a graph (then differentiated by hand, e.g. in tests)."""
+    kh, kw = cache.kernel
+    xc = channel_major(cache.x)
+    argmax = np.full(cache.y.shape, kh * kw - 1, np.int64)
+    for k in reversed(range(kh * kw - 1)):
+        argmax[xc[:, :, k // kw::kh, k % kw::kw] == cache.y] = k
+    return argmax
 
 
 # ------------------------------------------------------------------------------------------ batch_norm
