@@ -5,8 +5,10 @@ several repeats of
 
 * the training step (forward, loss, backward, SGD update), in examples/sec;
 * prediction (eval mode, no graph), in examples/sec;
-* peak memory of one training step (NumPy allocations traced by ``tracemalloc`` on the CPU;
-  the memory pool's high-water mark on the GPU).
+* peak memory of training: on the CPU, how far the process's resident set grows above its size
+  before the first step (model and data already loaded) while it runs a few steps, measured in a
+  fresh process per framework so both are judged the same way; on the GPU, the high-water mark of
+  the framework's memory pool.
 
 ``--compare torch`` runs the identical model in PyTorch in the same process, interleaving the
 repeats so both see the same machine state, with the same number of threads, and prints the
@@ -20,7 +22,6 @@ import os
 import statistics
 import sys
 import time
-import tracemalloc
 from collections import defaultdict
 
 import numpy
@@ -89,17 +90,11 @@ class TinybnRunner:
             self.model(self.x)
         self.model.train()
 
-    def peak_memory(self) -> int:
-        if self.device.startswith("cuda"):
-            pool = backend.resolve_device(self.device)[1].get_default_memory_pool()
-            self.train_step()
-            self.sync()
-            return int(pool.total_bytes())
-        tracemalloc.start()
+    def peak_gpu_memory(self) -> int:
+        pool = backend.resolve_device(self.device)[1].get_default_memory_pool()
         self.train_step()
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        return peak
+        self.sync()
+        return int(pool.total_bytes())
 
 
 class TorchRunner:
@@ -145,13 +140,11 @@ class TorchRunner:
             self.model(self.x)
         self.model.train()
 
-    def peak_memory(self):
-        if self.device == "cuda":
-            self.torch.cuda.reset_peak_memory_stats()
-            self.train_step()
-            self.sync()
-            return int(self.torch.cuda.max_memory_allocated())
-        return None  # PyTorch's CPU allocator is not visible to tracemalloc
+    def peak_gpu_memory(self) -> int:
+        self.torch.cuda.reset_peak_memory_stats()
+        self.train_step()
+        self.sync()
+        return int(self.torch.cuda.max_memory_allocated())
 
 
 def _TorchScratchBN(num_features, num_dims):
@@ -255,12 +248,18 @@ def run(args) -> int:
     for runner in runners:
         entry = {what: args.batch_size * args.steps / statistics.median(times[(runner.name, what)])
                  for what in ("train", "predict")}
-        entry["peak_memory_mb"] = (lambda b: None if b is None else round(b / 2**20, 2))(runner.peak_memory())
+        if device.startswith("cuda"):
+            peak = runner.peak_gpu_memory()
+        else:
+            peak = peak_rss_growth(runner, args.model, args.batch_size, dtype, args.threads, args.torch_variant)
+        entry["peak_memory_mb"] = None if peak is None else round(peak / 2**20, 1)
         results["frameworks"][runner.name] = entry
     if len(runners) == 2:
         mine, theirs = (results["frameworks"][r.name] for r in runners)
         results["ratio_train"] = mine["train"] / theirs["train"]
         results["ratio_predict"] = mine["predict"] / theirs["predict"]
+        if mine["peak_memory_mb"] and theirs["peak_memory_mb"]:
+            results["ratio_memory"] = mine["peak_memory_mb"] / theirs["peak_memory_mb"]
     if args.profile:
         runner = runners[0]
         tensor_module.profiler = profiler = OpProfiler(runner.sync)
@@ -275,18 +274,82 @@ def run(args) -> int:
         return 0
     print(f"{args.model}, batch {args.batch_size}, {dtype}, {device}, {results['threads']} threads, {source} data; "
           f"median of {args.repeats} repeats x {args.steps} steps")
-    print(f"{'framework':44s} {'train ex/s':>11s} {'predict ex/s':>13s} {'peak MB':>9s}")
+    memory = "peak GPU MB" if device.startswith("cuda") else "train +MB"
+    print(f"{'framework':44s} {'train ex/s':>11s} {'predict ex/s':>13s} {memory:>11s}")
     for name, entry in results["frameworks"].items():
         peak = "n/a" if entry["peak_memory_mb"] is None else f"{entry['peak_memory_mb']:.1f}"
-        print(f"{name:44s} {entry['train']:11.0f} {entry['predict']:13.0f} {peak:>9s}")
+        print(f"{name:44s} {entry['train']:11.0f} {entry['predict']:13.0f} {peak:>11s}")
     if "ratio_train" in results:
-        print(f"ratio tinybn/PyTorch: train {results['ratio_train']:.2f}x, predict {results['ratio_predict']:.2f}x")
+        memory = f", memory {results['ratio_memory']:.2f}x" if "ratio_memory" in results else ""
+        print(f"ratio tinybn/PyTorch: train {results['ratio_train']:.2f}x, predict {results['ratio_predict']:.2f}x"
+              f"{memory} (above 1 is faster for speed, larger for memory)")
     if args.profile:
         print(f"\nper-op time per training step ({args.steps} steps, synchronised):")
         print(f"{'op':16s} {'calls':>5s} {'forward ms':>11s} {'backward ms':>12s}")
         for row in results["profile"]:
             print(f"{row['op']:16s} {row['calls/step']:5d} {row['forward ms']:11.2f} {row['backward ms']:12.2f}")
     return 0
+
+
+def peak_rss_growth(runner, model, batch_size, dtype, threads, torch_variant):
+    """Bytes the resident set grows by over a few training steps, measured in a fresh process.
+
+    The probe reads the resident size once the model and the batch exist, and the high-water mark
+    after the steps; the difference is what training itself needs. Returns None where the platform
+    has no ``resource`` module (Windows).
+    """
+    try:
+        import resource  # noqa: F401
+    except ImportError:
+        return None
+    import subprocess
+
+    framework = "tinybn" if isinstance(runner, TinybnRunner) else "torch"
+    spec = json.dumps([framework, model, batch_size, str(dtype), threads, torch_variant])
+    done = subprocess.run([sys.executable, "-c", f"from tinybn.bench import _rss_probe; _rss_probe({spec!r})"],
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"the memory probe for {framework} failed:\n{done.stderr[-2000:]}")
+    return int(done.stdout.split()[-1])
+
+
+def _rss_probe(spec: str) -> None:
+    """Run inside the fresh process started by :func:`peak_rss_growth`; prints the growth in bytes."""
+    framework, model, batch_size, dtype, threads, torch_variant = json.loads(spec)
+    if threads:
+        _set_threads(threads)
+    # memory does not depend on the values; loading the whole dataset would leave a high-water mark
+    # above what training needs, hiding it
+    rng = numpy.random.default_rng(0)
+    images, labels = rng.random((batch_size, 1, 28, 28), numpy.float32), rng.integers(0, 10, batch_size)
+    if framework == "tinybn":
+        runner = TinybnRunner(model, images, labels, "cpu", numpy.dtype(dtype))
+    else:
+        import torch
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        runner = TorchRunner(model, images, labels, "cpu", numpy.dtype(dtype), torch_variant)
+    before = _resident_bytes()[0]
+    for _ in range(3):
+        runner.train_step()
+    after = _resident_bytes()[1]
+    print(after - before)
+
+
+def _resident_bytes() -> tuple[int, int]:
+    """(current, peak) resident set of this process.
+
+    Linux's VmRSS/VmHWM belong to this process image alone; ``ru_maxrss`` would also carry the
+    parent's high-water mark across fork and exec, so it is only the fallback (macOS).
+    """
+    import resource
+
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return peak, peak
 
 
 def _set_threads(count: int) -> None:

@@ -37,8 +37,17 @@ def _as_nchw(channel_major_array):
 # ---------------------------------------------------------------------------------------------- conv2d
 
 
+CHUNK_BYTES = 4 << 20   # im2col workspace per chunk of images: small enough to stay in the CPU caches
+
+
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0, need_dx=True):
-    """Stride-1 convolution; see :func:`tinybn.functional.conv.conv2d_forward`."""
+    """Stride-1 convolution; see :func:`tinybn.functional.conv.conv2d_forward`.
+
+    The batch is processed a few images at a time: each chunk's im2col matrix is built in a small
+    workspace and multiplied while it is still in cache. Only the padded input rows are kept for
+    the backward pass, which rebuilds the chunks; storing the whole im2col matrix would cost
+    kH·kW times the input's memory.
+    """
     ph, pw = pair(padding, "padding")
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
@@ -49,49 +58,92 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, need_dx=True):
     # each (channel, image) as one flat zero-padded row, with kw − 1 zeros of slack for the last window
     rows = np.zeros((c_in, n, hp * wp + kw - 1), x.dtype)
     rows[:, :, :hp * wp].reshape(c_in, n, hp, wp)[:, :, ph:ph + h, pw:pw + w] = channel_major(x)
-    length = out_h * wp                                   # output rows, each wp wide (the last kw − 1 dropped)
-    cols = np.empty((c_in, kh, kw, n, length), x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            shift = i * wp + j
-            cols[:, i, j] = rows[:, :, shift:shift + length]
-    y_wide = np.matmul(weight.reshape(c_out, -1), cols.reshape(c_in * kh * kw, n * length))
+    geometry = _RowConv(rows, weight, (out_h, out_w), wp)
     y = np.empty((c_out, n, out_h, out_w), x.dtype)
-    visible = y_wide.reshape(c_out, n, out_h, wp)[..., :out_w]
-    if bias is not None:
-        np.add(visible, bias.reshape(c_out, 1, 1, 1), out=y)
-    else:
-        np.copyto(y, visible)
-    cache = Cache(cols=cols, weight=weight, has_bias=bias is not None, padding=(ph, pw), in_hw=(h, w),
-                  out_hw=(out_h, out_w), wp=wp, need_dx=need_dx)
+    bias_column = None if bias is None else bias.reshape(c_out, 1, 1, 1)
+    for start, stop, cols in geometry.chunks():
+        y_wide = np.matmul(geometry.weight_matrix, cols, out=geometry.out_workspace(stop - start))
+        visible = y_wide.reshape(c_out, stop - start, out_h, wp)[..., :out_w]
+        if bias_column is None:
+            np.copyto(y[:, start:stop], visible)
+        else:
+            np.add(visible, bias_column, out=y[:, start:stop])
+    geometry.release_out_workspace()
+    cache = Cache(geometry=geometry, has_bias=bias is not None, padding=(ph, pw), in_hw=(h, w), need_dx=need_dx)
     return _as_nchw(y), cache
 
 
 def conv2d_backward(dy, cache):
-    weight, cols = cache.weight, cache.cols
+    geometry = cache.geometry
+    weight = geometry.weight
     c_out, c_in, kh, kw = weight.shape
-    out_h, out_w = cache.out_hw
-    wp = cache.wp
-    n = dy.shape[0]
-    length = out_h * wp
-    dy_wide = np.zeros((c_out, n, out_h, wp), dy.dtype)   # zeros in the dropped columns: they contribute nothing
-    dy_wide[..., :out_w] = channel_major(dy)
-    dy_wide = dy_wide.reshape(c_out, n * length)
-    dweight = np.matmul(dy_wide, cols.reshape(c_in * kh * kw, n * length).T).reshape(weight.shape)
-    dbias = dy_wide.sum(axis=1) if cache.has_bias else None
-    if not cache.need_dx:  # the first layer's input is data
-        return None, dweight, dbias
-    dcols = np.matmul(weight.reshape(c_out, -1).T, dy_wide).reshape(c_in, kh, kw, n, length)
+    out_h, out_w = geometry.out_hw
+    wp, length = geometry.wp, geometry.length
     (ph, pw), (h, w) = cache.padding, cache.in_hw
     hp = h + 2 * ph
-    drows = np.zeros((c_in, n, hp * wp + kw - 1), dy.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            shift = i * wp + j
-            drows[:, :, shift:shift + length] += dcols[:, i, j]
-    dx = np.empty((c_in, n, h, w), dy.dtype)
-    np.copyto(dx, drows[:, :, :hp * wp].reshape(c_in, n, hp, wp)[:, :, ph:ph + h, pw:pw + w])
-    return _as_nchw(dx), dweight, dbias
+    dyc = channel_major(dy)
+    dweight = np.zeros((c_out, c_in * kh * kw), dy.dtype)
+    dweight_chunk = np.empty_like(dweight)
+    dy_wide = np.zeros((c_out, geometry.chunk, out_h, wp), dy.dtype)  # the dropped columns stay 0
+    if cache.need_dx:
+        dx = np.empty((c_in, dy.shape[0], h, w), dy.dtype)
+        dcols = np.empty((c_in * kh * kw, geometry.chunk * length), dy.dtype)
+        drows = np.empty((c_in, geometry.chunk, geometry.rows.shape[2]), dy.dtype)
+    for start, stop, cols in geometry.chunks():
+        count = stop - start
+        dy_wide[:, :count, :, :out_w] = dyc[:, start:stop]
+        dy_chunk = dy_wide[:, :count].reshape(c_out, count * length)
+        dweight += np.matmul(dy_chunk, cols.T, out=dweight_chunk)
+        if cache.need_dx:  # skipped for the first layer, whose input is data
+            dcols_chunk = np.matmul(geometry.weight_matrix.T, dy_chunk, out=dcols[:, :count * length])
+            dcols_chunk = dcols_chunk.reshape(c_in, kh, kw, count, length)
+            drows_chunk = drows[:, :count]
+            drows_chunk.fill(0)
+            for i in range(kh):          # col2im: the shifted rows added back
+                for j in range(kw):
+                    shift = i * wp + j
+                    drows_chunk[:, :, shift:shift + length] += dcols_chunk[:, i, j]
+            np.copyto(dx[:, start:stop],
+                      drows_chunk[:, :, :hp * wp].reshape(c_in, count, hp, wp)[:, :, ph:ph + h, pw:pw + w])
+    dbias = dyc.sum(axis=(1, 2, 3)) if cache.has_bias else None
+    return (_as_nchw(dx) if cache.need_dx else None), dweight.reshape(weight.shape), dbias
+
+
+class _RowConv:
+    """The im2col matrix of flattened rows, produced chunk by chunk.
+
+    For the chunk of images [start, stop), column block ``n·length + p`` of row (c, i, j) holds
+    ``rows[c, n, i·wp + j + p]``: one strided view of ``rows`` copied into a reused workspace.
+    """
+
+    def __init__(self, rows, weight, out_hw, wp):
+        self.rows, self.weight, self.out_hw, self.wp = rows, weight, out_hw, wp
+        c_out, c_in, kh, kw = weight.shape
+        self.weight_matrix = weight.reshape(c_out, c_in * kh * kw)
+        self.length = out_hw[0] * wp              # output rows, each wp wide (the last kw − 1 are dropped)
+        per_image = c_in * kh * kw * self.length * rows.itemsize
+        self.chunk = max(1, min(rows.shape[1], CHUNK_BYTES // per_image))
+        self._out = None
+
+    def chunks(self):
+        rows, (c_out, c_in, kh, kw) = self.rows, self.weight.shape
+        workspace = np.empty(c_in * kh * kw * self.chunk * self.length, rows.dtype)
+        step_c, step_n, step = rows.strides
+        for start in range(0, rows.shape[1], self.chunk):
+            stop = min(start + self.chunk, rows.shape[1])
+            cols = workspace[:c_in * kh * kw * (stop - start) * self.length].reshape(c_in, kh, kw, stop - start,
+                                                                                   self.length)
+            view = np.lib.stride_tricks.as_strided(rows[:, start:], cols.shape, (step_c, self.wp * step, step, step_n, step))
+            np.copyto(cols, view)
+            yield start, stop, cols.reshape(c_in * kh * kw, (stop - start) * self.length)
+
+    def release_out_workspace(self):
+        self._out = None
+
+    def out_workspace(self, count):
+        if self._out is None:
+            self._out = np.empty((self.weight.shape[0], self.chunk * self.length), self.rows.dtype)
+        return self._out[:, :count * self.length]
 
 
 # ------------------------------------------------------------------------------------------ max_pool2d
@@ -151,7 +203,11 @@ def _first_argmax(cache):
 
 
 def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, training, momentum, eps):
-    """4-D batch norm on channel-major rows; see :func:`tinybn.functional.batchnorm.batch_norm_forward`."""
+    """4-D batch norm on channel-major rows; see :func:`tinybn.functional.batchnorm.batch_norm_forward`.
+
+    The cache keeps x itself (the graph keeps it alive anyway) instead of x̂, which the backward
+    pass recomputes: one more pass there, one activation-sized array less held between the passes.
+    """
     c = x.shape[1]
     rows = np.ascontiguousarray(channel_major(x)).reshape(c, -1)   # no copy when x came from a fast path
     m = rows.shape[1]
@@ -161,44 +217,41 @@ def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, training, moment
             raise ValueError(f"batch_norm in training mode needs more than one value per channel, but an input of "
                              f"shape {tuple(x.shape)} has exactly one. Use a larger batch, or switch to eval mode.")
         mu = rows.mean(axis=1, keepdims=True)
-        x_hat = np.subtract(rows, mu)
-        var = _row_dot(x_hat, x_hat) / m
+        y = np.subtract(rows, mu)                       # x − μ, turned into y in place below
+        var = _row_dot(y, y) / m                        # two-pass variance, as in the reference
         new_moving_mean = momentum * moving_mean + (1.0 - momentum) * mu.reshape(moving_mean.shape)
         new_moving_var = momentum * moving_var + (1.0 - momentum) * var.reshape(moving_var.shape)
         inv_std = 1.0 / np.sqrt(var + eps)
-        x_hat *= inv_std
-        y = np.multiply(x_hat, g)
+        y *= g * inv_std
         y += b
-        cache = Cache(x_hat=x_hat, inv_std=inv_std, gamma=g, m=m, training=True, x_shape=x.shape,
-                      gamma_shape=gamma.shape, beta_shape=beta.shape)
     else:
+        mu = moving_mean.reshape(c, 1)
         inv_std = 1.0 / np.sqrt(moving_var.reshape(c, 1) + eps)
         scale = g * inv_std
-        shift = b - moving_mean.reshape(c, 1) * scale
         y = np.multiply(rows, scale)
-        y += shift
+        y += b - mu * scale
         new_moving_mean, new_moving_var = moving_mean, moving_var
-        cache = Cache(rows=rows, mean=moving_mean.reshape(c, 1), inv_std=inv_std, gamma=g, m=m, training=False, x_shape=x.shape, gamma_shape=gamma.shape, beta_shape=beta.shape)
+    cache = Cache(rows=rows, mu=mu, inv_std=inv_std, gamma=g, training=training, x_shape=x.shape,
+                  gamma_shape=gamma.shape, beta_shape=beta.shape)
     return (_as_nchw(y.reshape(c, x.shape[0], *x.shape[2:])), new_moving_mean, new_moving_var), cache
 
 
 def batch_norm_backward(dy, cache):
-    """The closed form of :func:`tinybn.functional.batchnorm.batch_norm_backward`, fused into three passes."""
-    c, m = cache.gamma.shape[0], cache.m
-    # prediction mode computes x̂ only here, so that inference never pays for it
-    x_hat = cache.x_hat if cache.training else (cache.rows - cache.mean) * cache.inv_std
+    """The closed form of :func:`tinybn.functional.batchnorm.batch_norm_backward`, in place on x − μ."""
+    c, m = cache.rows.shape
+    inv_std, k = cache.inv_std, cache.gamma * cache.inv_std
     dy_rows = np.ascontiguousarray(channel_major(dy)).reshape(c, m)
     dbeta = dy_rows.sum(axis=1, keepdims=True)
-    dgamma = _row_dot(dy_rows, x_hat)
-    k = cache.gamma * cache.inv_std
+    dx = np.subtract(cache.rows, cache.mu)                 # x − μ = x̂ / inv_std
+    dgamma = _row_dot(dy_rows, dx) * inv_std                # Σ dy·x̂
     if cache.training:
-        # dx = k·(dy − dβ/m − x̂·dγ/m) = (x̂·(−dγ/m) + dy)·k − k·dβ/m
-        dx = np.multiply(x_hat, -dgamma / m)
+        # dx = k·(dy − dβ/m − x̂·dγ/m) = k·((x − μ)·(−inv_std·dγ/m) + dy) − k·dβ/m
+        dx *= -inv_std * dgamma / m
         dx += dy_rows
         dx *= k
         dx -= k * dbeta / m
     else:
-        dx = np.multiply(dy_rows, k)
+        np.multiply(dy_rows, k, out=dx)
     n, _, h, w = cache.x_shape
     return (_as_nchw(dx.reshape(c, n, h, w)), dgamma.reshape(cache.gamma_shape), dbeta.reshape(cache.beta_shape),
             None, None)
