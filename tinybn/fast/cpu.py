@@ -82,8 +82,8 @@ def conv2d_backward(dy, cache):
     (ph, pw), (h, w) = cache.padding, cache.in_hw
     hp = h + 2 * ph
     dyc = channel_major(dy)
-    dweight = np.zeros((c_out, c_in * kh * kw), dy.dtype)
-    dweight_chunk = np.empty_like(dweight)
+    dweight_t = np.zeros((c_in * kh * kw, c_out), dy.dtype)   # dWᵀ: BLAS is faster with the long axis inside
+    dweight_chunk = np.empty_like(dweight_t)
     dy_wide = np.zeros((c_out, geometry.chunk, out_h, wp), dy.dtype)  # the dropped columns stay 0
     if cache.need_dx:
         dx = np.empty((c_in, dy.shape[0], h, w), dy.dtype)
@@ -93,7 +93,7 @@ def conv2d_backward(dy, cache):
         count = stop - start
         dy_wide[:, :count, :, :out_w] = dyc[:, start:stop]
         dy_chunk = dy_wide[:, :count].reshape(c_out, count * length)
-        dweight += np.matmul(dy_chunk, cols.T, out=dweight_chunk)
+        dweight_t += np.matmul(cols, dy_chunk.T, out=dweight_chunk)
         if cache.need_dx:  # skipped for the first layer, whose input is data
             dcols_chunk = np.matmul(geometry.weight_matrix.T, dy_chunk, out=dcols[:, :count * length])
             dcols_chunk = dcols_chunk.reshape(c_in, kh, kw, count, length)
@@ -105,8 +105,8 @@ def conv2d_backward(dy, cache):
                     drows_chunk[:, :, shift:shift + length] += dcols_chunk[:, i, j]
             np.copyto(dx[:, start:stop],
                       drows_chunk[:, :, :hp * wp].reshape(c_in, count, hp, wp)[:, :, ph:ph + h, pw:pw + w])
-    dbias = dyc.sum(axis=(1, 2, 3)) if cache.has_bias else None
-    return (_as_nchw(dx) if cache.need_dx else None), dweight.reshape(weight.shape), dbias
+    dbias = np.ascontiguousarray(dyc).reshape(c_out, -1).sum(axis=1) if cache.has_bias else None
+    return (_as_nchw(dx) if cache.need_dx else None), dweight_t.T.reshape(weight.shape), dbias
 
 
 class _RowConv:
