@@ -17,6 +17,7 @@ def test_bench_json_and_profile():
     result = json.loads(out.stdout)
     entry = result["frameworks"]["tinybn"]
     assert entry["train"] > 0 and entry["predict"] > 0 and entry["peak_memory_mb"] > 0
+    assert result["fast_paths"] is True
     ops = {row["op"] for row in result["profile"]}
     assert {"conv2d", "batch_norm", "max_pool2d", "linear", "sigmoid", "cross_entropy"} <= ops
 
@@ -24,6 +25,15 @@ def test_bench_json_and_profile():
 @pytest.mark.parametrize("variant", ["builtin", "scratch"])
 def test_bench_compare_torch(variant):
     pytest.importorskip("torch")
-    out = bench("--compare", "torch", "--torch-variant", variant)
+    out = bench("--compare", "torch", "--torch-variant", variant, "--json")
     assert out.returncode == 0, out.stderr
-    assert "ratio tinybn/PyTorch: train" in out.stdout
+    result = json.loads(out.stdout)
+    assert set(result) >= {"ratio_train", "ratio_predict", "ratio_memory"}
+    for name, entry in result["frameworks"].items():
+        assert entry["train"] > 0 and entry["predict"] > 0 and entry["peak_memory_mb"] > 0, name
+
+
+def test_bench_reference_kernels_only():
+    out = bench("--no-fast", "--profile")
+    assert out.returncode == 0, out.stderr
+    assert "tinybn fast paths off" in out.stdout and "conv2d" in out.stdout

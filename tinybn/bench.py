@@ -28,6 +28,7 @@ import numpy
 
 from . import backend
 from . import functional as F
+from . import fast
 from .models import MODELS, build_model
 from .optim import SGD
 from .tensor import Tensor, no_grad
@@ -49,6 +50,8 @@ def add_arguments(parser) -> None:
                         help="PyTorch side: nn.BatchNorm2d/1d, or the chapter's from-scratch BN")
     parser.add_argument("--threads", type=int, default=None, help="threads for BLAS and PyTorch (default: all cores)")
     parser.add_argument("--profile", action="store_true", help="per-operation forward/backward times")
+    parser.add_argument("--no-fast", action="store_true",
+                        help="run tinybn's readable reference kernels only (same as TINYBN_FAST=0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -219,6 +222,8 @@ class OpProfiler:
 
 
 def run(args) -> int:
+    if args.no_fast:
+        fast.set_enabled(False)
     if args.threads:
         _set_threads(args.threads)
     device = backend.resolve_device(args.device)[0]
@@ -243,6 +248,7 @@ def run(args) -> int:
                 times[(runner.name, what)].append(_time(runner, what, args.steps))
         print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     results = {"model": args.model, "batch_size": args.batch_size, "device": device, "dtype": str(dtype),
+               "fast_paths": fast.enabled(),
                "data": source, "repeats": args.repeats, "steps": args.steps, "threads": args.threads or os.cpu_count(),
                "numpy": numpy.__version__, "frameworks": {}}
     for runner in runners:
@@ -272,8 +278,8 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(results))
         return 0
-    print(f"{args.model}, batch {args.batch_size}, {dtype}, {device}, {results['threads']} threads, {source} data; "
-          f"median of {args.repeats} repeats x {args.steps} steps")
+    print(f"{args.model}, batch {args.batch_size}, {dtype}, {device}, {results['threads']} threads, {source} data, "
+          f"tinybn fast paths {'on' if fast.enabled() else 'off'}; median of {args.repeats} repeats x {args.steps} steps")
     memory = "peak GPU MB" if device.startswith("cuda") else "train +MB"
     print(f"{'framework':44s} {'train ex/s':>11s} {'predict ex/s':>13s} {memory:>11s}")
     for name, entry in results["frameworks"].items():
@@ -306,8 +312,9 @@ def peak_rss_growth(runner, model, batch_size, dtype, threads, torch_variant):
 
     framework = "tinybn" if isinstance(runner, TinybnRunner) else "torch"
     spec = json.dumps([framework, model, batch_size, str(dtype), threads, torch_variant])
+    env = dict(os.environ, TINYBN_FAST="1" if fast.enabled() else "0")
     done = subprocess.run([sys.executable, "-c", f"from tinybn.bench import _rss_probe; _rss_probe({spec!r})"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"the memory probe for {framework} failed:\n{done.stderr[-2000:]}")
     return int(done.stdout.split()[-1])
