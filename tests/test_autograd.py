@@ -78,6 +78,31 @@ def test_graph_is_freed_after_backward():
     assert z._node is None and y._node is None
 
 
+def test_graph_does_not_keep_intermediate_tensors():
+    """Only what a backward rule caches stays alive: sigmoid keeps its output, not its input."""
+    import weakref
+
+    x = tinybn.tensor(numpy.linspace(-2, 2, 5), requires_grad=True)
+    middle = x * 2.0
+    middle_ref = weakref.ref(middle)
+    out = tinybn.functional.sigmoid(middle)
+    del middle
+    assert middle_ref() is None
+    out.backward(numpy.ones(5))
+    s = 1 / (1 + numpy.exp(-2 * numpy.linspace(-2, 2, 5)))
+    numpy.testing.assert_allclose(x.grad, 2 * s * (1 - s), rtol=1e-6)
+
+
+def test_second_backward_through_a_freed_graph_is_an_error():
+    x = tinybn.tensor([1.0], requires_grad=True)
+    shared = x * 2.0
+    first, second = shared * 3.0, shared * 4.0
+    first.backward()
+    with pytest.raises(RuntimeError, match="a second time.*run the forward computation again"):
+        second.backward()
+    assert float(x.grad[0]) == 6.0, "the failed call changed nothing"
+
+
 def test_explicit_upstream_gradient_and_its_shape_check():
     x = tinybn.tensor([1.0, 2.0, 3.0], requires_grad=True)
     y = x * 2.0

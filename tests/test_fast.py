@@ -91,6 +91,12 @@ CASES = [
           (randn(1, 3, 1, 1), False), (positive(1, 3, 1, 1), False)]),
     Case("batch_norm 4-D eval", "batch_norm", bn(False),
          [(randn(2, 3, 2, 2), True), (positive(3), True), (randn(3), True), (randn(3), False), (positive(3), False)]),
+    Case("conv2d strided-view input", "conv2d", lambda x, w: F.conv2d(x[:, :, 1:, ::2], w, padding=1),
+         [(randn(2, 2, 7, 12), True), (randn(3, 2, 3, 3), True)]),
+    Case("max_pool2d strided-view input", "max_pool2d", lambda x: F.max_pool2d(x[:, ::2, 1:], 2),
+         [(distinct(2, 4, 5, 4), True)]),
+    Case("batch_norm strided-view input", "batch_norm", lambda x, g, b, m, v: bn(True)(x[:, :, ::2], g, b, m, v),
+         [(randn(3, 2, 6, 3), True), (positive(2), True), (randn(2), True), (randn(2), False), (positive(2), False)]),
     Case("sigmoid", "sigmoid", F.sigmoid, [(randn(3, 4, 2) * 4, True)]),
     Case("sigmoid channel-major", "sigmoid", F.sigmoid, [(channel_major(randn(2, 3, 2, 2)), True)]),
 ]
@@ -141,6 +147,16 @@ def test_fast_backward_gradcheck(case):
     assert report["ok"], f"{case.name}: {report}"
 
 
+def test_fast_outputs_are_channel_major():
+    """The layout contract that lets the next fast op skip a copy: NCHW shape, (C, N, H, W) memory."""
+    x = randn(2, 3, 8, 8)
+    outputs = [F.conv2d(x, randn(4, 3, 3, 3)), F.max_pool2d(x, 2),
+               F.batch_norm(x, positive(3), randn(3), randn(3), positive(3), training=True)[0]]
+    for out in outputs:
+        assert out.data.swapaxes(0, 1).flags.c_contiguous
+    assert F.sigmoid(outputs[0]).data.strides == outputs[0].data.strides
+
+
 def test_fast_batch_norm_returns_the_same_moving_averages():
     x, gamma, beta, mean, var = randn(4, 3, 2, 2) * 3 + 2, positive(3), randn(3), randn(3), positive(3)
     fast_out = F.batch_norm(x, gamma, beta, mean, var, training=True, momentum=0.8)
@@ -174,7 +190,14 @@ FALLBACKS = [
     ("batch_norm 2-D", lambda: F.batch_norm(randn(4, 3), positive(3), randn(3), randn(3), positive(3),
                                             training=True), "batch_norm"),
     ("sigmoid of integers", lambda: F.sigmoid(numpy.arange(3)), "sigmoid"),
+    ("conv2d channel mismatch", lambda: _raises(lambda: F.conv2d(randn(1, 2, 6, 6), randn(3, 4, 3, 3))), "conv2d"),
 ]
+
+
+def _raises(call):
+    """Malformed input goes to the reference, which raises its own error."""
+    with pytest.raises(ValueError):
+        call()
 
 
 @pytest.mark.parametrize("name, run, op", FALLBACKS, ids=[f[0] for f in FALLBACKS])

@@ -20,6 +20,7 @@ Conventions: ``dy`` is the gradient of the loss with respect to an operation's o
 from __future__ import annotations
 
 import contextlib
+import weakref
 from types import SimpleNamespace as Cache
 
 import numpy
@@ -60,12 +61,26 @@ def enable_grad():
 
 
 class Node:
-    """One recorded operation: its backward rule, the cache the rule needs and its inputs."""
+    """One recorded operation: its backward rule, the cache the rule needs and its inputs.
 
-    __slots__ = ("backward", "cache", "inputs", "name")
+    ``inputs`` has one entry per input of the operation: the input's own :class:`Node` when it
+    was computed by another recorded operation, the tensor itself when it is a leaf that requires a
+    gradient, else None. The graph holds nodes, not intermediate tensors, so an intermediate array
+    is freed as soon as nothing needs it (a backward rule that needs it keeps it in its cache).
+    """
 
-    def __init__(self, backward, cache, inputs, name):
+    __slots__ = ("backward", "cache", "inputs", "name", "output")
+
+    def __init__(self, backward, cache, inputs, name, output):
         self.backward, self.cache, self.inputs, self.name = backward, cache, inputs, name
+        self.output = weakref.ref(output)  # to mark the tensor a leaf once the graph is freed
+
+    def free(self):
+        self.backward = self.cache = None
+        self.inputs = ()
+        output = self.output()
+        if output is not None:
+            output._node = None
 
 
 def _as_data(value):
@@ -92,11 +107,31 @@ def apply(forward, backward, *inputs, name=None, **params):
     needs_grad = _grad_enabled and any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
     result = Tensor(out, requires_grad=needs_grad)
     if needs_grad:
-        graph_inputs = tuple(t if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
-        result._node = Node(backward, cache, graph_inputs, name)
+        graph_inputs = tuple((t._node or t) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
+        result._node = Node(backward, cache, graph_inputs, name, result)
     if extras:
         return (result, *(Tensor(extra) for extra in extras))
     return result
+
+
+def _topological_order(root: Node) -> list:
+    """The nodes reachable from ``root``, each after every node that consumes its output (iterative:
+    deep graphs are fine), so that a node's gradient is complete when it is reached."""
+    order, visited, stack = [], set(), [(root, False)]
+    while stack:
+        node, parents_done = stack.pop()
+        if parents_done:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.append((node, True))
+        for parent in node.inputs:
+            if isinstance(parent, Node) and id(parent) not in visited:
+                stack.append((parent, False))
+    order.reverse()
+    return order
 
 
 fast_paths = None  # set by tinybn.fast: (forward, backward, inputs, params) -> the pair to run
@@ -360,40 +395,26 @@ class Tensor:
         if self._node is None:  # a leaf: its own gradient
             self.grad = grad if self.grad is None else self.grad + grad
             return
-        pending = {id(self): grad}
-        for node_tensor in reversed(self._topological_order()):
-            dy = pending.pop(id(node_tensor), None)
-            node = node_tensor._node
-            node_tensor._node = None  # free the graph as we go
-            if dy is None:
-                continue
-            input_grads = node.backward(dy, node.cache)
-            for parent, d_parent in zip(node.inputs, input_grads):
-                if parent is None or d_parent is None:
-                    continue
-                if parent._node is None:  # leaf: accumulate as the user will read it
-                    parent.grad = d_parent if parent.grad is None else parent.grad + d_parent
-                elif id(parent) in pending:  # fan-out: add every path's contribution
-                    pending[id(parent)] = pending[id(parent)] + d_parent
-                else:
-                    pending[id(parent)] = d_parent
-
-    def _topological_order(self):
-        """Non-leaf tensors of the graph, inputs before outputs (iterative: deep graphs are fine)."""
-        order, visited, stack = [], set(), [(self, False)]
-        while stack:
-            node_tensor, children_done = stack.pop()
-            if children_done:
-                order.append(node_tensor)
-                continue
-            if id(node_tensor) in visited:
-                continue
-            visited.add(id(node_tensor))
-            stack.append((node_tensor, True))
-            for parent in node_tensor._node.inputs:
-                if parent is not None and parent._node is not None and id(parent) not in visited:
-                    stack.append((parent, False))
-        return order
+        order = _topological_order(self._node)
+        for node in order:
+            if node.backward is None:
+                raise RuntimeError(f"backward() reached the {node.name} operation a second time, after its graph was "
+                                   f"freed by an earlier backward(); run the forward computation again")
+        pending = {id(self._node): grad}
+        for node in order:
+            dy = pending.pop(id(node), None)
+            if dy is not None:
+                input_grads = node.backward(dy, node.cache)
+                for parent, d_parent in zip(node.inputs, input_grads):
+                    if parent is None or d_parent is None:
+                        continue
+                    if isinstance(parent, Tensor):  # leaf: accumulate as the user will read it
+                        parent.grad = d_parent if parent.grad is None else parent.grad + d_parent
+                    elif id(parent) in pending:  # fan-out: add every path's contribution
+                        pending[id(parent)] = pending[id(parent)] + d_parent
+                    else:
+                        pending[id(parent)] = d_parent
+            node.free()  # free the graph as we go
 
     def zero_grad(self):
         self.grad = None
