@@ -11,17 +11,20 @@ changes is only how the arrays are laid out and traversed:
 * **Convolution on flattened rows** (stride 1). Each image channel, zero-padded to Hp×Wp, is stored
   as one flat row. A window offset (i, j) then shifts the whole row by ``i·Wp + j``, so im2col copies
   kH·kW long contiguous slices instead of N·C·H_out short ones, and col2im adds them back the same
-  way. The price is computing Wp − W_out extra output columns per row, which are dropped.
-* **Max pooling with kernel = stride** visits the kH·kW strided sub-grids of the input once each;
-  the first-maximum mask for the backward pass is recomputed from the saved input and output.
+  way. The price is computing Wp − W_out extra output columns per row, which are dropped. The batch
+  goes through in cache-sized chunks, and the backward pass rebuilds them instead of keeping them.
+* **Max pooling with kernel = stride** visits the kH·kW strided sub-grids of the input once each,
+  tracking the first maximum's index while a graph is recorded.
+* **Batch norm** keeps x (alive anyway) instead of x̂ and evaluates the closed-form backward in place.
 * **In-place elementwise chains** (``out=``) instead of temporaries.
+
+docs/fast-paths.md walks through each of these with the index arithmetic.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..functional._util import pair
-from ..functional.batchnorm import _per_channel
 from ..tensor import Cache, is_grad_enabled
 
 
@@ -60,15 +63,15 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, need_dx=True):
     rows[:, :, :hp * wp].reshape(c_in, n, hp, wp)[:, :, ph:ph + h, pw:pw + w] = channel_major(x)
     geometry = _RowConv(rows, weight, (out_h, out_w), wp)
     y = np.empty((c_out, n, out_h, out_w), x.dtype)
+    y_wide_workspace = np.empty((c_out, geometry.chunk * geometry.length), x.dtype)
     bias_column = None if bias is None else bias.reshape(c_out, 1, 1, 1)
     for start, stop, cols in geometry.chunks():
-        y_wide = np.matmul(geometry.weight_matrix, cols, out=geometry.out_workspace(stop - start))
+        y_wide = np.matmul(geometry.weight_matrix, cols, out=y_wide_workspace[:, :(stop - start) * geometry.length])
         visible = y_wide.reshape(c_out, stop - start, out_h, wp)[..., :out_w]
         if bias_column is None:
             np.copyto(y[:, start:stop], visible)
         else:
             np.add(visible, bias_column, out=y[:, start:stop])
-    geometry.release_out_workspace()
     cache = Cache(geometry=geometry, has_bias=bias is not None, padding=(ph, pw), in_hw=(h, w), need_dx=need_dx)
     return _as_nchw(y), cache
 
@@ -123,27 +126,20 @@ class _RowConv:
         self.length = out_hw[0] * wp              # output rows, each wp wide (the last kw − 1 are dropped)
         per_image = c_in * kh * kw * self.length * rows.itemsize
         self.chunk = max(1, min(rows.shape[1], CHUNK_BYTES // per_image))
-        self._out = None
 
     def chunks(self):
-        rows, (c_out, c_in, kh, kw) = self.rows, self.weight.shape
+        rows, (_, c_in, kh, kw) = self.rows, self.weight.shape
         workspace = np.empty(c_in * kh * kw * self.chunk * self.length, rows.dtype)
         step_c, step_n, step = rows.strides
         for start in range(0, rows.shape[1], self.chunk):
             stop = min(start + self.chunk, rows.shape[1])
             cols = workspace[:c_in * kh * kw * (stop - start) * self.length].reshape(c_in, kh, kw, stop - start,
                                                                                    self.length)
-            view = np.lib.stride_tricks.as_strided(rows[:, start:], cols.shape, (step_c, self.wp * step, step, step_n, step))
+            # cols[c, i, j, n, p] = rows[c, start + n, i·wp + j + p]: overlapping reads, never past the slack
+            view = np.lib.stride_tricks.as_strided(rows[:, start:], cols.shape,
+                                                   (step_c, self.wp * step, step, step_n, step))
             np.copyto(cols, view)
             yield start, stop, cols.reshape(c_in * kh * kw, (stop - start) * self.length)
-
-    def release_out_workspace(self):
-        self._out = None
-
-    def out_workspace(self, count):
-        if self._out is None:
-            self._out = np.empty((self.weight.shape[0], self.chunk * self.length), self.rows.dtype)
-        return self._out[:, :count * self.length]
 
 
 # ------------------------------------------------------------------------------------------ max_pool2d
