@@ -147,13 +147,13 @@ def test_fast_backward_gradcheck(case):
     assert report["ok"], f"{case.name}: {report}"
 
 
-def test_fast_outputs_are_channel_major():
-    """The layout contract that lets the next fast op skip a copy: NCHW shape, (C, N, H, W) memory."""
+def test_fast_outputs_are_batch_last():
+    """The layout contract that lets the next fast op skip a copy: NCHW shape, (C, H, W, N) memory."""
     x = randn(2, 3, 8, 8)
     outputs = [F.conv2d(x, randn(4, 3, 3, 3)), F.max_pool2d(x, 2),
                F.batch_norm(x, positive(3), randn(3), randn(3), positive(3), training=True)[0]]
     for out in outputs:
-        assert out.data.swapaxes(0, 1).flags.c_contiguous
+        assert out.data.transpose(1, 2, 3, 0).flags.c_contiguous
     assert F.sigmoid(outputs[0]).data.strides == outputs[0].data.strides
 
 
