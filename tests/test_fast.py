@@ -38,8 +38,13 @@ def distinct(*shape):
 
 
 def channel_major(array):
-    """The same NCHW values, stored (C, N, H, W) in memory, as the fast paths produce them."""
+    """The same NCHW values, stored (C, N, H, W) in memory."""
     return numpy.ascontiguousarray(array.swapaxes(0, 1)).swapaxes(0, 1)
+
+
+def batch_last(array):
+    """The same NCHW values, stored (C, H, W, N) in memory, as the fast paths produce them."""
+    return numpy.ascontiguousarray(array.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
 
 
 def with_ties(shape):
@@ -74,6 +79,8 @@ CASES = [
          [(randn(2, 3, 5, 6), True), (randn(4, 3, 3, 2), True)]),
     Case("conv2d k3 p1 channel-major input", "conv2d", lambda x, w, b: F.conv2d(x, w, b, stride=1, padding=1),
          [(channel_major(randn(2, 3, 4, 5)), True), (randn(2, 3, 3, 3), True), (randn(2), True)]),
+    Case("conv2d k3 no padding batch-last input", "conv2d", lambda x, w, b: F.conv2d(x, w, b),
+         [(batch_last(randn(3, 2, 5, 6)), True), (randn(2, 2, 3, 3), True), (randn(2), True)]),
     Case("conv2d data input (no dx)", "conv2d", lambda x, w, b: F.conv2d(x, w, b),
          [(randn(2, 2, 6, 6), False), (randn(3, 2, 3, 3), True), (randn(3), True)]),
     Case("conv2d 1x1", "conv2d", lambda x, w: F.conv2d(x, w),
@@ -81,6 +88,7 @@ CASES = [
     Case("max_pool2d k2", "max_pool2d", lambda x: F.max_pool2d(x, 2), [(distinct(2, 3, 6, 4), True)]),
     Case("max_pool2d k(2,3) s(2,3) channel-major", "max_pool2d", lambda x: F.max_pool2d(x, (2, 3), (2, 3)),
          [(channel_major(distinct(2, 2, 4, 6)), True)]),
+    Case("max_pool2d k2 batch-last", "max_pool2d", lambda x: F.max_pool2d(x, 2), [(batch_last(distinct(3, 2, 4, 4)), True)]),
     Case("max_pool2d k2 ties", "max_pool2d", lambda x: F.max_pool2d(x, 2), [(with_ties((2, 2, 4, 4)), True)],
          gradcheck=False),  # a tie has no derivative; the tie rule itself is compared with the reference
     Case("batch_norm 4-D train, (C,)", "batch_norm", bn(True),
@@ -99,6 +107,7 @@ CASES = [
          [(randn(3, 2, 6, 3), True), (positive(2), True), (randn(2), True), (randn(2), False), (positive(2), False)]),
     Case("sigmoid", "sigmoid", F.sigmoid, [(randn(3, 4, 2) * 4, True)]),
     Case("sigmoid channel-major", "sigmoid", F.sigmoid, [(channel_major(randn(2, 3, 2, 2)), True)]),
+    Case("sigmoid batch-last", "sigmoid", F.sigmoid, [(batch_last(randn(2, 3, 2, 2)), True)]),
 ]
 
 

@@ -2,7 +2,7 @@
 
 The readable mathematics lives in :mod:`tinybn.functional` and stays the reference. For a few ops
 this package holds a second implementation of the same forward/backward pair, tuned for speed
-(:mod:`tinybn.fast.cpu`: channel-major memory, convolution on flattened rows, in-place elementwise
+(:mod:`tinybn.fast.cpu`: batch-last memory, im2col in cache-sized chunks, in-place elementwise
 chains). :func:`tinybn.tensor.apply` asks :func:`choose` before running an op;
 when a fast pair applies to the given arrays and parameters it runs instead, otherwise the
 reference runs. The tests check every fast pair equal to its reference.
