@@ -24,6 +24,8 @@ docs/fast-paths.md walks through each of these with the index arithmetic.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..functional._util import pair
@@ -121,7 +123,6 @@ class _BatchLastIm2col:
         self.run = out_hw[1] * x_pad.shape[3]
         per_row = c_in * kh * kw * self.run * x_pad.itemsize
         self.rows_per_chunk = max(1, min(out_hw[0], CHUNK_BYTES // per_row))
-        self._residues = {}
 
     def chunks(self):
         x_pad, (_, c_in, kh, kw) = self.x_pad, self.weight_shape
@@ -148,17 +149,23 @@ class _BatchLastIm2col:
         size = c_in * kh * kw * count * self.run
         if size * itemsize < _PAGE * 64:      # small enough for the stalls not to matter
             return np.empty(size, self.x_pad.dtype)
-        if count not in self._residues:   # byte offset of each workspace run minus that of its partner run
-            c, i, j, r = np.ogrid[:c_in, :kh, :kw, :count]
-            step_c, step_h, step_w, _ = self.x_pad.strides
-            mine = (((c * kh + i) * kw + j) * count + r) * (self.run * itemsize)
-            theirs = c * step_c + (r + i) * step_h + j * step_w
-            self._residues[count] = np.unique((mine - theirs) % _PAGE)
+        residues = _run_residues(self.x_pad.strides, self.weight_shape, count, self.run * itemsize)
         partner_address = partner.ctypes.data + start * self.x_pad.strides[1]
-        return _aliasing_safe_empty(size, self.x_pad.dtype, partner_address, self._residues[count], loaded)
+        return _aliasing_safe_empty(size, self.x_pad.dtype, partner_address, residues, loaded)
 
 
 _PAGE = 4096
+
+
+@functools.lru_cache(maxsize=64)
+def _run_residues(strides, weight_shape, count, run_bytes):
+    """Byte offset of each im2col workspace run minus that of its run in x̃, modulo 4 KiB (distinct values)."""
+    _, c_in, kh, kw = weight_shape
+    step_c, step_h, step_w, _ = strides
+    c, i, j, r = np.ogrid[:c_in, :kh, :kw, :count]
+    mine = (((c * kh + i) * kw + j) * count + r) * run_bytes
+    theirs = c * step_c + (r + i) * step_h + j * step_w
+    return np.unique((mine - theirs) % _PAGE)
 
 
 def _aliasing_safe_empty(size, dtype, partner_address, residues, loaded):
