@@ -12,7 +12,9 @@ several repeats of
 
 ``--compare torch`` runs the identical model in PyTorch in the same process, interleaving the
 repeats so both see the same machine state, with the same number of threads, and prints the
-ratio tinybn / PyTorch. ``--profile`` prints forward and backward time per operation.
+ratio tinybn / PyTorch. Each timed repeat starts with one untimed step of the same kind: both
+frameworks' thread pools (OpenBLAS's, PyTorch's OpenMP) keep spinning for a while after their
+work, and measured here that slowed whichever framework ran next by about 8 ms on its first step. ``--profile`` prints forward and backward time per operation.
 """
 from __future__ import annotations
 
@@ -177,6 +179,7 @@ def _TorchScratchBN(num_features, num_dims):
 
 def _time(runner, what: str, steps: int) -> float:
     work = runner.train_step if what == "train" else runner.predict
+    work()  # untimed: the other framework's worker threads may still be spinning from its own repeat
     runner.sync()
     start = time.perf_counter()
     for _ in range(steps):
