@@ -26,3 +26,20 @@ def _seeded():
 
 def make(array, device, requires_grad=False):
     return tinybn.tensor(numpy.asarray(array), device=device, requires_grad=requires_grad)
+
+
+class Samples:
+    """Test inputs drawn from one seeded generator."""
+
+    def __init__(self, seed: int):
+        self.rng = numpy.random.default_rng(seed)
+
+    def randn(self, *shape):
+        return self.rng.standard_normal(shape)
+
+    def positive(self, *shape):
+        return self.rng.uniform(0.5, 1.5, shape)
+
+    def distinct(self, *shape):
+        """Values far apart, so max pooling has no near-ties that central differences would straddle."""
+        return self.rng.permutation(numpy.arange(int(numpy.prod(shape)), dtype=float)).reshape(shape) * 0.1

@@ -22,19 +22,10 @@ from tinybn import functional as F
 from tinybn.models import build_model
 from tinybn.optim import SGD
 
-rng = numpy.random.default_rng(2024)
+from conftest import Samples
 
-
-def randn(*shape):
-    return rng.standard_normal(shape)
-
-
-def positive(*shape):
-    return rng.uniform(0.5, 1.5, shape)
-
-
-def distinct(*shape):
-    return rng.permutation(numpy.arange(int(numpy.prod(shape)), dtype=float)).reshape(shape) * 0.1
+samples = Samples(2024)
+randn, positive, distinct = samples.randn, samples.positive, samples.distinct
 
 
 def channel_major(array):
@@ -49,7 +40,7 @@ def batch_last(array):
 
 def with_ties(shape):
     """Pooling windows whose maximum occurs two, three or four times."""
-    x = rng.integers(0, 3, shape).astype(float)
+    x = samples.rng.integers(0, 3, shape).astype(float)
     x[0, 0, :2, :2] = 2.0
     return x
 

@@ -12,22 +12,10 @@ import pytest
 import tinybn
 from tinybn import functional as F
 
-from conftest import make
+from conftest import Samples, make
 
-rng = numpy.random.default_rng(1234)
-
-
-def randn(*shape):
-    return rng.standard_normal(shape)
-
-
-def positive(*shape):
-    return rng.uniform(0.5, 1.5, shape)
-
-
-def distinct(*shape):
-    """Values far apart, so max pooling has no near-ties that central differences would straddle."""
-    return rng.permutation(numpy.arange(int(numpy.prod(shape)), dtype=float)).reshape(shape) * 0.1
+samples = Samples(1234)
+randn, positive, distinct = samples.randn, samples.positive, samples.distinct
 
 
 @dataclass
