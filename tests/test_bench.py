@@ -37,3 +37,27 @@ def test_bench_reference_kernels_only():
     out = bench("--no-fast", "--profile")
     assert out.returncode == 0, out.stderr
     assert "tinybn fast paths off" in out.stdout and "conv2d" in out.stdout
+
+
+def test_threads_option_limits_numpys_openblas():
+    """--threads must reach NumPy's BLAS even without threadpoolctl (checked in a fresh process)."""
+    code = """
+import ctypes, sys
+from tinybn import bench
+if not bench._set_openblas_threads(1):
+    print("no-openblas"); sys.exit()
+paths = {l.split()[-1] for l in open("/proc/self/maps") if "openblas" in l.rsplit("/", 1)[-1]}
+for path in paths:
+    lib = ctypes.CDLL(path)
+    for name in ("openblas_get_num_threads", "openblas_get_num_threads64_", "scipy_openblas_get_num_threads64_",
+                 "scipy_openblas_get_num_threads"):
+        if hasattr(lib, name):
+            print(getattr(lib, name)()); sys.exit()
+"""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/maps")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.strip() == "no-openblas":
+        pytest.skip("NumPy is not linked against OpenBLAS here")
+    assert out.stdout.strip() == "1"

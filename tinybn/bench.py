@@ -363,9 +363,35 @@ def _resident_bytes() -> tuple[int, int]:
 
 
 def _set_threads(count: int) -> None:
+    """Limit NumPy's BLAS to ``count`` threads (threadpoolctl if installed, else OpenBLAS directly)."""
     try:
         from threadpoolctl import threadpool_limits
         threadpool_limits(count)
+        return
     except ImportError:
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = str(count)  # effective only before NumPy starts its pools
+        pass
+    if _set_openblas_threads(count):
+        return
+    print(f"warning: could not limit NumPy's BLAS to {count} threads (no threadpoolctl, and not OpenBLAS); "
+          f"pip install threadpoolctl, or set OPENBLAS_NUM_THREADS={count} before starting Python",
+          file=sys.stderr)
+
+
+def _set_openblas_threads(count: int) -> bool:
+    """Call ``*openblas_set_num_threads*`` in the OpenBLAS library NumPy has loaded (Linux)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1]}
+    except OSError:
+        return False
+    for path in paths:
+        library = ctypes.CDLL(path)
+        for name in ("openblas_set_num_threads", "openblas_set_num_threads64_", "scipy_openblas_set_num_threads64_",
+                     "scipy_openblas_set_num_threads"):
+            setter = getattr(library, name, None)
+            if setter is not None:
+                setter(ctypes.c_int(count))
+                return True
+    return False
