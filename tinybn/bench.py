@@ -14,7 +14,8 @@ several repeats of
 repeats so both see the same machine state, with the same number of threads, and prints the
 ratio tinybn / PyTorch. Each timed repeat starts with one untimed step of the same kind: both
 frameworks' thread pools (OpenBLAS's, PyTorch's OpenMP) keep spinning for a while after their
-work, and measured here that slowed whichever framework ran next by about 8 ms on its first step. ``--profile`` prints forward and backward time per operation.
+work, and measured here that slowed whichever framework ran next by about 8 ms on its first step.
+``--profile`` prints forward and backward time per operation.
 """
 from __future__ import annotations
 
@@ -260,7 +261,8 @@ def run(args) -> int:
         if device.startswith("cuda"):
             peak = runner.peak_gpu_memory()
         else:
-            peak = peak_rss_growth(runner, args.model, args.batch_size, dtype, args.threads, args.torch_variant)
+            framework = "tinybn" if isinstance(runner, TinybnRunner) else "torch"
+            peak = peak_rss_growth(framework, args.model, args.batch_size, dtype, args.threads, args.torch_variant)
         entry["peak_memory_mb"] = None if peak is None else round(peak / 2**20, 1)
         results["frameworks"][runner.name] = entry
     if len(runners) == 2:
@@ -300,7 +302,7 @@ def run(args) -> int:
     return 0
 
 
-def peak_rss_growth(runner, model, batch_size, dtype, threads, torch_variant):
+def peak_rss_growth(framework, model, batch_size, dtype, threads, torch_variant):
     """Bytes the resident set grows by over a few training steps, measured in a fresh process.
 
     The probe reads the resident size once the model and the batch exist, and the high-water mark
@@ -313,7 +315,6 @@ def peak_rss_growth(runner, model, batch_size, dtype, threads, torch_variant):
         return None
     import subprocess
 
-    framework = "tinybn" if isinstance(runner, TinybnRunner) else "torch"
     spec = json.dumps([framework, model, batch_size, str(dtype), threads, torch_variant])
     env = dict(os.environ, TINYBN_FAST="1" if fast.enabled() else "0")
     done = subprocess.run([sys.executable, "-c", f"from tinybn.bench import _rss_probe; _rss_probe({spec!r})"],
@@ -387,7 +388,10 @@ def _set_openblas_threads(count: int) -> bool:
     except OSError:
         return False
     for path in paths:
-        library = ctypes.CDLL(path)
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
         for name in ("openblas_set_num_threads", "openblas_set_num_threads64_", "scipy_openblas_set_num_threads64_",
                      "scipy_openblas_set_num_threads"):
             setter = getattr(library, name, None)

@@ -208,7 +208,8 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
             np.multiply(greater, np.uint8(k), out=candidate)
             np.maximum(argmax, candidate, out=argmax)
         np.maximum(y, window, out=y)
-    return _as_nchw(y), Cache(argmax=argmax, x=x, y=y, kernel=(kh, kw))
+    # x is kept only when the argmax was not: recomputing it is its one use
+    return _as_nchw(y), Cache(argmax=argmax, x=x if argmax is None else None, y=y, kernel=(kh, kw))
 
 
 def max_pool2d_backward(dy, cache):

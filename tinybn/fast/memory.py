@@ -20,18 +20,20 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20        # glibc's largest allowed value on 64-bit systems
 TRIM_THRESHOLD = 256 << 20       # free memory kept at the top of the heap before trimming
 
-_done = False
+_outcome = None  # None until tried: every fast op asks, so a failure must not be retried
 
 
 def keep_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds once per process; returns whether it could."""
-    global _done
-    if _done or not sys.platform.startswith("linux"):
-        return _done
+    global _outcome
+    if _outcome is None:
+        _outcome = sys.platform.startswith("linux") and _set_thresholds()
+    return _outcome
+
+
+def _set_thresholds() -> bool:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
         return False
-    _done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    return _done
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
