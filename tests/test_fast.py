@@ -141,6 +141,28 @@ def test_fast_equals_reference(case, dtype, atol, rtol):
     tinybn.assert_same(case.call, reference(case.call), inputs, atol=atol, rtol=rtol)
 
 
+@pytest.fixture
+def in_pieces(monkeypatch):
+    """Even these small arrays cut into pieces and shared among 3 threads, to test the threaded code."""
+    monkeypatch.setattr(fast.cpu, "PIECE_ELEMENTS", 1)
+    before = fast.parallel.threads()
+    fast.parallel.set_threads(3)
+    yield
+    fast.parallel.set_threads(before)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fast_in_pieces_equals_reference(case, in_pieces):
+    inputs = tensors(case, numpy.float64)
+    tinybn.assert_same(case.call, reference(case.call), inputs, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.gradcheck], ids=str)
+def test_fast_in_pieces_gradcheck(case, in_pieces):
+    report = tinybn.gradcheck(case.call, tensors(case, numpy.float64))
+    assert report["ok"], f"{case.name}: {report}"
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.gradcheck], ids=str)
 def test_fast_backward_gradcheck(case):
     report = tinybn.gradcheck(case.call, tensors(case, numpy.float64))
@@ -247,9 +269,13 @@ def test_environment_variable_turns_fast_paths_off():
     assert out.split() == ["False", "tinybn.functional.activation"]
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("model", ["lenet-bn", "lenet-bn-concise", "lenet"])
-def test_training_steps_fast_equal_reference(model):
-    """Three SGD steps of a whole model: the same losses and the same weights, fast or not."""
+def test_training_steps_fast_equal_reference(model, threads, monkeypatch):
+    """Three SGD steps of a whole model: the same losses and the same weights, fast or not, and however
+    many threads share the fast paths' work (cut into the smallest pieces)."""
+    monkeypatch.setattr(fast.cpu, "PIECE_ELEMENTS", 1)
+    monkeypatch.setattr(fast.parallel, "_threads", threads)
     images = numpy.random.default_rng(0).random((16, 1, 28, 28)).astype(numpy.float64)
     labels = numpy.arange(16) % 10
 

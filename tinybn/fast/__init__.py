@@ -19,6 +19,9 @@ Which ops have a fast path, and when (all on NumPy arrays; anything else runs th
 * ``max_pool2d``: stride equal to the kernel, no padding, height and width divisible by the kernel;
 * ``batch_norm``: 4-D input (per-channel statistics), both modes;
 * ``sigmoid``: any floating-point array.
+
+The fast paths share their work among ``TINYBN_NUM_THREADS`` threads (default: every core this
+process may use), the calling one included; see :mod:`tinybn.fast.parallel`.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import numpy
 from ..functional import activation, batchnorm, conv, pooling
 from ..functional._util import pair
 from ..tensor import Tensor
-from . import cpu
+from . import blas, cpu, parallel
 from .memory import keep_freed_memory
 
 __all__ = ["choose", "disabled", "enabled", "set_enabled"]
@@ -46,8 +49,15 @@ def enabled() -> bool:
 
 
 def set_enabled(flag: bool) -> None:
+    """Use the fast paths (True) or only the readable reference (False).
+
+    Switching them off also gives NumPy's OpenBLAS back the thread count it had, since the reference
+    kernels rely on it for their products (see :mod:`tinybn.fast.parallel`).
+    """
     global _enabled
     _enabled = bool(flag)
+    if not _enabled:
+        parallel.release_blas()
 
 
 @contextlib.contextmanager
@@ -112,6 +122,7 @@ def choose(forward, backward, inputs, params):
         try:
             if applies(*_arrays(inputs), **params):
                 keep_freed_memory()
+                parallel.own_blas()
                 return fast_forward, fast_backward
         except (TypeError, ValueError):  # malformed arguments: let the reference raise its own error
             pass
