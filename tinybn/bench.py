@@ -19,6 +19,7 @@ work, and measured here that slowed whichever framework ran next by about 8 ms o
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -51,11 +52,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--compare", choices=("torch",), default=None, help="also run PyTorch, interleaved")
     parser.add_argument("--torch-variant", choices=("builtin", "scratch"), default="builtin",
                         help="PyTorch side: nn.BatchNorm2d/1d, or the chapter's from-scratch BN")
-    parser.add_argument("--threads", type=int, default=None, help="threads for BLAS and PyTorch (default: all cores)")
+    parser.add_argument("--threads", type=_positive, default=None,
+                        help="threads for tinybn, BLAS and PyTorch (default: $TINYBN_NUM_THREADS or every core)")
     parser.add_argument("--profile", action="store_true", help="per-operation forward/backward times")
     parser.add_argument("--no-fast", action="store_true",
                         help="run tinybn's readable reference kernels only (same as TINYBN_FAST=0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def sample_batch(batch_size: int):
@@ -68,6 +80,9 @@ def sample_batch(batch_size: int):
     except Exception:
         rng = numpy.random.default_rng(0)
         return rng.random((batch_size, 1, 28, 28), numpy.float32), rng.integers(0, 10, batch_size), "random"
+
+
+OPENBLAS_SPIN_SECONDS = 0.2
 
 
 class TinybnRunner:
@@ -95,6 +110,14 @@ class TinybnRunner:
         with no_grad():
             self.model(self.x)
         self.model.train()
+
+    def rest(self):
+        """Stop tinybn's spinning threads before the other framework is timed, so they cannot slow it."""
+        fast.parallel.rest()
+        if not fast.enabled():
+            # the reference kernels use OpenBLAS's own threads, which spin for 2^28 cycles (about 0.1 s)
+            # after each product and cannot be told to stop
+            time.sleep(OPENBLAS_SPIN_SECONDS)
 
     def peak_gpu_memory(self) -> int:
         pool = backend.resolve_device(self.device)[1].get_default_memory_pool()
@@ -146,6 +169,9 @@ class TorchRunner:
             self.model(self.x)
         self.model.train()
 
+    def rest(self):
+        pass
+
     def peak_gpu_memory(self) -> int:
         self.torch.cuda.reset_peak_memory_stats()
         self.train_step()
@@ -180,13 +206,15 @@ def _TorchScratchBN(num_features, num_dims):
 
 def _time(runner, what: str, steps: int) -> float:
     work = runner.train_step if what == "train" else runner.predict
-    work()  # untimed: the other framework's worker threads may still be spinning from its own repeat
+    work()  # untimed: warms the caches, and PyTorch's OpenMP threads stop spinning meanwhile
     runner.sync()
     start = time.perf_counter()
     for _ in range(steps):
         work()
     runner.sync()
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    runner.rest()
+    return elapsed
 
 
 class OpProfiler:
@@ -239,7 +267,7 @@ def run(args) -> int:
             import torch
         except ImportError:
             raise ValueError("--compare torch needs PyTorch, which tinybn never depends on: pip install torch") from None
-        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        torch.set_num_threads(args.threads or fast.parallel.threads())
         runners.append(TorchRunner(args.model, images, labels, device, dtype, args.torch_variant))
     for runner in runners:
         for _ in range(args.warmup):
@@ -253,7 +281,7 @@ def run(args) -> int:
         print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     results = {"model": args.model, "batch_size": args.batch_size, "device": device, "dtype": str(dtype),
                "fast_paths": fast.enabled(),
-               "data": source, "repeats": args.repeats, "steps": args.steps, "threads": args.threads or os.cpu_count(),
+               "data": source, "repeats": args.repeats, "steps": args.steps, "threads": fast.parallel.threads(),
                "numpy": numpy.__version__, "frameworks": {}}
     for runner in runners:
         entry = {what: args.batch_size * args.steps / statistics.median(times[(runner.name, what)])
@@ -337,7 +365,7 @@ def _rss_probe(spec: str) -> None:
         runner = TinybnRunner(model, images, labels, "cpu", numpy.dtype(dtype))
     else:
         import torch
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        torch.set_num_threads(threads or fast.parallel.threads())
         runner = TorchRunner(model, images, labels, "cpu", numpy.dtype(dtype), torch_variant)
     before = _resident_bytes()[0]
     for _ in range(3):
@@ -364,38 +392,17 @@ def _resident_bytes() -> tuple[int, int]:
 
 
 def _set_threads(count: int) -> None:
-    """Limit NumPy's BLAS to ``count`` threads (threadpoolctl if installed, else OpenBLAS directly)."""
+    """Use ``count`` threads in tinybn's fast paths and in NumPy's BLAS (threadpoolctl if installed, else
+    OpenBLAS directly; the fast paths put OpenBLAS on one thread per caller while they run)."""
+    fast.parallel.set_threads(count)
     try:
         from threadpoolctl import threadpool_limits
         threadpool_limits(count)
         return
     except ImportError:
         pass
-    if _set_openblas_threads(count):
+    if fast.blas.set_threads(count):
         return
     print(f"warning: could not limit NumPy's BLAS to {count} threads (no threadpoolctl, and not OpenBLAS); "
           f"pip install threadpoolctl, or set OPENBLAS_NUM_THREADS={count} before starting Python",
           file=sys.stderr)
-
-
-def _set_openblas_threads(count: int) -> bool:
-    """Call ``*openblas_set_num_threads*`` in the OpenBLAS library NumPy has loaded (Linux)."""
-    import ctypes
-
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1]}
-    except OSError:
-        return False
-    for path in paths:
-        try:
-            library = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("openblas_set_num_threads", "openblas_set_num_threads64_", "scipy_openblas_set_num_threads64_",
-                     "scipy_openblas_set_num_threads"):
-            setter = getattr(library, name, None)
-            if setter is not None:
-                setter(ctypes.c_int(count))
-                return True
-    return False
