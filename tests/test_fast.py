@@ -327,9 +327,9 @@ def test_max_pool_backward_after_a_forward_without_graph():
 def test_aliasing_safe_workspace_keeps_stores_apart_from_loads(loaded):
     """Runs 1 KiB apart in the partner (N = 256 float32): every store must sit far from its load modulo 4 KiB."""
     partner = numpy.empty(1 << 20, numpy.float32)
-    residues = numpy.array([0, 1024, 2048, 3072])
+    residues = (0, 1024, 2048, 3072)
     workspace = fast.cpu._aliasing_safe_empty(1000, numpy.float32, partner.ctypes.data, residues, loaded)
     assert workspace.shape == (1000,) and workspace.dtype == numpy.float32
-    store_minus_load = workspace.ctypes.data - partner.ctypes.data + residues
+    store_minus_load = workspace.ctypes.data - partner.ctypes.data + numpy.array(residues)
     gaps = (-store_minus_load if loaded else store_minus_load) % 4096
     assert gaps.min() >= 512, gaps

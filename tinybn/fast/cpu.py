@@ -156,6 +156,10 @@ class _BatchLastIm2col:
         chunks = -(-out_hw[0] * per_row // CHUNK_BYTES)           # ceiling division
         chunks = max(chunks, 2 * parallel.threads())              # enough pieces to share among the threads
         self.rows_per_chunk = max(1, -(-out_hw[0] // chunks))
+        # windows[c, i, j, r, q] = x_pad[c, r + i, j + q // N, q % N]: (W, N) is one contiguous axis
+        step_c, step_h, step_w, step_n = x_pad.strides
+        self.windows = np.lib.stride_tricks.as_strided(x_pad, (c_in, kh, kw, out_hw[0], self.run),
+                                                       (step_c, step_h, step_w, step_h, step_n), writeable=False)
 
     def ranges(self):
         """The chunks, as (start, stop) ranges of output rows."""
@@ -164,13 +168,9 @@ class _BatchLastIm2col:
 
     def columns(self, start, stop):
         """Output rows [start, stop) of the im2col matrix, (C_in·kH·kW, (stop − start)·W_out·N), freshly made."""
-        x_pad, (_, c_in, kh, kw) = self.x_pad, self.weight_shape
-        step_c, step_h, step_w, step_n = x_pad.strides
-        cols = self.workspace(start, stop, partner=x_pad, loaded=False).reshape(c_in, kh, kw, stop - start, self.run)
-        # cols[c, i, j, r, q] = x_pad[c, start + r + i, j + q // N, q % N]: (W, N) is one contiguous axis
-        view = np.lib.stride_tricks.as_strided(x_pad[:, start:], cols.shape,
-                                               (step_c, step_h, step_w, step_h, step_n))
-        np.copyto(cols, view)
+        _, c_in, kh, kw = self.weight_shape
+        cols = self.workspace(start, stop, partner=self.x_pad, loaded=False)
+        np.copyto(cols.reshape(c_in, kh, kw, stop - start, self.run), self.windows[:, :, :, start:stop])
         return cols.reshape(c_in * kh * kw, (stop - start) * self.run)
 
     def workspace(self, start, stop, partner, loaded, channels=None):
@@ -203,7 +203,7 @@ def _run_residues(strides, weight_shape, count, run_bytes):
     c, i, j, r = np.ogrid[:c_in, :kh, :kw, :count]
     mine = (((c * kh + i) * kw + j) * count + r) * run_bytes
     theirs = c * step_c + (r + i) * step_h + j * step_w
-    return np.unique((mine - theirs) % _PAGE)
+    return tuple(int(r) for r in np.unique((mine - theirs) % _PAGE))
 
 
 def _aliasing_safe_empty(size, dtype, partner_address, residues, loaded):
@@ -211,12 +211,19 @@ def _aliasing_safe_empty(size, dtype, partner_address, residues, loaded):
     stays as far as possible (modulo 4 KiB) behind the load it could be confused with."""
     itemsize = np.dtype(dtype).itemsize
     raw = np.empty(size + _PAGE // itemsize, dtype)
+    best = _best_shift((raw.ctypes.data - partner_address) % _PAGE, residues, loaded, itemsize) // itemsize
+    return raw[best:best + size]
+
+
+@functools.lru_cache(maxsize=1024)
+def _best_shift(offset, residues, loaded, itemsize):
+    """The byte shift for :func:`_aliasing_safe_empty`, given the raw block's offset from the partner
+    (modulo 4 KiB): the same few offsets come back every step, so the search runs once for each."""
     shifts = np.arange(0, _PAGE, max(64, itemsize))
-    gaps = (raw.ctypes.data - partner_address) + shifts[:, None] + residues[None, :]   # store − load, bytes
+    gaps = offset + shifts[:, None] + np.asarray(residues)[None, :]   # store − load, bytes
     if loaded:
         gaps = -gaps
-    best = int(shifts[np.argmax((gaps % _PAGE).min(axis=1))]) // itemsize
-    return raw[best:best + size]
+    return int(shifts[np.argmax((gaps % _PAGE).min(axis=1))])
 
 
 # ------------------------------------------------------------------------------------------ max_pool2d
