@@ -143,8 +143,10 @@ def test_fast_equals_reference(case, dtype, atol, rtol):
 
 @pytest.fixture
 def in_pieces(monkeypatch):
-    """Even these small arrays cut into pieces and shared among 3 threads, to test the threaded code."""
-    monkeypatch.setattr(fast.cpu, "PIECE_ELEMENTS", 1)
+    """Even these small arrays cut into pieces (im2col and col2im one output row at a time) and shared
+    among 3 threads, to test the threaded code."""
+    for name in ("PIECE_ELEMENTS", "CHUNK_BYTES", "COL2IM_BYTES"):
+        monkeypatch.setattr(fast.cpu, name, 1)
     before = fast.parallel.threads()
     fast.parallel.set_threads(3)
     yield
@@ -274,7 +276,8 @@ def test_environment_variable_turns_fast_paths_off():
 def test_training_steps_fast_equal_reference(model, threads, monkeypatch):
     """Three SGD steps of a whole model: the same losses and the same weights, fast or not, and however
     many threads share the fast paths' work (cut into the smallest pieces)."""
-    monkeypatch.setattr(fast.cpu, "PIECE_ELEMENTS", 1)
+    for name in ("PIECE_ELEMENTS", "CHUNK_BYTES", "COL2IM_BYTES"):
+        monkeypatch.setattr(fast.cpu, name, 1)
     monkeypatch.setattr(fast.parallel, "_threads", threads)
     images = numpy.random.default_rng(0).random((16, 1, 28, 28)).astype(numpy.float64)
     labels = numpy.arange(16) % 10

@@ -48,7 +48,8 @@ def _as_nchw(batch_last_array):
 # ---------------------------------------------------------------------------------------------- conv2d
 
 
-CHUNK_BYTES = 4 << 20   # im2col workspace per chunk of output rows: small enough to stay in the CPU caches
+CHUNK_BYTES = 4 << 20    # im2col workspace per chunk of output rows: small enough to stay in the CPU caches
+COL2IM_BYTES = 16 << 20  # col2im workspace per block of rows: larger (fewer, longer adds), still bounded
 
 
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0, need_dx=True):
@@ -90,11 +91,11 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, need_dx=True):
 def conv2d_backward(dy, cache):
     """dW from the rebuilt im2col chunks and dx by col2im, in pieces shared among the threads.
 
-    A dW piece is one chunk's product, a partial dWᵀ (BLAS is faster with the long axis inside); the
-    partial sums are added in chunk order. A dx piece is a range of input channels, whose part of
-    dx̃ no other piece touches, so no two threads add into the same numbers. The first layer has no
-    dx and runs in the calling thread alone: its dW product is limited by memory, not by cores, and
-    a second thread measured slower.
+    A dW piece is one chunk's product ``dy_chunk · colsᵀ``, a partial dW; the partial sums are added
+    in chunk order. A dx piece is a range of input channels, whose part of dx̃ no other piece
+    touches, so no two threads add into the same numbers; it goes through the output rows in blocks
+    of at most ``COL2IM_BYTES``. The products use ``np.dot``, which releases the GIL around BLAS
+    (``np.matmul`` held it for these shapes, and the threads queued behind each other).
     """
     im2col, weight = cache.im2col, cache.weight
     c_out, c_in, kh, kw = weight.shape
@@ -107,27 +108,30 @@ def conv2d_backward(dy, cache):
 
     def dweight_piece(rows):
         start, stop = rows
-        return im2col.columns(start, stop) @ dy_rows[:, start * run:stop * run].T
+        return np.dot(dy_rows[:, start * run:stop * run], im2col.columns(start, stop).T)
 
     def dx_piece(channels):
         c0, c1 = channels.start, channels.stop
-        dcols = im2col.workspace(0, out_h, partner=dx_pad[c0:c1], loaded=True, channels=c1 - c0)
-        dcols = dcols.reshape((c1 - c0) * kh * kw, out_h * run)
-        np.matmul(weight_matrix[:, c0 * kh * kw:c1 * kh * kw].T, dy_rows, out=dcols)
-        dcols = dcols.reshape(c1 - c0, kh, kw, out_h, run)
-        for i in range(kh):          # col2im: each run added back where im2col took it from
-            for j in range(kw):
-                dx_pad[c0:c1, i:i + out_h, j * n:j * n + run] += dcols[:, i, j]
+        weight_t = weight_matrix[:, c0 * kh * kw:c1 * kh * kw].T
+        rows_per_block = max(1, COL2IM_BYTES // ((c1 - c0) * kh * kw * run * dy.itemsize))
+        for start in range(0, out_h, rows_per_block):
+            stop = min(start + rows_per_block, out_h)
+            dcols = im2col.workspace(start, stop, partner=dx_pad[c0:c1], loaded=True, channels=c1 - c0)
+            dcols = dcols.reshape((c1 - c0) * kh * kw, (stop - start) * run)
+            np.dot(weight_t, dy_rows[:, start * run:stop * run], out=dcols)
+            dcols = dcols.reshape(c1 - c0, kh, kw, stop - start, run)
+            for i in range(kh):          # col2im: each run added back where im2col took it from
+                for j in range(kw):
+                    dx_pad[c0:c1, start + i:stop + i, j * n:j * n + run] += dcols[:, i, j]
 
     if cache.need_dx:  # the dx pieces first: they are the longer ones
         tasks = [(dx_piece, channels) for channels in parallel.pieces(c_in)]
         tasks += [(dweight_piece, rows) for rows in im2col.ranges()]
         results = parallel.map(_call, tasks)
-    else:
-        results = [dweight_piece(rows) for rows in im2col.ranges()]
-    dweight_t = sum(result for result in results if result is not None)
+    else:               # the first layer: its input is data, and needs no gradient
+        results = parallel.map(dweight_piece, im2col.ranges())
+    dweight = sum(result for result in results if result is not None).reshape(weight.shape)
     dbias = dy_rows.sum(axis=1) if cache.has_bias else None
-    dweight = dweight_t.T.reshape(weight.shape)
     if not cache.need_dx:
         return None, dweight, dbias
     (ph, pw), (_, h, w, _) = cache.padding, im2col.x_pad.shape
