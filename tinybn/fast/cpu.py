@@ -91,8 +91,8 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, need_dx=True):
 def conv2d_backward(dy, cache):
     """dW from the rebuilt im2col chunks and dx by col2im, in pieces shared among the threads.
 
-    A dW piece is one chunk's product ``dy_chunk · colsᵀ``, a partial dW; the partial sums are added
-    in chunk order. A dx piece is a range of input channels, whose part of dx̃ no other piece
+    A dW piece is one chunk's product ``dy_chunk · colsᵀ``, a partial dW (and its partial db); the
+    partial sums are added in chunk order. A dx piece is a range of input channels, whose part of dx̃ no other piece
     touches, so no two threads add into the same numbers; it goes through the output rows in blocks
     of at most ``COL2IM_BYTES``. The products use ``np.dot``, which releases the GIL around BLAS
     (``np.matmul`` held it for these shapes, and the threads queued behind each other).
@@ -106,9 +106,10 @@ def conv2d_backward(dy, cache):
     if cache.need_dx:
         dx_pad = np.zeros(im2col.x_pad.shape, dy.dtype).reshape(c_in, im2col.x_pad.shape[1], -1)
 
-    def dweight_piece(rows):
+    def dweight_piece(rows):   # (partial dW, partial db) of one chunk
         start, stop = rows
-        return np.dot(dy_rows[:, start * run:stop * run], im2col.columns(start, stop).T)
+        dy_block = dy_rows[:, start * run:stop * run]
+        return np.dot(dy_block, im2col.columns(start, stop).T), dy_block.sum(axis=1) if cache.has_bias else None
 
     def dx_piece(channels):
         c0, c1 = channels.start, channels.stop
@@ -130,8 +131,9 @@ def conv2d_backward(dy, cache):
         results = parallel.map(_call, tasks)
     else:               # the first layer: its input is data, and needs no gradient
         results = parallel.map(dweight_piece, im2col.ranges())
-    dweight = sum(result for result in results if result is not None).reshape(weight.shape)
-    dbias = dy_rows.sum(axis=1) if cache.has_bias else None
+    partial = [result for result in results if result is not None]       # the dW pieces, in chunk order
+    dweight = sum(dw for dw, _ in partial).reshape(weight.shape)
+    dbias = sum(db for _, db in partial) if cache.has_bias else None
     if not cache.need_dx:
         return None, dweight, dbias
     (ph, pw), (_, h, w, _) = cache.padding, im2col.x_pad.shape
