@@ -75,8 +75,9 @@ def test_workers_sleep_when_idle_and_wake_for_the_next_map(threads):
     parallel.map(lambda k: k, range(4))
     parallel.rest()
     assert parallel.map(lambda k: k + 1, range(4)) == [1, 2, 3, 4]
-    time.sleep(parallel.IDLE_SPIN_SECONDS * 5)             # the watchdog's turn
+    time.sleep(parallel.IDLE_SPIN_SECONDS * 5)             # the watchdog's turn, after which it ends
     assert all(worker.asleep for worker in parallel._workers[:threads - 1])
+    assert parallel._watchdog is None
     assert parallel.map(lambda k: k + 2, range(4)) == [2, 3, 4, 5]
 
 

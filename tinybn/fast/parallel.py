@@ -207,6 +207,7 @@ def rest() -> None:
 
 
 def _start_workers():
+    """Called under ``_running``: enough workers for the thread count, and a watchdog while they spin."""
     global _watchdog
     while len(_workers) < _threads - 1:
         _workers.append(_Worker())
@@ -216,12 +217,18 @@ def _start_workers():
 
 
 def _watch():
+    """Put the workers to sleep once no map has run for ``IDLE_SPIN_SECONDS``, then end (the next map
+    starts a new watchdog), so an idle program has no thread waking up at all."""
+    global _watchdog
     while True:
         time.sleep(IDLE_SPIN_SECONDS)
-        if time.perf_counter() - _last_used > IDLE_SPIN_SECONDS and _running.acquire(blocking=False):
+        if _running.acquire(blocking=False):   # no map running now
             try:
-                for worker in _workers:
-                    worker.rest()
+                if time.perf_counter() - _last_used > IDLE_SPIN_SECONDS:
+                    for worker in _workers:
+                        worker.rest()
+                    _watchdog = None
+                    return
             finally:
                 _running.release()
 
