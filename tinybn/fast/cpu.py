@@ -113,7 +113,8 @@ def conv2d_backward(dy, cache):
 
     def dx_piece(channels):
         c0, c1 = channels.start, channels.stop
-        weight_t = weight_matrix[:, c0 * kh * kw:c1 * kh * kw].T
+        # contiguous: with a strided operand np.dot falls back to a slow loop that holds the GIL
+        weight_t = np.ascontiguousarray(weight_matrix[:, c0 * kh * kw:c1 * kh * kw].T)
         rows_per_block = max(1, COL2IM_BYTES // ((c1 - c0) * kh * kw * run * dy.itemsize))
         for start in range(0, out_h, rows_per_block):
             stop = min(start + rows_per_block, out_h)
