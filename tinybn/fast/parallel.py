@@ -11,9 +11,11 @@ Two details make this pay off on small machines, where one hand-off can cost mor
   not by sleeping: waking a sleeping thread took about 0.1 ms on the 2-vCPU development machine,
   as long as a whole pooling layer. After ``IDLE_SPIN_SECONDS`` without work a watchdog puts them
   to sleep, so an idle program does not keep a core busy; :func:`rest` does it at once.
-* **OpenBLAS runs on one thread per caller** while tinybn's fast paths run (:func:`own_blas`).
-  Its own workers would otherwise spin on the same cores after every product and stall ours, and
-  the pieces already spread the products over the cores.
+* **OpenBLAS runs on one thread per caller** from the first fast op on (:func:`own_blas`), until
+  the fast paths are switched off, which restores its thread count (:func:`release_blas`). Its own
+  workers would otherwise spin on the same cores after every product and stall ours, and the pieces
+  already spread the products over the cores. NumPy products elsewhere in the program run on one
+  thread meanwhile.
 
 ``TINYBN_NUM_THREADS`` (or :func:`set_threads`) sets the number of threads, the caller included;
 the default is the number of cores this process may run on. With one thread, or where ctypes
@@ -237,7 +239,7 @@ _blas_before = None       # OpenBLAS's thread count before own_blas, restored by
 
 
 def own_blas() -> None:
-    """Put OpenBLAS on one thread per caller while the fast paths run (see the module docstring)."""
+    """Put OpenBLAS on one thread per caller, until :func:`release_blas` (see the module docstring)."""
     global _blas_before
     if _blas_before is None:
         _blas_before = blas.get_threads() or 0
