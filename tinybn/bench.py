@@ -12,9 +12,12 @@ several repeats of
 
 ``--compare torch`` runs the identical model in PyTorch in the same process, interleaving the
 repeats so both see the same machine state, with the same number of threads, and prints the
-ratio tinybn / PyTorch. Each timed repeat starts with one untimed step of the same kind: both
-frameworks' thread pools (OpenBLAS's, PyTorch's OpenMP) keep spinning for a while after their
-work, and measured here that slowed whichever framework ran next by about 8 ms on its first step.
+ratio tinybn / PyTorch. Thread pools keep spinning for a while after their work, and a spinning
+pool slows whichever framework runs next, so each timed repeat starts with one untimed step of the
+same kind (PyTorch's OpenMP threads stop within it), and after each of tinybn's repeats its worker
+threads are told to rest (with ``--no-fast``, whose products use OpenBLAS's own threads, the bench
+waits 0.2 s for those to stop: they spin for about 0.1 s and cannot be told to). Left spinning,
+OpenBLAS's threads made PyTorch's training step about 14 % slower.
 ``--profile`` prints forward and backward time per operation.
 """
 from __future__ import annotations
@@ -393,7 +396,7 @@ def _resident_bytes() -> tuple[int, int]:
 
 def _set_threads(count: int) -> None:
     """Use ``count`` threads in tinybn's fast paths and in NumPy's BLAS (threadpoolctl if installed, else
-    OpenBLAS directly; the fast paths put OpenBLAS on one thread per caller while they run)."""
+    OpenBLAS directly; the fast paths then put OpenBLAS on one thread per caller, see tinybn.fast.parallel)."""
     fast.parallel.set_threads(count)
     try:
         from threadpoolctl import threadpool_limits

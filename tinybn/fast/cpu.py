@@ -92,9 +92,9 @@ def conv2d_backward(dy, cache):
     """dW from the rebuilt im2col chunks and dx by col2im, in pieces shared among the threads.
 
     A dW piece is one chunk's product ``dy_chunk · colsᵀ``, a partial dW (and its partial db); the
-    partial sums are added in chunk order. A dx piece is a range of input channels, whose part of dx̃ no other piece
-    touches, so no two threads add into the same numbers; it goes through the output rows in blocks
-    of at most ``COL2IM_BYTES``. The products use ``np.dot``, which releases the GIL around BLAS
+    partial sums are added in chunk order. A dx piece is a range of input channels, whose part of dx̃
+    no other piece touches, so no two threads add into the same numbers; it goes through the output
+    rows in blocks of at most ``COL2IM_BYTES``. The products use ``np.dot``, which releases the GIL around BLAS
     (``np.matmul`` held it for these shapes, and the threads queued behind each other).
     """
     im2col, weight = cache.im2col, cache.weight
@@ -432,8 +432,8 @@ PIECE_ELEMENTS = 1 << 15   # the smallest piece worth handing to another thread 
 
 
 def _channel_pieces(channels, size):
-    """Ranges of channels for :func:`parallel.map` over an array of ``size`` numbers: a single range when
-    the array is too small to be worth sharing."""
+    """Ranges of channels for :func:`parallel.map` over an array of ``size`` numbers: one per thread, or
+    a single range when the array is too small to be worth sharing."""
     if size < 2 * PIECE_ELEMENTS:
         return [range(channels)]
     return parallel.pieces(channels)
