@@ -147,6 +147,7 @@ def in_pieces(monkeypatch):
     among 3 threads, to test the threaded code."""
     for name in ("PIECE_ELEMENTS", "CHUNK_BYTES", "COL2IM_BYTES"):
         monkeypatch.setattr(fast.cpu, name, 1)
+    monkeypatch.setattr(fast.parallel, "_cores", lambda: 3)     # all 3 take pieces, even on 2 cores
     before = fast.parallel.threads()
     fast.parallel.set_threads(3)
     yield
@@ -279,6 +280,7 @@ def test_training_steps_fast_equal_reference(model, threads, monkeypatch):
     for name in ("PIECE_ELEMENTS", "CHUNK_BYTES", "COL2IM_BYTES"):
         monkeypatch.setattr(fast.cpu, name, 1)
     monkeypatch.setattr(fast.parallel, "_threads", threads)
+    monkeypatch.setattr(fast.parallel, "_cores", lambda: threads)
     images = numpy.random.default_rng(0).random((16, 1, 28, 28)).astype(numpy.float64)
     labels = numpy.arange(16) % 10
 

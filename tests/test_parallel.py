@@ -14,8 +14,9 @@ pytestmark = pytest.mark.skipif(parallel._spin is None, reason="no pthread_spin_
 
 
 @pytest.fixture(params=[2, 3])
-def threads(request):
-    """Run with 2 and 3 threads (more threads than cores is allowed), then restore the count."""
+def threads(request, monkeypatch):
+    """Run with 2 and 3 threads, all of them taking pieces even on a 2-core machine, then restore."""
+    monkeypatch.setattr(parallel, "_cores", lambda: request.param)
     before = parallel.threads()
     parallel.set_threads(request.param)
     yield request.param
@@ -79,6 +80,21 @@ def test_workers_sleep_when_idle_and_wake_for_the_next_map(threads):
     assert all(worker.asleep for worker in parallel._workers[:threads - 1])
     assert parallel._watchdog is None
     assert parallel.map(lambda k: k + 2, range(4)) == [2, 3, 4, 5]
+
+
+def test_no_more_threads_take_pieces_than_there_are_cores(monkeypatch):
+    """Waiting workers spin, so more of them than cores would slow everything: 4 threads on 2 cores cut
+    the work into 4 pieces but run 2 threads."""
+    monkeypatch.setattr(parallel, "_cores", lambda: 2)
+    before = parallel.threads()
+    parallel.set_threads(4)
+    block = numpy.ones(1_000_000)
+    try:
+        assert len(parallel.pieces(100)) == 4
+        seen = parallel.map(lambda _: (numpy.exp(block), threading.get_ident())[1], range(16))
+        assert 1 <= len(set(seen)) <= 2
+    finally:
+        parallel.set_threads(before)
 
 
 def test_one_thread_runs_everything_in_the_caller():
