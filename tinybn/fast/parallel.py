@@ -186,7 +186,7 @@ def set_threads(count: int) -> None:
 
 
 def pieces(count: int, smallest: int = 1) -> list[range]:
-    """``range(count)`` cut into about four pieces per thread, none shorter than ``smallest``."""
+    """``range(count)`` cut into one piece per thread (fewer when pieces would be shorter than ``smallest``)."""
     parts = max(1, min(count // max(1, smallest), _threads))
     bounds = [count * k // parts for k in range(parts + 1)]
     return [range(bounds[k], bounds[k + 1]) for k in range(parts)]
@@ -196,12 +196,13 @@ def map(function, items) -> list:  # noqa: A001 - the name says what it does
     """``[function(item) for item in items]``, the items shared out among the threads; results in order."""
     global _last_used
     items = list(items)
-    if len(items) <= 1 or _running_threads() == 1 or _spin is None or not _running.acquire(blocking=False):
+    running = _running_threads()
+    if len(items) <= 1 or running == 1 or _spin is None or not _running.acquire(blocking=False):
         return [function(item) for item in items]
     try:
-        _start_workers()
+        _start_workers(running - 1)
         job = _Job(function, items)
-        for worker in _workers[:_running_threads() - 1]:
+        for worker in _workers[:running - 1]:
             worker.post(job)
         job.take_pieces()
         job.closed = True                          # under the GIL: no worker joins after this line
@@ -222,10 +223,10 @@ def rest() -> None:
             worker.rest()
 
 
-def _start_workers():
-    """Called under ``_running``: enough workers for the thread count, and a watchdog while they spin."""
+def _start_workers(count):
+    """Called under ``_running``: at least ``count`` workers, and a watchdog while they spin."""
     global _watchdog
-    while len(_workers) < _running_threads() - 1:
+    while len(_workers) < count:
         _workers.append(_Worker())
     if _watchdog is None:
         _watchdog = threading.Thread(target=_watch, daemon=True, name="tinybn-watchdog")
