@@ -36,6 +36,7 @@ import numpy
 from . import backend
 from . import functional as F
 from . import fast
+from .fast import blas
 from .models import MODELS, build_model
 from .optim import SGD
 from .tensor import Tensor, no_grad
@@ -404,7 +405,7 @@ def _set_threads(count: int) -> None:
         return
     except ImportError:
         pass
-    if fast.blas.set_threads(count):
+    if blas.set_threads(count):
         return
     print(f"warning: could not limit NumPy's BLAS to {count} threads (no threadpoolctl, and not OpenBLAS); "
           f"pip install threadpoolctl, or set OPENBLAS_NUM_THREADS={count} before starting Python",

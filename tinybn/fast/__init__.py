@@ -34,7 +34,7 @@ import numpy
 from ..functional import activation, batchnorm, conv, pooling
 from ..functional._util import pair
 from ..tensor import Tensor
-from . import blas, cpu, parallel
+from . import cpu, parallel
 from .memory import keep_freed_memory
 
 __all__ = ["choose", "disabled", "enabled", "set_enabled"]
