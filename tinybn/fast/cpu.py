@@ -163,8 +163,15 @@ class _BatchLastIm2col:
         chunks = -(-out_hw[0] * per_row // CHUNK_BYTES)           # ceiling division
         chunks = max(chunks, 2 * parallel.threads())              # enough pieces to share among the threads
         self.rows_per_chunk = max(1, -(-out_hw[0] // chunks))
+        # The strides of a dense (C, H, W, N) block, from its shape: NumPy calls an array contiguous whatever
+        # stride it keeps on an axis of size 1 (a batch of one keeps the NCHW batch stride), and the view
+        # below steps along that axis W_out·N times, so reading x_pad.strides would leave the buffer.
+        if not x_pad.flags.c_contiguous:
+            raise ValueError("_BatchLastIm2col needs a C-contiguous (C, H, W, N) input")
+        _, h, w, n = x_pad.shape
+        self.strides = tuple(x_pad.itemsize * step for step in (h * w * n, w * n, n, 1))
         # windows[c, i, j, r, q] = x_pad[c, r + i, j + q // N, q % N]: (W, N) is one contiguous axis
-        step_c, step_h, step_w, step_n = x_pad.strides
+        step_c, step_h, step_w, step_n = self.strides
         self.windows = np.lib.stride_tricks.as_strided(x_pad, (c_in, kh, kw, out_hw[0], self.run),
                                                        (step_c, step_h, step_w, step_h, step_n), writeable=False)
 
@@ -194,8 +201,8 @@ class _BatchLastIm2col:
         size = (channels or c_in) * kh * kw * count * self.run
         if size * itemsize < _PAGE * 64:      # small enough for the stalls not to matter
             return np.empty(size, self.x_pad.dtype)
-        residues = _run_residues(self.x_pad.strides, self.weight_shape, count, self.run * itemsize)
-        partner_address = partner.ctypes.data + start * self.x_pad.strides[1]
+        residues = _run_residues(self.strides, self.weight_shape, count, self.run * itemsize)
+        partner_address = partner.ctypes.data + start * self.strides[1]
         return _aliasing_safe_empty(size, self.x_pad.dtype, partner_address, residues, loaded)
 
 
