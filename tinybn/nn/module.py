@@ -60,32 +60,43 @@ class Module:
             self._parameters[name] = None
 
     # -- traversal
-    def named_modules(self, prefix: str = ""):
+    # A module or tensor reachable by several paths (a layer used twice, a weight shared by two layers) is
+    # listed once, under the first name it is met by, as PyTorch does: an optimizer given a parameter
+    # twice would step it twice.
+    def named_modules(self, prefix: str = "", _seen=None):
+        """``(dotted_name, module)`` for this module and every submodule, each once, depth first."""
+        seen = set() if _seen is None else _seen
+        if id(self) in seen:
+            return
+        seen.add(id(self))
         yield prefix, self
         for name, child in self._modules.items():
-            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name, seen)
 
     def modules(self):
         return [module for _, module in self.named_modules()]
 
     def children(self):
-        return list(self._modules.values())
+        return list({id(child): child for child in self._modules.values()}.values())
+
+    def _named_tensors(self, registry: str):
+        seen = set()
+        for prefix, module in self.named_modules():
+            for name, tensor in getattr(module, registry).items():
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    yield (f"{prefix}.{name}" if prefix else name), tensor
 
     def named_parameters(self):
-        """``(dotted_name, parameter)`` for every parameter, in registration order."""
-        for prefix, module in self.named_modules():
-            for name, param in module._parameters.items():
-                if param is not None:
-                    yield (f"{prefix}.{name}" if prefix else name), param
+        """``(dotted_name, parameter)`` for every parameter, each once, in registration order."""
+        return self._named_tensors("_parameters")
 
     def parameters(self):
         return [param for _, param in self.named_parameters()]
 
     def named_buffers(self):
-        for prefix, module in self.named_modules():
-            for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    yield (f"{prefix}.{name}" if prefix else name), buffer
+        """``(dotted_name, buffer)`` for every buffer, each once, in registration order."""
+        return self._named_tensors("_buffers")
 
     def buffers(self):
         return [buffer for _, buffer in self.named_buffers()]
