@@ -19,8 +19,9 @@ Conventions: ``dy`` is the gradient of the loss with respect to an operation's o
 """
 from __future__ import annotations
 
-import contextlib
-import weakref
+import functools
+import inspect
+import threading
 from types import SimpleNamespace as Cache
 
 import numpy
@@ -29,34 +30,69 @@ from . import backend
 
 __all__ = ["Tensor", "tensor", "no_grad", "enable_grad", "is_grad_enabled", "apply", "Cache", "unbroadcast"]
 
-_grad_enabled = True
+# Grad mode belongs to a thread, as in PyTorch: one thread predicting under no_grad() must not turn
+# recording off for a thread that trains. A new thread starts with recording on.
+_thread_state = threading.local()
 
 
 def is_grad_enabled() -> bool:
-    return _grad_enabled
+    """Whether operations in this thread record a graph (False inside ``no_grad()``)."""
+    return getattr(_thread_state, "grad_enabled", True)
 
 
-class _GradMode(contextlib.ContextDecorator):
+class _GradMode:
+    """Sets this thread's grad mode inside a ``with`` block, and puts back exactly what it found.
+
+    One object may be entered again while in use (nested, recursive, or by several threads): each
+    entry keeps what it found on a stack of its own thread. As a decorator it runs every call of the
+    function (every step of a generator) in the mode.
+    """
+
     def __init__(self, enabled: bool):
         self.enabled = enabled
+        self._found = {}  # thread id -> the modes found on entry, innermost last
 
     def __enter__(self):
-        global _grad_enabled
-        self._previous, _grad_enabled = _grad_enabled, self.enabled
+        self._found.setdefault(threading.get_ident(), []).append(is_grad_enabled())
+        _thread_state.grad_enabled = self.enabled
+        return self
 
     def __exit__(self, *exc):
-        global _grad_enabled
-        _grad_enabled = self._previous
+        found = self._found[threading.get_ident()]
+        _thread_state.grad_enabled = found.pop()
+        if not found:
+            del self._found[threading.get_ident()]
         return False
+
+    def __call__(self, function):
+        enabled = self.enabled
+        if inspect.isgeneratorfunction(function):
+            @functools.wraps(function)
+            def generator(*args, **kwargs):
+                steps, sent = function(*args, **kwargs), None
+                while True:
+                    with _GradMode(enabled):
+                        try:
+                            item = steps.send(sent)
+                        except StopIteration as stop:
+                            return stop.value
+                    sent = yield item
+            return generator
+
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            with _GradMode(enabled):
+                return function(*args, **kwargs)
+        return call
 
 
 def no_grad():
-    """Context manager (or decorator) inside which operations record no graph."""
+    """Context manager (or decorator) inside which operations of this thread record no graph."""
     return _GradMode(False)
 
 
 def enable_grad():
-    """Context manager (or decorator) that turns graph recording back on."""
+    """Context manager (or decorator) that turns graph recording back on in this thread."""
     return _GradMode(True)
 
 
@@ -67,20 +103,35 @@ class Node:
     was computed by another recorded operation, the tensor itself when it is a leaf that requires a
     gradient, else None. The graph holds nodes, not intermediate tensors, so an intermediate array
     is freed as soon as nothing needs it (a backward rule that needs it keeps it in its cache).
+
+    ``shapes`` are the inputs' shapes (each gradient must have its input's shape) and ``versions``
+    the version counters of the input tensors with the value each had at the forward pass: a backward
+    rule reads the arrays it cached, so one changed in place since then would give a wrong gradient.
+    After ``backward()`` the node is freed (``backward`` is None) unless the graph was retained.
     """
 
-    __slots__ = ("backward", "cache", "inputs", "name", "output")
+    __slots__ = ("backward", "cache", "inputs", "name", "shapes", "versions")
 
-    def __init__(self, backward, cache, inputs, name, output):
+    def __init__(self, backward, cache, inputs, name, shapes, versions):
         self.backward, self.cache, self.inputs, self.name = backward, cache, inputs, name
-        self.output = weakref.ref(output)  # to mark the tensor a leaf once the graph is freed
+        self.shapes, self.versions = shapes, versions
 
     def free(self):
         self.backward = self.cache = None
-        self.inputs = ()
-        output = self.output()
-        if output is not None:
-            output._node = None
+        self.inputs = self.versions = ()
+
+    def check(self):
+        """Raise if this node cannot be differentiated any more: freed, or an input changed in place."""
+        if self.backward is None:
+            raise RuntimeError(f"backward() reached the {self.name} operation, whose graph was freed by an earlier "
+                               f"backward(); run the forward computation again, or pass retain_graph=True to the "
+                               f"first backward() to keep the graph")
+        for counter, version in self.versions:
+            if counter[0] != version:
+                raise RuntimeError(f"backward(): an input of the {self.name} operation was changed in place after the "
+                                   f"forward pass (through .data, e.g. `t.data += ...` or an optimizer step), and its "
+                                   f"backward rule reads the old values; run the forward computation again after "
+                                   f"changing it")
 
 
 def _as_data(value):
@@ -104,11 +155,13 @@ def apply(forward, backward, *inputs, name=None, **params):
     extras = ()
     if isinstance(out, tuple):  # (differentiable output, *state such as new moving averages)
         out, *extras = out
-    needs_grad = _grad_enabled and any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
+    needs_grad = is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
     result = Tensor(out, requires_grad=needs_grad)
     if needs_grad:
         graph_inputs = tuple((t._node or t) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
-        result._node = Node(backward, cache, graph_inputs, name, result)
+        shapes = tuple(t.shape if isinstance(t, Tensor) else None for t in inputs)
+        versions = tuple((t._version, t._version[0]) for t in inputs if isinstance(t, Tensor))
+        result._node = Node(backward, cache, graph_inputs, name, shapes, versions)
     if extras:
         return (result, *(Tensor(extra) for extra in extras))
     return result
@@ -285,12 +338,17 @@ def reshape_backward(dy, cache):
 
 
 def transpose_forward(a, axes=None):
-    axes = tuple(reversed(range(a.ndim))) if axes is None else tuple(axes)
-    return a.transpose(axes), Cache(axes=axes)
+    y = a.transpose(axes)                                      # NumPy checks the axes (negative ones allowed)
+    axes = tuple(reversed(range(a.ndim))) if axes is None else tuple(int(axis) % a.ndim for axis in axes)
+    return y, Cache(axes=axes)
 
 
 def transpose_backward(dy, cache):
-    return (dy.transpose(numpy.argsort(cache.axes).tolist()),)
+    # y = x.transpose(axes) puts input axis axes[k] at output position k; the inverse permutation undoes it
+    inverse = [0] * len(cache.axes)
+    for position, axis in enumerate(cache.axes):
+        inverse[axis] = position
+    return (dy.transpose(inverse),)
 
 
 def getitem_forward(a, index):
@@ -326,10 +384,25 @@ class Tensor:
     __array_priority__ = 1000  # make ``ndarray + Tensor`` call Tensor.__radd__
 
     def __init__(self, data, requires_grad: bool = False):
-        self.data = data
+        self._data = data
+        self._version = [0]  # shared with detach(); see the data setter
         self.grad = None
         self.requires_grad = bool(requires_grad)
         self._node: Node | None = None
+
+    @property
+    def data(self):
+        """The array (NumPy or CuPy)."""
+        return self._data
+
+    @data.setter
+    def data(self, value):
+        # `t.data += 1` (and an optimizer's `p.data -= lr * g`) changes the array in place, then assigns it back:
+        # count that, so that a backward rule which cached the old array refuses to run (Node.check).
+        # Writes through another name (`t.data[0] = 1`, `out=t.data`) are not seen, as in PyTorch's .data.
+        if value is self._data:
+            self._version[0] += 1
+        self._data = value
 
     # -- description
     shape = property(lambda self: tuple(self.data.shape))
@@ -358,8 +431,10 @@ class Tensor:
         return self.data.reshape(-1)[0].item()
 
     def detach(self):
-        """The same data, cut from the graph."""
-        return Tensor(self.data)
+        """The same data (shared, with the same version counter), cut from the graph."""
+        detached = Tensor(self.data)
+        detached._version = self._version
+        return detached
 
     def to(self, device):
         """A copy on ``device`` ("cpu", "gpu", "cuda:N"); the tensor itself if it is already there."""
@@ -372,12 +447,15 @@ class Tensor:
         return Tensor(self.data.astype(dtype), requires_grad=self.requires_grad)
 
     # -- autograd
-    def backward(self, grad=None):
+    def backward(self, grad=None, retain_graph: bool = False):
         """Send gradients from this tensor back to every leaf that requires them.
 
         ``grad`` is the upstream gradient dL/dself; it may be left out only for a
         one-element tensor (then it is 1). Gradients accumulate into ``.grad`` (call
-        ``zero_grad`` between steps) and the graph is freed afterwards.
+        ``zero_grad`` between steps); each leaf's ``.grad`` is an array of its own, in the
+        leaf's dtype. The graph is freed afterwards, so that its cached arrays go; a second
+        backward through it raises unless the first passed ``retain_graph=True``. Nothing
+        is accumulated when the call raises.
         """
         if not self.requires_grad:
             raise RuntimeError("backward() called on a tensor that does not require grad: "
@@ -393,28 +471,30 @@ class Tensor:
             if tuple(grad.shape) != self.shape:
                 raise ValueError(f"backward(grad) got a gradient of shape {tuple(grad.shape)} for a tensor of shape {self.shape}")
         if self._node is None:  # a leaf: its own gradient
-            self.grad = grad if self.grad is None else self.grad + grad
+            _accumulate(self, grad)
             return
         order = _topological_order(self._node)
         for node in order:
-            if node.backward is None:
-                raise RuntimeError(f"backward() reached the {node.name} operation a second time, after its graph was "
-                                   f"freed by an earlier backward(); run the forward computation again")
+            node.check()
         pending = {id(self._node): grad}
         for node in order:
             dy = pending.pop(id(node), None)
             if dy is not None:
                 input_grads = node.backward(dy, node.cache)
-                for parent, d_parent in zip(node.inputs, input_grads):
+                for parent, shape, d_parent in zip(node.inputs, node.shapes, input_grads):
                     if parent is None or d_parent is None:
                         continue
+                    if tuple(d_parent.shape) != shape:
+                        raise RuntimeError(f"the backward rule of {node.name} returned a gradient of shape "
+                                           f"{tuple(d_parent.shape)} for an input of shape {shape} (a bug in the rule)")
                     if isinstance(parent, Tensor):  # leaf: accumulate as the user will read it
-                        parent.grad = d_parent if parent.grad is None else parent.grad + d_parent
+                        _accumulate(parent, d_parent)
                     elif id(parent) in pending:  # fan-out: add every path's contribution
                         pending[id(parent)] = pending[id(parent)] + d_parent
                     else:
                         pending[id(parent)] = d_parent
-            node.free()  # free the graph as we go
+            if not retain_graph:
+                node.free()  # free the graph as we go
 
     def zero_grad(self):
         self.grad = None
@@ -461,14 +541,40 @@ class Tensor:
     def log(self):
         return apply(log_forward, log_backward, self)
 
-    # comparisons give plain arrays wrapped without a graph
+    # comparisons give boolean tensors, elementwise and without a graph, as in NumPy and PyTorch
     def __eq__(self, other): return Tensor(self.data == _as_data(other))
+    def __ne__(self, other): return Tensor(self.data != _as_data(other))
     def __lt__(self, other): return Tensor(self.data < _as_data(other))
+    def __le__(self, other): return Tensor(self.data <= _as_data(other))
     def __gt__(self, other): return Tensor(self.data > _as_data(other))
-    __hash__ = object.__hash__
+    def __ge__(self, other): return Tensor(self.data >= _as_data(other))
+    __hash__ = object.__hash__  # by identity, so tensors can be dict keys and set members
+
+    def __bool__(self):
+        # `if t:` and `t in [a, b]` (which asks bool(t == a)) mean something only for one element
+        if self.size != 1:
+            raise RuntimeError(f"the truth value of a tensor with {self.size} elements is ambiguous; "
+                               f"use .any() or .all()")
+        return bool(self.data.reshape(-1)[0])
+
+    def any(self, axis=None):
+        return Tensor(self.data.any(axis=axis))
+
+    def all(self, axis=None):
+        return Tensor(self.data.all(axis=axis))
 
     def argmax(self, axis=None):
         return Tensor(self.data.argmax(axis=axis))
+
+
+def _accumulate(leaf: Tensor, grad) -> None:
+    """Add ``grad`` to ``leaf.grad``. The first gradient is copied, in the leaf's dtype (as PyTorch casts it):
+    backward rules may hand the same array to several inputs (``a + b``), return a read-only broadcast view
+    (``x.sum()``) or the caller's own upstream array, and a leaf's ``.grad`` must be its own, writable."""
+    if leaf.grad is None:
+        leaf.grad = grad.astype(leaf.dtype, copy=True)
+    else:
+        leaf.grad = (leaf.grad + grad).astype(leaf.dtype, copy=False)
 
 
 def _as_data_or_tensor(value):

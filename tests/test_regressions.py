@@ -1,0 +1,242 @@
+"""One regression test per defect of "No silent wrong answers", each named after it.
+
+Every one of these gave a wrong answer without any error (or hung, or crashed) on 6bb5e9f. The
+property-based suites (test_properties_*.py) search the space around them; these pin the cases found.
+"""
+import threading
+
+import numpy
+import pytest
+
+import tinybn
+from tinybn import functional as F, nn
+from tinybn.models import build_model
+from tinybn.optim import SGD
+
+rng = numpy.random.default_rng(9)
+
+
+# 1. a batch of one through the fast conv2d -------------------------------------------------------------
+
+
+def test_fast_conv2d_batch_of_one_reads_only_its_input():
+    """The batch-last copy of a (1, C, H, W) input keeps the NCHW batch stride on its size-1 axis; im2col
+    stepped along that axis and read outside the buffer (NaN, 1e30, or a segmentation fault)."""
+    x, w, b = rng.standard_normal((1, 1, 28, 28)), rng.standard_normal((6, 1, 5, 5)), rng.standard_normal(6)
+    y = F.conv2d(tinybn.tensor(x), tinybn.tensor(w), tinybn.tensor(b)).numpy()
+    with tinybn.fast.disabled():
+        expected = F.conv2d(tinybn.tensor(x), tinybn.tensor(w), tinybn.tensor(b)).numpy()
+    assert numpy.isfinite(y).all()
+    numpy.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lenet_bn_predicts_one_image_as_it_predicts_it_in_a_batch():
+    net = build_model("lenet-bn")
+    images = rng.random((8, 1, 28, 28)).astype(numpy.float32)
+    net(tinybn.tensor(images))                       # one training step's statistics
+    net.eval()
+    with tinybn.no_grad():
+        batch = net(tinybn.tensor(images)).numpy()
+        alone = numpy.concatenate([net(tinybn.tensor(images[k:k + 1])).numpy() for k in range(8)])
+    assert numpy.isfinite(alone).all()
+    numpy.testing.assert_allclose(alone, batch, rtol=1e-4, atol=1e-5)
+
+
+# 3. a layer used twice is stepped twice ----------------------------------------------------------------
+
+
+def test_shared_layer_parameters_are_listed_and_stepped_once():
+    lin = nn.Linear(2, 2)
+    net = nn.Sequential(lin, nn.Sigmoid(), lin)
+    assert [name for name, _ in net.named_parameters()] == ["0.weight", "0.bias"]
+    assert len(net.modules()) == 3
+    before = lin.weight.numpy().copy()
+    loss = net(tinybn.tensor(rng.standard_normal((3, 2)))).sum()
+    loss.backward()
+    SGD(net.parameters(), lr=0.1).step()
+    numpy.testing.assert_allclose(lin.weight.numpy(), before - 0.1 * lin.weight.grad, rtol=1e-6)
+
+
+def test_shared_buffers_are_listed_once():
+    bn = nn.BatchNorm1d(3)
+    net = nn.Sequential(bn, nn.Sigmoid(), bn)
+    assert [name for name, _ in net.named_buffers()] == ["0.moving_mean", "0.moving_var", "0.num_batches_tracked"]
+
+
+# 4. transpose with negative axes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axes", [(-1, 0, 1), (2, -3, -2), (-1, -2, -3)])
+def test_transpose_with_negative_axes_has_the_right_gradient(axes):
+    x = tinybn.tensor(rng.standard_normal((2, 3, 4)), requires_grad=True)
+    y = x.transpose(*axes)
+    dy = rng.standard_normal(y.shape)
+    y.backward(dy)
+    positive = tuple(a % 3 for a in axes)
+    numpy.testing.assert_array_equal(y.numpy(), x.numpy().transpose(positive))
+    numpy.testing.assert_array_equal(x.grad, dy.transpose(numpy.argsort(positive)))
+
+
+# 5. the graph after backward() ------------------------------------------------------------------------
+
+
+def test_reusing_an_intermediate_after_backward_is_an_error_not_a_silent_leaf():
+    x = tinybn.tensor([1.0, 2.0], requires_grad=True)
+    h = x * 2.0
+    (h * h).sum().backward()
+    with pytest.raises(RuntimeError, match="graph was freed by an earlier backward.*retain_graph=True"):
+        (h * 3.0).sum().backward()
+    assert h.grad is None and not h.is_leaf
+    numpy.testing.assert_array_equal(x.grad, [8.0, 16.0])      # unchanged by the refused call
+
+
+def test_second_backward_is_an_error_or_counts_with_retain_graph():
+    x = tinybn.tensor([1.0, 2.0], requires_grad=True)
+    y = (x * x).sum()
+    y.backward()
+    with pytest.raises(RuntimeError, match="graph was freed"):
+        y.backward()
+    z = (x * x).sum()
+    x.zero_grad()
+    z.backward(retain_graph=True)
+    z.backward()
+    numpy.testing.assert_array_equal(x.grad, [4.0, 8.0])      # 2 · 2x
+
+
+# 6. gradients share memory -----------------------------------------------------------------------------
+
+
+def test_each_leaf_owns_a_writable_gradient():
+    a = tinybn.tensor([1.0, 2.0], requires_grad=True)
+    b = tinybn.tensor([3.0, 4.0], requires_grad=True)
+    g = numpy.array([1.0, 1.0], numpy.float32)
+    (a + b).backward(g)
+    assert a.grad is not b.grad and a.grad is not g
+    a.grad *= 0.5
+    numpy.testing.assert_array_equal(b.grad, [1.0, 1.0])
+    numpy.testing.assert_array_equal(g, [1.0, 1.0])
+    x = tinybn.tensor([1.0, 2.0], requires_grad=True)
+    x.sum().backward()
+    x.grad *= 0.5                                             # was a read-only broadcast view
+    numpy.testing.assert_array_equal(x.grad, [0.5, 0.5])
+    leaf = tinybn.tensor([1.0, 2.0], requires_grad=True)
+    upstream = numpy.ones(2, numpy.float32)
+    leaf.backward(upstream)
+    leaf.grad += 1
+    numpy.testing.assert_array_equal(upstream, [1.0, 1.0])
+
+
+def test_leaf_gradients_take_the_leaf_dtype():
+    x = tinybn.tensor([1.0, 2.0], requires_grad=True)                # float32
+    (x * 2.0).backward(numpy.ones(2, numpy.float64))
+    assert x.grad.dtype == numpy.float32
+
+
+# 7. in-place changes between forward and backward ------------------------------------------------------
+
+
+def test_changing_a_cached_array_in_place_before_backward_is_an_error():
+    x = tinybn.tensor([1.0, 2.0], requires_grad=True)
+    w = tinybn.tensor([3.0, 4.0], requires_grad=True)
+    y = (x * w).sum()
+    w.data += 10
+    with pytest.raises(RuntimeError, match="changed in place after the forward pass"):
+        y.backward()
+    assert x.grad is None and w.grad is None
+
+
+def test_an_optimizer_step_between_forward_and_backward_is_an_error():
+    lin = nn.Linear(2, 2)
+    optimizer = SGD(lin.parameters(), lr=0.1)
+    first = lin(tinybn.tensor(rng.standard_normal((3, 2)))).sum()
+    second = lin(tinybn.tensor(rng.standard_normal((3, 2)))).sum()
+    first.backward()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="changed in place"):
+        second.backward()
+
+
+def test_replacing_data_is_not_an_in_place_change():
+    """``t.data = new_array`` leaves the cached old array intact, so the gradient is still right."""
+    x = tinybn.tensor([1.0, 2.0], requires_grad=True)
+    w = tinybn.tensor([3.0, 4.0], requires_grad=True)
+    y = (x * w).sum()
+    w.data = w.data + 10
+    y.backward()
+    numpy.testing.assert_array_equal(x.grad, [3.0, 4.0])
+
+
+# 8. grad mode is process-global; decorators break when re-entered --------------------------------------
+
+
+def test_grad_mode_belongs_to_each_thread():
+    inside, release = threading.Event(), threading.Event()
+
+    def predict():
+        with tinybn.no_grad():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=predict)
+    thread.start()
+    try:
+        assert inside.wait(10)
+        assert tinybn.is_grad_enabled()
+        x = tinybn.tensor([1.0, 2.0], requires_grad=True)
+        (x * x).sum().backward()
+        numpy.testing.assert_array_equal(x.grad, [2.0, 4.0])
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_recursive_no_grad_function_restores_grad_mode():
+    @tinybn.no_grad()
+    def depth(n):
+        assert not tinybn.is_grad_enabled()
+        return depth(n - 1) if n else 0
+
+    depth(3)
+    assert tinybn.is_grad_enabled()
+
+
+def test_one_grad_mode_object_entered_twice_restores_what_it_found():
+    mode = tinybn.no_grad()
+    with mode:
+        with tinybn.enable_grad():
+            with mode:
+                assert not tinybn.is_grad_enabled()
+            assert tinybn.is_grad_enabled()
+        assert not tinybn.is_grad_enabled()
+    assert tinybn.is_grad_enabled()
+
+
+def test_no_grad_generator_runs_every_step_without_a_graph():
+    @tinybn.no_grad()
+    def steps(x):
+        for _ in range(3):
+            yield x * 2.0
+
+    x = tinybn.tensor([1.0], requires_grad=True)
+    assert [y.requires_grad for y in steps(x)] == [False, False, False]
+    assert tinybn.is_grad_enabled()
+
+
+# 13. comparisons, `in`, and NaN in fast max pooling ----------------------------------------------------
+
+
+def test_tensor_comparisons_are_elementwise():
+    a, b = tinybn.tensor([1.0, 2.0]), tinybn.tensor([3.0, 2.0])
+    numpy.testing.assert_array_equal((a != b).numpy(), [True, False])
+    numpy.testing.assert_array_equal((a <= b).numpy(), [True, True])
+    numpy.testing.assert_array_equal((a >= b).numpy(), [False, True])
+    assert bool(tinybn.tensor([1.0]) != tinybn.tensor([3.0]))
+
+
+def test_membership_compares_values_or_refuses():
+    one, other = tinybn.tensor([1.0]), tinybn.tensor([2.0])
+    assert one not in [other] and one in [other, one] and tinybn.tensor([2.0]) in [other]
+    with pytest.raises(RuntimeError, match="ambiguous"):
+        tinybn.tensor([1.0, 2.0]) in [tinybn.tensor([3.0, 4.0])]
+    with pytest.raises(RuntimeError, match="ambiguous"):
+        bool(tinybn.tensor([1.0, 2.0]))
