@@ -42,6 +42,62 @@ def test_lenet_bn_predicts_one_image_as_it_predicts_it_in_a_batch():
     numpy.testing.assert_allclose(alone, batch, rtol=1e-4, atol=1e-5)
 
 
+# 2. the concise model never trains gamma and beta ------------------------------------------------------
+
+
+def test_concise_batch_norm_trains_gamma_and_beta_with_an_optimizer_built_first():
+    tinybn.manual_seed(0)
+    net = build_model("lenet-bn-concise")
+    params = net.parameters()
+    optimizer = SGD(params, lr=0.5)
+    images, labels = rng.random((16, 1, 28, 28)).astype(numpy.float32), numpy.arange(16) % 10
+    for _ in range(3):
+        loss = F.cross_entropy(net(tinybn.tensor(images)), tinybn.tensor(labels))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert [id(p) for p in net.parameters()] == [id(p) for p in params] and len(params) == 18
+    gamma, beta = net[1].gamma.numpy(), net[1].beta.numpy()
+    assert gamma.shape == (6,) and not numpy.allclose(gamma, 1.0) and not numpy.allclose(beta, 0.0)
+
+
+def test_lazy_parameters_say_why_they_have_no_array_yet():
+    layer = nn.BatchNorm2d()
+    with pytest.raises(RuntimeError, match="infers it from the first input"):
+        layer.gamma.shape
+    with pytest.raises(RuntimeError, match="run one batch through the model first"):
+        layer.state_dict()
+    layer(tinybn.tensor(rng.standard_normal((2, 3, 4, 4)).astype(numpy.float32)))
+    assert type(layer.gamma) is nn.Parameter and layer.gamma.shape == (3,)
+
+
+def test_frozen_concise_gamma_stays_frozen_after_it_takes_its_size():
+    layer = nn.BatchNorm1d()
+    layer.gamma.requires_grad = False
+    layer(tinybn.tensor(rng.standard_normal((4, 3)).astype(numpy.float32)))
+    assert layer.gamma.requires_grad is False and layer.beta.requires_grad is True
+
+
+def test_failed_load_state_dict_leaves_a_lazy_model_unchanged():
+    source = build_model("lenet-bn-concise")
+    source(tinybn.tensor(rng.random((2, 1, 28, 28)).astype(numpy.float32)))
+    state = source.state_dict()
+    state["4.weight"] = numpy.zeros((16, 6, 3, 3), numpy.float32)       # the second conv: a wrong shape
+    target = build_model("lenet-bn-concise")
+    with pytest.raises(ValueError, match=r"4.weight: expected \(16, 6, 5, 5\)"):
+        target.load_state_dict(state)
+    assert not any(nn.is_materialized(t) for t in (target[1].gamma, target[5].moving_var, target[10].beta))
+    state = source.state_dict()
+    state["5.gamma"] = numpy.ones(7, numpy.float32)                     # a lazy layer given an inconsistent size
+    with pytest.raises(ValueError, match=r"5.beta: expected \(7,\), got \(16,\)"):
+        target.load_state_dict(state)
+    assert not nn.is_materialized(target[1].gamma)
+    target.load_state_dict(source.state_dict())                          # the right state still loads
+    source.eval(), target.eval()
+    x = tinybn.tensor(rng.random((3, 1, 28, 28)).astype(numpy.float32))
+    numpy.testing.assert_array_equal(target(x).numpy(), source(x).numpy())
+
+
 # 3. a layer used twice is stepped twice ----------------------------------------------------------------
 
 

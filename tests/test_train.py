@@ -117,3 +117,14 @@ def test_cli_train_and_eval(tmp_path):
     assert (tmp_path / "cli" / "metrics.png").is_file()
     evaluated = run_cli("eval", str(tmp_path / "cli" / "checkpoint.npz"))
     assert evaluated.returncode == 0 and "test acc 0." in evaluated.stdout
+
+
+@needs_data
+def test_concise_model_trains_gamma_and_beta_on_fashion_mnist(tmp_path, fashion):
+    """Regression (issue "No silent wrong answers", 2): the concise layers made new γ/β on their first call,
+    after the optimizer had taken the model's parameters, so training never moved them."""
+    from tinybn.train import first_batch_norm
+
+    result = train(config(tmp_path, model="lenet-bn-concise", train_subset=2000), log=quiet, data=fashion)
+    bn = first_batch_norm(result["model"])
+    assert not numpy.allclose(bn.gamma.numpy(), 1.0) and not numpy.allclose(bn.beta.numpy(), 0.0)

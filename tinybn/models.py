@@ -19,8 +19,6 @@ def build_lenet(norm: str = "none", conv_bias: bool = True, bn_layers=(0, 1, 2, 
     """
     if norm not in ("none", "scratch", "concise"):
         raise ValueError(f"norm must be 'none', 'scratch' or 'concise', got {norm!r}")
-    if norm == "concise" and not train_bn_affine:
-        raise ValueError("train_bn_affine=False needs norm='scratch': concise layers create γ and β on first use")
     widths = [(6, 4), (16, 4), (120, 2), (84, 2)]
 
     def bn(i):
@@ -49,7 +47,7 @@ def build_lenet(norm: str = "none", conv_bias: bool = True, bn_layers=(0, 1, 2, 
     for module in net:
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_uniform_(module.weight)
-        if isinstance(module, (nn.BatchNorm, nn.BatchNorm1d)) and not train_bn_affine and module.gamma is not None:
+        if isinstance(module, (nn.BatchNorm, nn.BatchNorm1d)) and not train_bn_affine:
             module.gamma.requires_grad = module.beta.requires_grad = False
     return net.to(device) if device is not None else net
 

@@ -158,10 +158,10 @@ def plot_history(path: Path, history: list[dict], title: str = "", log=print) ->
 
 
 def first_batch_norm(model):
-    from .nn import BatchNorm, BatchNorm1d
+    from .nn import BatchNorm, BatchNorm1d, is_materialized
 
     for module in model.modules():
-        if isinstance(module, (BatchNorm, BatchNorm1d)) and module.gamma is not None:
+        if isinstance(module, (BatchNorm, BatchNorm1d)) and is_materialized(module.gamma):
             return module
     return None
 

@@ -2,7 +2,8 @@
 from . import init
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d
 from .layers import AvgPool2d, Conv2d, CrossEntropyLoss, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sigmoid
-from .module import Module, Parameter, Sequential
+from .module import Module, Parameter, Sequential, UninitializedBuffer, UninitializedParameter, is_materialized
 
 __all__ = ["AvgPool2d", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "Conv2d", "CrossEntropyLoss", "Dropout",
-           "Flatten", "Linear", "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential", "Sigmoid", "init"]
+           "Flatten", "Linear", "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential", "Sigmoid",
+           "UninitializedBuffer", "UninitializedParameter", "init", "is_materialized"]

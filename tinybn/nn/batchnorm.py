@@ -25,7 +25,7 @@ from .. import functional as F
 from ..functional.batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM
 from ..tensor import Tensor
 from .layers import check_input
-from .module import Module, Parameter
+from .module import Module, UninitializedBuffer, UninitializedParameter, is_materialized
 
 
 class _BatchNormBase(Module):
@@ -38,10 +38,11 @@ class _BatchNormBase(Module):
         self.num_features, self.momentum, self.eps = num_features, momentum, eps
         object.__setattr__(self, "_device", backend.resolve_device(device)[0])
         object.__setattr__(self, "_dtype", numpy.dtype(dtype))
-        for name in ("gamma", "beta"):
-            self.register_parameter(name, None)
+        # Real objects from the start, so that an optimizer built now trains them; a lazy layer fills them
+        # in place on its first call.
+        self.gamma, self.beta = UninitializedParameter(), UninitializedParameter()
         for name in ("moving_mean", "moving_var", "num_batches_tracked"):
-            self.register_buffer(name, None)
+            self.register_buffer(name, UninitializedBuffer())
         if num_features is not None:
             self._materialize(num_features)
 
@@ -49,24 +50,28 @@ class _BatchNormBase(Module):
         raise NotImplementedError
 
     def _materialize(self, num_features: int) -> None:
-        """Create γ = 1, β = 0, moving mean 0 and moving variance 1 for ``num_features`` channels."""
+        """Give γ = 1, β = 0, moving mean 0 and moving variance 1 for ``num_features`` channels, in place."""
         shape, device, dtype = self._param_shape(num_features), self._device, self._dtype
         self.num_features = num_features
-        self.gamma = Parameter(backend.to_device(numpy.ones(shape, dtype), device))
-        self.beta = Parameter(backend.to_device(numpy.zeros(shape, dtype), device))
-        self.register_buffer("moving_mean", Tensor(backend.to_device(numpy.zeros(shape, dtype), device)))
-        self.register_buffer("moving_var", Tensor(backend.to_device(numpy.ones(shape, dtype), device)))
-        self.register_buffer("num_batches_tracked", Tensor(backend.to_device(numpy.zeros((), numpy.int64), device)))
+        for tensor, value in ((self.gamma, numpy.ones(shape, dtype)), (self.beta, numpy.zeros(shape, dtype)),
+                              (self.moving_mean, numpy.zeros(shape, dtype)), (self.moving_var, numpy.ones(shape, dtype)),
+                              (self.num_batches_tracked, numpy.zeros((), numpy.int64))):
+            tensor.materialize(backend.to_device(value, device))
 
-    def _materialize_from_state(self, state, prefix) -> None:
-        key = f"{prefix}.gamma" if prefix else "gamma"
-        if self.gamma is None and key in state:
-            self._materialize(int(numpy.prod(state[key].shape)))
+    def _shape_from_state(self, name, state, dotted_name):
+        gamma = state.get(dotted_name[:len(dotted_name) - len(name)] + "gamma")
+        if gamma is None:
+            return None
+        return () if name == "num_batches_tracked" else self._param_shape(int(numpy.prod(gamma.shape)))
+
+    def _materialize_for_loading(self, state, prefix):
+        if not is_materialized(self.gamma):
+            self._materialize(int(numpy.prod(state[f"{prefix}.gamma" if prefix else "gamma"].shape)))
 
     def forward(self, x):
         data = x.data if isinstance(x, Tensor) else x
         layout = "(N, C)" if self.num_dims == 2 else "(N, C, H, W)"
-        if self.gamma is None:  # concise layer: the size comes from the first input
+        if not is_materialized(self.gamma):  # concise layer: the size comes from the first input
             check_input(self, x, self.num_dims, layout)
             object.__setattr__(self, "_device", backend.device_of(data))
             self._materialize(data.shape[1])

@@ -19,6 +19,46 @@ class Parameter(Tensor):
         return "Parameter(" + super().__repr__() + ")"
 
 
+class _Uninitialized:
+    """A parameter or buffer of a layer that learns its size from its first input (``BatchNorm2d()``).
+
+    It is a real object from the start, so an optimizer built before the first call holds the
+    parameter that will be trained (as with PyTorch's lazy modules): :meth:`materialize` gives it its
+    array in place and turns it into a plain :class:`Parameter` (or :class:`Tensor`), keeping
+    ``requires_grad``. Until then it has no array, and asking for one says why.
+    """
+
+    becomes = None  # the class it turns into
+
+    def __init__(self):
+        super().__init__(None)
+
+    @property
+    def data(self):
+        raise RuntimeError("this parameter or buffer has no size yet: its layer infers it from the first input. "
+                           "Run one batch through the model (or give the layer its num_features) first.")
+
+    def materialize(self, data) -> None:
+        self._data = data
+        self.__class__ = self.becomes
+
+    def __repr__(self):
+        return f"{type(self).__name__}(<size inferred from the first input>)"
+
+
+class UninitializedParameter(_Uninitialized, Parameter):
+    becomes = Parameter
+
+
+class UninitializedBuffer(_Uninitialized, Tensor):
+    becomes = Tensor
+
+
+def is_materialized(tensor) -> bool:
+    """False for the parameters and buffers of a lazy layer that has not seen an input yet."""
+    return not isinstance(tensor, _Uninitialized)
+
+
 class Module:
     """Base class of every layer and model.
 
@@ -79,13 +119,19 @@ class Module:
     def children(self):
         return list({id(child): child for child in self._modules.values()}.values())
 
-    def _named_tensors(self, registry: str):
+    def _named_entries(self, registries=("_parameters",)):
+        """``(dotted_name, owner, name_in_owner, tensor)`` for each tensor of the given registries, each once."""
         seen = set()
         for prefix, module in self.named_modules():
-            for name, tensor in getattr(module, registry).items():
-                if tensor is not None and id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    yield (f"{prefix}.{name}" if prefix else name), tensor
+            for registry in registries:
+                for name, tensor in getattr(module, registry).items():
+                    if tensor is not None and id(tensor) not in seen:
+                        seen.add(id(tensor))
+                        yield (f"{prefix}.{name}" if prefix else name), module, name, tensor
+
+    def _named_tensors(self, registry: str):
+        for name, _, _, tensor in self._named_entries((registry,)):
+            yield name, tensor
 
     def named_parameters(self):
         """``(dotted_name, parameter)`` for every parameter, each once, in registration order."""
@@ -121,7 +167,7 @@ class Module:
         for module in self.modules():
             for registry in (module._parameters, module._buffers):
                 for tensor in registry.values():
-                    if tensor is None:
+                    if tensor is None or not is_materialized(tensor):  # a lazy layer takes _device/_dtype below
                         continue
                     if name is not None and tensor.device != name:
                         tensor.data = backend.to_device(tensor.data, name)
@@ -138,7 +184,8 @@ class Module:
     def device(self):
         """The device of the first parameter or buffer (or the one set by ``to``)."""
         for tensor in (*self.parameters(), *self.buffers()):
-            return tensor.device
+            if is_materialized(tensor):
+                return tensor.device
         return self.__dict__.get("_device", backend.get_default_device())
 
     def zero_grad(self):
@@ -147,33 +194,50 @@ class Module:
 
     # -- saving and loading
     def state_dict(self) -> "OrderedDict[str, numpy.ndarray]":
-        """Host (NumPy) copies of every parameter and buffer, by dotted name."""
+        """Host (NumPy) copies of every parameter and buffer, by dotted name (a shared one once)."""
         state = OrderedDict()
-        for name, tensor in (*self.named_parameters(), *self.named_buffers()):
+        for name, _, _, tensor in self._named_entries(("_parameters", "_buffers")):
+            if not is_materialized(tensor):
+                raise RuntimeError(f"state_dict: {name} has no size yet (its layer infers it from the first input); "
+                                   f"run one batch through the model first")
             state[name] = numpy.array(backend.to_numpy(tensor.data), copy=True)
         return state
 
     def load_state_dict(self, state) -> None:
         """Copy ``state`` (arrays or tensors by dotted name) into this module, on its current device.
 
-        Every name must match and every shape must agree; otherwise nothing is changed and a
-        ``KeyError``/``ValueError`` lists every missing, unexpected and mis-shaped entry.
+        Every name must match and every shape must agree (a layer that infers its size takes it from
+        ``state``); otherwise nothing at all is changed and a ``KeyError``/``ValueError`` lists every
+        missing, unexpected and mis-shaped entry.
         """
-        for prefix, module in self.named_modules():  # layers that infer their size take it from the state
-            if hasattr(module, "_materialize_from_state"):
-                module._materialize_from_state(state, prefix)
-        own = OrderedDict((*self.named_parameters(), *self.named_buffers()))
-        missing = [name for name in own if name not in state]
-        unexpected = [name for name in state if name not in own]
+        entries = []  # (dotted name, tensor, the shape it must have)
+        for name, owner, own_name, tensor in self._named_entries(("_parameters", "_buffers")):
+            shape = tuple(tensor.shape) if is_materialized(tensor) else owner._shape_from_state(own_name, state, name)
+            entries.append((name, tensor, shape))
+        names = {name for name, _, _ in entries}
+        missing = [name for name, _, _ in entries if name not in state]
+        unexpected = [name for name in state if name not in names]
         if missing or unexpected:
             raise KeyError(f"load_state_dict: missing entries {missing}, unexpected entries {unexpected}")
-        wrong = [f"{name}: expected {tuple(tensor.shape)}, got {tuple(_data(state[name]).shape)}"
-                 for name, tensor in own.items() if tuple(_data(state[name]).shape) != tuple(tensor.shape)]
+        wrong = [f"{name}: expected {'a size that matches the other entries' if shape is None else shape}, "
+                 f"got {tuple(_data(state[name]).shape)}"
+                 for name, _, shape in entries if tuple(_data(state[name]).shape) != shape]
         if wrong:
             raise ValueError("load_state_dict: shape mismatch for " + "; ".join(wrong))
-        for name, tensor in own.items():
+        # everything checked: only now may a lazy layer take its size, and a value be copied
+        for prefix, module in self.named_modules():
+            module._materialize_for_loading(state, prefix)
+        for name, tensor, _ in entries:
             value = backend.to_numpy(_data(state[name])).astype(tensor.dtype, copy=True)
             tensor.data = backend.to_device(value, tensor.device)
+
+    def _shape_from_state(self, name: str, state, dotted_name: str):
+        """The shape that ``state`` gives the not yet materialized tensor ``name`` (None if it gives none).
+        Only layers that infer their size have such tensors, and override this."""
+        return None
+
+    def _materialize_for_loading(self, state, prefix: str) -> None:
+        """Give a lazy layer the size ``state`` holds for it (after :meth:`load_state_dict` checked it)."""
 
     # -- calling
     def __call__(self, *args, **kwargs):
