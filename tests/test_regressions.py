@@ -278,6 +278,35 @@ def test_no_grad_generator_runs_every_step_without_a_graph():
     assert tinybn.is_grad_enabled()
 
 
+# 9. float16 batch norm ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, scale", [((256, 2, 16, 16), 1.0), ((64, 3, 8, 8), 200.0), ((4096, 3), 1.0)])
+def test_float16_batch_norm_is_standardized_and_matches_float64(shape, scale):
+    """The fast batch norm cast m = 65,536 to float16 (inf), so the variance was 0 and the output's std 29-125;
+    and a float16 square overflows once |x − μ| > 256. Statistics are now computed in float32."""
+    x = (rng.standard_normal(shape) * scale + 5).astype(numpy.float16)
+    c = shape[1]
+    gamma = tinybn.tensor(numpy.ones(c, numpy.float16), requires_grad=True)
+    beta = tinybn.tensor(numpy.zeros(c, numpy.float16), requires_grad=True)
+    xt = tinybn.tensor(x, requires_grad=True)
+    y, mean, var = F.batch_norm(xt, gamma, beta, numpy.zeros(c, numpy.float16), numpy.ones(c, numpy.float16),
+                                training=True, momentum=0.0)
+    dy = rng.standard_normal(shape)
+    y.backward(dy.astype(numpy.float16))
+    assert y.dtype == mean.dtype == xt.grad.dtype == gamma.grad.dtype == numpy.float16
+    x64, axes = x.astype(numpy.float64), (0,) if len(shape) == 2 else (0, 2, 3)
+    mu, sigma2 = x64.mean(axis=axes, keepdims=True), x64.var(axis=axes, keepdims=True)
+    expected = (x64 - mu) / numpy.sqrt(sigma2 + 1e-5)
+    numpy.testing.assert_allclose(y.numpy().std(axis=axes, dtype=numpy.float64), 1.0, rtol=2e-3)
+    numpy.testing.assert_allclose(y.numpy(), expected, atol=4e-3 * max(1.0, numpy.abs(expected).max() / 4))
+    numpy.testing.assert_allclose(var.numpy(), sigma2.reshape(-1), rtol=2e-3)
+    d = dy.astype(numpy.float16).astype(numpy.float64)
+    expected_dx = (d - d.mean(axis=axes, keepdims=True)
+                   - expected * (d * expected).mean(axis=axes, keepdims=True)) / numpy.sqrt(sigma2 + 1e-5)
+    numpy.testing.assert_allclose(xt.grad, expected_dx, atol=2e-3 * numpy.abs(expected_dx).max())
+
+
 # 13. comparisons, `in`, and NaN in fast max pooling ----------------------------------------------------
 
 

@@ -75,12 +75,16 @@ def _arrays(inputs):
     return [value.data if isinstance(value, Tensor) else value for value in inputs]
 
 
+_FAST_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
 def _numpy_floats(*arrays):
-    """All NumPy arrays of one floating-point dtype."""
+    """All NumPy arrays of one dtype, float32 or float64 (float16 statistics need more care than speed:
+    the reference computes them in float32)."""
     if not all(type(a) is numpy.ndarray for a in arrays):
         return False
     dtype = arrays[0].dtype
-    return dtype.kind == "f" and all(a.dtype == dtype for a in arrays)
+    return dtype in _FAST_DTYPES and all(a.dtype == dtype for a in arrays)
 
 
 def _conv2d_applies(x, weight, bias=None, stride=1, padding=0, need_dx=True):

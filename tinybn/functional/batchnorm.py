@@ -35,6 +35,13 @@ chapter's convention, and Keras' (``BatchNormalization(momentum=0.99)``).
   differ by a factor m/(m−1): 1.0000064 for a 256×24×24 conv batch, 1.004 for a 256-row dense batch.
 * Keras' ``momentum`` means what tinybn's means; its ``moving_variance`` uses the biased variance too.
 
+float16
+-------
+float16 holds at most 65,504 and about 3 decimal digits: a square (x − μ)² overflows once |x − μ| > 256,
+and a sum over m values soon after. The statistics, x̂ and the gradients are therefore computed in
+float32 when x is float16 (in x's own dtype otherwise); y, dx and the new moving averages are
+rounded to their inputs' dtypes once, at the end. This is what PyTorch does on half-precision input.
+
 Why two passes for σ²
 ---------------------
 E[x²] − E[x]² subtracts two nearly equal numbers when |μ| ≫ σ: for float32 data with mean 1e4
@@ -85,12 +92,19 @@ def _per_channel(value, x):
     return value.reshape((1, channels) + (1,) * (x.ndim - 2))
 
 
+def compute_dtype(xp, dtype):
+    """The dtype batch norm computes in: float32 for float16 input (see "float16" above), else the input's."""
+    return xp.promote_types(dtype, xp.float32)
+
+
 def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, training, momentum=DEFAULT_MOMENTUM,
                        eps=DEFAULT_EPS):
     """Forward pass; returns ``((y, new_moving_mean, new_moving_var), cache)``."""
     xp = get_array_module(x)
     axes = reduction_axes(x)
     m = x.size // x.shape[1]
+    x_dtype = x.dtype
+    x = x.astype(compute_dtype(xp, x_dtype), copy=False)
     g, b = _per_channel(gamma, x), _per_channel(beta, x)
     if training:
         if m == 1:
@@ -102,21 +116,32 @@ def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, training, moment
         var = (x_centered * x_centered).mean(axis=axes, keepdims=True)
         new_moving_mean = momentum * moving_mean + (1.0 - momentum) * mu.reshape(moving_mean.shape)
         new_moving_var = momentum * moving_var + (1.0 - momentum) * var.reshape(moving_var.shape)
+        new_moving_mean = new_moving_mean.astype(moving_mean.dtype, copy=False)
+        new_moving_var = new_moving_var.astype(moving_var.dtype, copy=False)
     else:
         mu, var = _per_channel(moving_mean, x), _per_channel(moving_var, x)
         x_centered = x - mu
         new_moving_mean, new_moving_var = moving_mean, moving_var
     inv_std = 1.0 / xp.sqrt(var + eps)
     x_hat = x_centered * inv_std
-    y = g * x_hat + b
+    y = (g * x_hat + b).astype(x_dtype, copy=False)
     cache = Cache(x_hat=x_hat, x_centered=x_centered, inv_std=inv_std, var=var, gamma=g, eps=eps, axes=axes, m=m,
-                  training=training, gamma_shape=gamma.shape, beta_shape=beta.shape)
+                  training=training, gamma_shape=gamma.shape, beta_shape=beta.shape,
+                  dtypes=(x_dtype, gamma.dtype, beta.dtype))
     return (y, new_moving_mean, new_moving_var), cache
+
+
+def _in_input_dtypes(dx, dgamma, dbeta, cache):
+    """The gradients, each rounded to its input's dtype (a no-op unless the input was float16)."""
+    x_dtype, gamma_dtype, beta_dtype = cache.dtypes
+    return (dx.astype(x_dtype, copy=False), dgamma.reshape(cache.gamma_shape).astype(gamma_dtype, copy=False),
+            dbeta.reshape(cache.beta_shape).astype(beta_dtype, copy=False), None, None)
 
 
 def batch_norm_backward(dy, cache):
     """Closed-form backward: ``(dx, dgamma, dbeta, None, None)``."""
     axes, x_hat = cache.axes, cache.x_hat
+    dy = dy.astype(x_hat.dtype, copy=False)
     dbeta = dy.sum(axis=axes, keepdims=True)
     dgamma = (dy * x_hat).sum(axis=axes, keepdims=True)
     if cache.training:
@@ -124,19 +149,20 @@ def batch_norm_backward(dy, cache):
         dx = (cache.gamma * cache.inv_std) * (dy - dbeta / cache.m - x_hat * (dgamma / cache.m))
     else:
         dx = dy * (cache.gamma * cache.inv_std)
-    return dx, dgamma.reshape(cache.gamma_shape), dbeta.reshape(cache.beta_shape), None, None
+    return _in_input_dtypes(dx, dgamma, dbeta, cache)
 
 
 def batch_norm_backward_staged(dy, cache):
     """Staged backward: the forward's steps, undone one at a time (same result as the closed form)."""
     xp = get_array_module(dy)
     axes, m = cache.axes, cache.m
+    dy = dy.astype(cache.x_hat.dtype, copy=False)
     # y = γ·x̂ + β
     dbeta = dy.sum(axis=axes, keepdims=True)
     dgamma = (dy * cache.x_hat).sum(axis=axes, keepdims=True)
     dx_hat = dy * cache.gamma
     if not cache.training:
-        return dx_hat * cache.inv_std, dgamma.reshape(cache.gamma_shape), dbeta.reshape(cache.beta_shape), None, None
+        return _in_input_dtypes(dx_hat * cache.inv_std, dgamma, dbeta, cache)
     # x̂ = x_centered · inv_std
     dx_centered = dx_hat * cache.inv_std
     dinv_std = (dx_hat * cache.x_centered).sum(axis=axes, keepdims=True)
@@ -149,7 +175,7 @@ def batch_norm_backward_staged(dy, cache):
     dmu = -dx_centered.sum(axis=axes, keepdims=True)
     # μ = mean(x)
     dx = dx + xp.broadcast_to(dmu / m, dx.shape)
-    return dx, dgamma.reshape(cache.gamma_shape), dbeta.reshape(cache.beta_shape), None, None
+    return _in_input_dtypes(dx, dgamma, dbeta, cache)
 
 
 def batch_norm(x, gamma, beta, moving_mean, moving_var, *, training, momentum=DEFAULT_MOMENTUM, eps=DEFAULT_EPS):
