@@ -3,6 +3,7 @@
 Every one of these gave a wrong answer without any error (or hung, or crashed) on 6bb5e9f. The
 property-based suites (test_properties_*.py) search the space around them; these pin the cases found.
 """
+import contextlib
 import threading
 
 import numpy
@@ -325,3 +326,21 @@ def test_membership_compares_values_or_refuses():
         tinybn.tensor([1.0, 2.0]) in [tinybn.tensor([3.0, 4.0])]
     with pytest.raises(RuntimeError, match="ambiguous"):
         bool(tinybn.tensor([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("nan_at", [[(0, 1)], [(0, 1), (1, 0)], [(1, 1), (0, 0)], [(2, 3), (3, 2), (0, 2)]])
+def test_fast_max_pool_routes_a_nan_window_like_the_reference(nan_at):
+    """NumPy's argmax (the reference) counts a window's first NaN as its maximum; the fast path kept the
+    sub-grid it had before the NaN, so the gradient went elsewhere."""
+    x = rng.permutation(16).astype(float).reshape(1, 1, 4, 4)
+    for i, j in nan_at:
+        x[0, 0, i, j] = numpy.nan
+    dy = rng.standard_normal((1, 1, 2, 2))
+    grads = []
+    for use_fast in (True, False):
+        t = tinybn.tensor(x, requires_grad=True)
+        with contextlib.nullcontext() if use_fast else tinybn.fast.disabled():
+            y = F.max_pool2d(t, 2)
+        y.backward(dy)
+        grads.append(t.grad)
+    numpy.testing.assert_array_equal(grads[0], grads[1])

@@ -271,6 +271,10 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
                 np.maximum(argmax[j], candidate, out=argmax[j])
             np.maximum(y[j], window, out=y[j])
     parallel.map(piece, _channel_pieces(c, x.size))
+    if argmax is not None and np.isnan(y).any():
+        # np.maximum spreads a NaN, but `window > y` is False against it: the reference (NumPy's argmax)
+        # counts the first NaN of a window as its maximum
+        argmax = _first_argmax(xb, y, (kh, kw), np.uint8)
     # x is kept only when the argmax was not: recomputing it is its one use
     return _as_nchw(y), Cache(argmax=argmax, x=x if argmax is None else None, y=y, kernel=(kh, kw))
 
@@ -281,7 +285,7 @@ def max_pool2d_backward(dy, cache):
     dyb = batch_last(dy)
     c, out_h, out_w, n = cache.y.shape
     dx = np.empty((c, out_h * kh, out_w * kw, n), dy.dtype)
-    argmax = cache.argmax if cache.argmax is not None else _first_argmax(cache)
+    argmax = cache.argmax if cache.argmax is not None else _first_argmax(batch_last(cache.x), cache.y, cache.kernel)
 
     def piece(channels):
         j = slice(channels.start, channels.stop)
@@ -293,13 +297,16 @@ def max_pool2d_backward(dy, cache):
     return (_as_nchw(dx),)
 
 
-def _first_argmax(cache):
-    """The argmax for a forward run without a graph (then differentiated by hand, e.g. in tests)."""
-    kh, kw = cache.kernel
-    xb = batch_last(cache.x)
-    argmax = np.full(cache.y.shape, kh * kw - 1, np.int64)
+def _first_argmax(xb, y, kernel, dtype=np.int64):
+    """Per window, the index of the first sub-grid that holds its maximum y, a NaN counting as the maximum
+    (as in NumPy's argmax). Used for a forward run without a graph (then differentiated by hand, e.g. in
+    tests) and for windows with a NaN."""
+    kh, kw = kernel
+    argmax = np.full(y.shape, kh * kw - 1, dtype)
+    y_is_nan = np.isnan(y)
     for k in reversed(range(kh * kw - 1)):
-        argmax[xb[:, k // kw::kh, k % kw::kw] == cache.y] = k
+        window = xb[:, k // kw::kh, k % kw::kw]
+        argmax[(window == y) | (np.isnan(window) & y_is_nan)] = k
     return argmax
 
 
