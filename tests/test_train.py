@@ -69,16 +69,27 @@ def test_checkpoint_round_trip_and_validation(tmp_path, fashion):
 @needs_data
 def test_divergence_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path, fashion):
     first = train(config(tmp_path), log=quiet, data=fashion)
-    # poison the last layer's weights: the very next step's loss is NaN
-    model_state, optim_state, meta = checkpoint.load(first["checkpoint"])
-    model = tinybn.models.build_model("lenet-bn")
-    model_state["15.weight"][0, 0] = numpy.nan
-    model.load_state_dict(model_state)
-    checkpoint.save(first["checkpoint"], model, tinybn.optim.SGD(model.parameters(), 1.0), meta)
     saved = first["checkpoint"].read_bytes()
-    with pytest.raises(Diverged, match=r"became nan at epoch 2, step 1 .*smaller learning rate"):
-        train(config(tmp_path, epochs=2, resume=True), log=quiet, data=fashion)
+    with pytest.raises(Diverged, match=r"became nan at epoch 2, step \d+ .*smaller learning rate"):
+        train(config(tmp_path, epochs=2, resume=True, lr=1e39), log=quiet, data=fashion)
     assert first["checkpoint"].read_bytes() == saved, "the last checkpoint must survive a divergence"
+
+
+@needs_data
+def test_divergence_in_an_epochs_last_step_writes_no_checkpoint(tmp_path, fashion):
+    """Regression (issue "No silent wrong answers", 12): with one step per epoch, the loss of that step was
+    finite but its update was not, and the checkpoint kept 18 non-finite parameter arrays."""
+    with pytest.raises(Diverged, match=r"parameters and buffers became NaN or infinite .* at epoch 1, step 1"):
+        train(config(tmp_path, epochs=2, train_subset=256, lr=1e39), log=quiet, data=fashion)
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+
+
+def test_checkpoint_refuses_non_finite_arrays(tmp_path):
+    model = tinybn.models.build_model("lenet-bn")
+    model[0].weight.data[0, 0, 0, 0] = numpy.inf
+    with pytest.raises(ValueError, match="0.weight hold NaN or infinite values"):
+        checkpoint.save(tmp_path / "c.npz", model, tinybn.optim.SGD(model.parameters(), 1.0), {})
+    assert not (tmp_path / "c.npz").exists()
 
 
 def run_cli(*args, env=None):

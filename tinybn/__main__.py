@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .backend import DeviceUnavailableError
@@ -75,8 +76,9 @@ def run_train(args) -> int:
               f"continue with the same command plus --resume", file=sys.stderr)
         return 130
     except Diverged as error:
-        print(f"\nerror: {error}. The last good checkpoint (if an epoch finished) is kept at {checkpoint_path}.",
-              file=sys.stderr)
+        kept = (f"The last good checkpoint is kept at {checkpoint_path} (--resume continues from it)."
+                if os.path.exists(checkpoint_path) else "No epoch finished, so no checkpoint was written.")
+        print(f"\nerror: {error}. {kept}", file=sys.stderr)
         return 3
     return 0
 

@@ -14,11 +14,16 @@ import numpy
 
 
 def save(path, model, optimizer, meta: dict) -> Path:
-    """Write ``model.state_dict()``, ``optimizer.state_dict()`` and JSON-able ``meta`` to ``path``."""
+    """Write ``model.state_dict()``, ``optimizer.state_dict()`` and JSON-able ``meta`` to ``path``.
+
+    Refuses (ValueError, nothing written) when any of those arrays holds a NaN or an infinity."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
     arrays.update({f"optim/{k}": v for k, v in optimizer.state_dict().items()})
+    bad = [name for name, value in arrays.items() if value.dtype.kind == "f" and not numpy.isfinite(value).all()]
+    if bad:  # a checkpoint is what one resumes from: it must never hold a diverged model
+        raise ValueError(f"not saving a checkpoint to {path}: {', '.join(bad)} hold NaN or infinite values")
+    path.parent.mkdir(parents=True, exist_ok=True)
     arrays["meta"] = numpy.frombuffer(json.dumps(meta).encode(), dtype=numpy.uint8)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:

@@ -42,12 +42,22 @@ class TrainConfig:
 
 
 class Diverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss, or a parameter or buffer, became NaN or infinite."""
 
-    def __init__(self, epoch: int, step: int, value: float, lr: float):
-        self.epoch, self.step, self.value = epoch, step, value
-        super().__init__(f"the training loss became {value} at epoch {epoch}, step {step} (lr {lr:g}); "
+    def __init__(self, epoch: int, step: int, what: str, lr: float):
+        self.epoch, self.step = epoch, step
+        super().__init__(f"{what} at epoch {epoch}, step {step} (lr {lr:g}); "
                          f"try a smaller learning rate, e.g. --lr {lr / 2:g}")
+
+
+def non_finite_entries(model) -> list[str]:
+    """Names of the parameters and buffers that hold a NaN or an infinity."""
+    bad = []
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        xp = backend.get_array_module(tensor.data)
+        if tensor.dtype.kind == "f" and not bool(xp.isfinite(tensor.data).all()):
+            bad.append(name)
+    return bad
 
 
 def synchronize(device: str) -> None:
@@ -90,7 +100,7 @@ def train_epoch(model, optimizer, loader, epoch: int, lr_at, step0: int, progres
         values = [float(v) for _, v in pending]
         for (step, _), value in zip(pending, values):
             if not math.isfinite(value):
-                raise Diverged(epoch, step, value, optimizer.lr)
+                raise Diverged(epoch, step, f"the training loss became {value}", optimizer.lr)
         pending.clear()
         return values[-1]
 
@@ -212,6 +222,10 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
         started = time.perf_counter()
         stats = train_epoch(model, optimizer, train_loader, epoch, lr_at, (epoch - 1) * len(train_loader),
                             config.progress, check_every)
+        bad = non_finite_entries(model)  # the last step's update is after its loss was checked
+        if bad:
+            raise Diverged(epoch, len(train_loader), f"{len(bad)} of the model's parameters and buffers became NaN "
+                           f"or infinite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})", optimizer.lr)
         test_acc = evaluate(model, test_loader)
         row = {"epoch": epoch, "train_loss": round(stats["train_loss"], 6), "train_acc": round(stats["train_acc"], 6),
                "test_acc": round(test_acc, 6), "examples_per_sec": round(stats["examples_per_sec"], 1),
