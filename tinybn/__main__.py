@@ -77,7 +77,7 @@ def run_train(args) -> int:
         return 130
     except Diverged as error:
         kept = (f"The last good checkpoint is kept at {checkpoint_path} (--resume continues from it)."
-                if os.path.exists(checkpoint_path) else "No epoch finished, so no checkpoint was written.")
+                if os.path.exists(checkpoint_path) else "No epoch finished with a finite model, so no checkpoint was written.")
         print(f"\nerror: {error}. {kept}", file=sys.stderr)
         return 3
     return 0
