@@ -128,19 +128,34 @@ def test_environment_variable_sets_the_thread_count():
     assert out.stdout.strip() == "3"
 
 
-def test_fast_paths_put_openblas_on_one_thread_and_give_it_back():
-    """While the fast paths run, OpenBLAS has one thread per caller; switching them off restores its count."""
+def test_openblas_has_one_thread_while_pieces_run_and_gets_its_count_back(threads):
+    """While a map's pieces run, OpenBLAS has one thread; when map returns (or raises), its count is back."""
+    if blas.get_threads() is None:
+        pytest.skip("NumPy does not use OpenBLAS here")
+    before = blas.get_threads()
+    blas.set_threads(2)
+    try:
+        seen = parallel.map(lambda _: blas.get_threads(), range(4))
+        assert seen == [1, 1, 1, 1] and blas.get_threads() == 2
+        with pytest.raises(ZeroDivisionError):
+            parallel.map(lambda k: 1 / (k - 2), range(4))
+        assert blas.get_threads() == 2
+    finally:
+        blas.set_threads(before)
+
+
+def test_tune_process_is_the_only_way_to_change_blas_for_good():
     code = """
-import tinybn, numpy
-from tinybn import fast
+import numpy, tinybn
 from tinybn.fast import blas
 blas.set_threads(2)
-tinybn.functional.sigmoid(tinybn.tensor(numpy.ones(3)))
-during = blas.get_threads()
-fast.set_enabled(False)
-print(during, blas.get_threads())
+tinybn.functional.sigmoid(tinybn.tensor(numpy.ones((256, 256))))
+after_use = blas.get_threads()
+changes = tinybn.fast.tune_process()
+print(after_use, blas.get_threads(), len(changes))
 """
     if blas.get_threads() is None:
         pytest.skip("NumPy does not use OpenBLAS here")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["1", "2"]
+    after_use, tuned, changes = out.stdout.split()
+    assert (after_use, tuned) == ("2", "1") and int(changes) >= 1

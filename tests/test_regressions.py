@@ -344,3 +344,128 @@ def test_fast_max_pool_routes_a_nan_window_like_the_reference(nan_at):
         y.backward(dy)
         grads.append(t.grad)
     numpy.testing.assert_array_equal(grads[0], grads[1])
+
+
+# 10. a Ctrl-C at the wrong instant inside parallel.map --------------------------------------------------
+
+_INTERRUPT_EVERY_LINE = r"""
+import os, sys, threading, time
+import numpy
+from tinybn.fast import blas, parallel
+
+parallel._cores = lambda: 3          # a worker even on a 1-core machine
+parallel.set_threads(3)
+blas_before = blas.get_threads()
+block = numpy.ones(200_000)
+
+def piece(k):
+    numpy.exp(block)
+    return k
+
+def interrupt_at(line):
+    count = [0]
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename != parallel.__file__:
+            return None
+        if event == "line":
+            count[0] += 1
+            if count[0] == line:
+                raise KeyboardInterrupt
+        return tracer
+    return tracer
+
+line, interrupted = 0, 0
+while True:                          # a KeyboardInterrupt before each line map runs, one at a time
+    line += 1
+    sys.settrace(interrupt_at(line))
+    try:
+        parallel.map(piece, range(12))
+        finished = True
+    except KeyboardInterrupt:
+        finished, interrupted = False, interrupted + 1
+    finally:
+        sys.settrace(None)
+    assert parallel.map(piece, range(12)) == list(range(12)), line
+    assert blas.get_threads() == blas_before, (line, blas.get_threads())
+    if finished:
+        break
+
+resting = threading.Thread(target=parallel.rest, daemon=True)
+resting.start()
+resting.join(5)
+assert not resting.is_alive(), "parallel.rest() deadlocked"
+time.sleep(0.3)                      # the watchdog's turn
+
+def cpu_ticks():
+    ticks = {}
+    for thread in threading.enumerate():
+        if thread.name == "tinybn-worker":
+            with open(f"/proc/self/task/{thread.native_id}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            ticks[thread.native_id] = int(fields[11]) + int(fields[12])   # utime + stime
+    return ticks
+
+first = cpu_ticks()
+time.sleep(1.0)
+spinning = {tid: ticks - first[tid] for tid, ticks in cpu_ticks().items() if ticks - first.get(tid, ticks) > 20}
+assert not spinning, f"workers still spinning: {spinning} ticks in 1 s"
+print("interrupted", interrupted, "of", line, "lines")
+"""
+
+
+@pytest.mark.skipif(not tinybn.fast.parallel._spin or not __import__("os").path.exists("/proc/self/task"),
+                    reason="needs pthread spin locks and Linux's /proc")
+def test_keyboard_interrupt_at_any_line_of_parallel_map_leaves_the_pool_usable():
+    """A KeyboardInterrupt between acquiring map's lock and its try (or in its finally before the release) left
+    the lock held: a worker spun at 100 % of a core forever and parallel.rest() deadlocked. Here an interrupt is
+    raised before each line of tinybn/fast/parallel.py that map runs, one run per line; after each, the pool
+    must work and OpenBLAS have its thread count, and at the end rest() must return and no worker spin."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _INTERRUPT_EVERY_LINE], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    interrupted = int(done.stdout.split()[1])
+    assert interrupted > 20, done.stdout
+
+
+# 11. using tinybn changes the whole process ------------------------------------------------------------
+
+_USE_TINYBN = r"""
+import numpy, threadpoolctl
+def blas_threads():
+    return [(pool["internal_api"], pool["num_threads"]) for pool in threadpoolctl.threadpool_info()]
+found = (blas_threads(), numpy.get_printoptions(), numpy.geterr())
+import matplotlib
+backend = matplotlib.get_backend()
+import tinybn
+from tinybn.train import TrainConfig, train
+assert (blas_threads(), numpy.get_printoptions(), numpy.geterr()) == found, "import tinybn changed something"
+rng = numpy.random.default_rng(0)
+data = (rng.integers(0, 256, (600, 1, 28, 28), numpy.uint8), rng.integers(0, 10, 600),
+        rng.integers(0, 256, (200, 1, 28, 28), numpy.uint8), rng.integers(0, 10, 200))
+import sys, tempfile
+with tempfile.TemporaryDirectory() as out:
+    train(TrainConfig(epochs=1, batch_size=64, out=out, progress=False, plot=True), log=lambda *a: None, data=data)
+after = (blas_threads(), numpy.get_printoptions(), numpy.geterr())
+assert after == found, (found, after)
+assert matplotlib.get_backend() == backend, (backend, matplotlib.get_backend())
+assert tinybn.fast.memory._outcome is None, "mallopt was called"
+print("unchanged", found[0])
+"""
+
+
+def test_using_tinybn_from_python_leaves_blas_numpy_allocator_and_matplotlib_as_found():
+    """The first fast op put NumPy's OpenBLAS on one thread for the whole process and changed glibc's mallopt
+    thresholds; train() changed NumPy's print options and matplotlib's backend. Only tune_process() (and the
+    command line) may change process-wide state now."""
+    pytest.importorskip("threadpoolctl")
+    pytest.importorskip("matplotlib")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MPLBACKEND="svg")      # a backend train() would notice if it switched to Agg
+    done = subprocess.run([sys.executable, "-c", _USE_TINYBN], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("unchanged")

@@ -262,6 +262,8 @@ def run(args) -> int:
         fast.set_enabled(False)
     if args.threads:
         _set_threads(args.threads)
+    from .__main__ import tune_process
+    tune_process()
     device = backend.resolve_device(args.device)[0]
     dtype = numpy.dtype(args.dtype)
     images, labels, source = sample_batch(args.batch_size)
@@ -366,6 +368,8 @@ def _rss_probe(spec: str) -> None:
     rng = numpy.random.default_rng(0)
     images, labels = rng.random((batch_size, 1, 28, 28), numpy.float32), rng.integers(0, 10, batch_size)
     if framework == "tinybn":
+        if fast.enabled():
+            fast.tune_process()     # as in the timed run
         runner = TinybnRunner(model, images, labels, "cpu", numpy.dtype(dtype))
     else:
         import torch

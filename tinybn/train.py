@@ -144,14 +144,13 @@ def write_metrics(out: Path, config: TrainConfig, history: list[dict]) -> None:
 def plot_history(path: Path, history: list[dict], title: str = "", log=print) -> bool:
     """Loss, train accuracy and test accuracy against epoch, as the chapter's animated plot shows."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # not pyplot: the caller's matplotlib backend and state stay as they are
     except ImportError:
         log("matplotlib is not installed, so no plot was written; `pip install 'tinybn[plot]'` adds it")
         return False
     epochs = [row["epoch"] for row in history]
-    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    fig = Figure(figsize=(4.5, 3.2), dpi=120)
+    ax = fig.subplots()
     ax.plot(epochs, [row["train_loss"] for row in history], label="train loss")
     ax.plot(epochs, [row["train_acc"] for row in history], "--", label="train acc")
     ax.plot(epochs, [row["test_acc"] for row in history], "-.", label="test acc")
@@ -163,7 +162,6 @@ def plot_history(path: Path, history: list[dict], title: str = "", log=print) ->
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return True
 
 
@@ -244,9 +242,9 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
         log(f"{last['examples_per_sec']:.1f} examples/sec on {device}")
         bn = first_batch_norm(model)
         if bn is not None:
-            numpy.set_printoptions(precision=4, suppress=True)
-            log(f"first BN layer gamma: {bn.gamma.numpy().reshape(-1)}")
-            log(f"first BN layer beta:  {bn.beta.numpy().reshape(-1)}")
+            with numpy.printoptions(precision=4, suppress=True):  # NumPy's global options stay the caller's
+                log(f"first BN layer gamma: {bn.gamma.numpy().reshape(-1)}")
+                log(f"first BN layer beta:  {bn.beta.numpy().reshape(-1)}")
         if config.plot and plot_history(out / "metrics.png", history, f"{config.model}, lr {config.lr:g}", log):
             log(f"wrote {out / 'metrics.png'}, {out / 'metrics.csv'}, {out / 'metrics.json'}, {ckpt_path}")
     return {"history": history, "checkpoint": ckpt_path, "model": model}

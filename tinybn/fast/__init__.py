@@ -22,6 +22,10 @@ Which ops have a fast path, and when (all on NumPy arrays; anything else runs th
 
 The fast paths share their work among ``TINYBN_NUM_THREADS`` threads (default: every core this
 process may use), the calling one included; see :mod:`tinybn.fast.parallel`.
+
+Using tinybn changes nothing outside it: NumPy's OpenBLAS gets its thread count back after every
+fast op, and the allocator is left alone. A program that trains with tinybn and little else may ask
+for process-wide tuning on purpose with :func:`tune_process` (the ``tinybn`` command line does).
 """
 from __future__ import annotations
 
@@ -34,10 +38,10 @@ import numpy
 from ..functional import activation, batchnorm, conv, pooling
 from ..functional._util import pair
 from ..tensor import Tensor
-from . import cpu, parallel
+from . import blas, cpu, memory, parallel
 from .memory import keep_freed_memory
 
-__all__ = ["choose", "disabled", "enabled", "set_enabled"]
+__all__ = ["choose", "disabled", "enabled", "set_enabled", "tune_process"]
 
 _FALSE = ("0", "false", "no", "off")
 _enabled = os.environ.get("TINYBN_FAST", "1").strip().lower() not in _FALSE
@@ -49,15 +53,31 @@ def enabled() -> bool:
 
 
 def set_enabled(flag: bool) -> None:
-    """Use the fast paths (True) or only the readable reference (False).
-
-    Switching them off also gives NumPy's OpenBLAS back the thread count it had, since the reference
-    kernels rely on it for their products (see :mod:`tinybn.fast.parallel`).
-    """
+    """Use the fast paths (True) or only the readable reference (False)."""
     global _enabled
     _enabled = bool(flag)
-    if not _enabled:
-        parallel.release_blas()
+
+
+def tune_process() -> list[str]:
+    """Tune the whole process for tinybn's fast paths, on purpose; returns what was changed, one line each.
+
+    * NumPy's OpenBLAS is put on one thread for good (it otherwise gets one only while a fast op runs,
+      and its threads keep spinning for about 0.1 s after every other product, stealing the cores the
+      fast paths' threads need): every NumPy product in the process then runs on one core;
+    * glibc's ``malloc`` keeps freed blocks of up to 32 MiB for reuse (``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``)
+      instead of returning them to the kernel, so each step stops paying page faults for its big arrays
+      (see :mod:`tinybn.fast.memory`). This cannot be undone.
+
+    Library code never calls this; the ``tinybn`` command line does, and says so.
+    """
+    changes = []
+    before = blas.get_threads()
+    if before is not None and before > 1 and blas.set_threads(1):
+        changes.append(f"NumPy's OpenBLAS runs on 1 thread (was {before})")
+    if keep_freed_memory():
+        changes.append(f"glibc malloc keeps freed blocks up to {memory.MMAP_THRESHOLD >> 20} MiB "
+                       f"(mmap threshold) and {memory.TRIM_THRESHOLD >> 20} MiB at the heap top (trim threshold)")
+    return changes
 
 
 @contextlib.contextmanager
@@ -125,8 +145,6 @@ def choose(forward, backward, inputs, params):
         applies, fast_forward, fast_backward = entry
         try:
             if applies(*_arrays(inputs), **params):
-                keep_freed_memory()
-                parallel.own_blas()
                 return fast_forward, fast_backward
         except (TypeError, ValueError):  # malformed arguments: let the reference raise its own error
             pass

@@ -7,6 +7,8 @@ tens of megabytes, and whether it does depends on the history of earlier allocat
 here, the same LeNet-BN step took 46 or 62 ms from one process to the next. Fixing the thresholds
 makes blocks up to 32 MiB come from the reusable heap, and the step time steady.
 
+This is process-wide and cannot be undone, so tinybn never does it on its own: only
+:func:`tinybn.fast.tune_process` (called by the ``tinybn`` command line) does.
 Only glibc (Linux) has ``mallopt``; elsewhere this does nothing.
 """
 from __future__ import annotations

@@ -11,11 +11,11 @@ Two details make this pay off on small machines, where one hand-off can cost mor
   not by sleeping: waking a sleeping thread took about 0.1 ms on the 2-vCPU development machine,
   as long as a whole pooling layer. After ``IDLE_SPIN_SECONDS`` without work a watchdog puts them
   to sleep, so an idle program does not keep a core busy; :func:`rest` does it at once.
-* **OpenBLAS runs on one thread per caller** from the first fast op on (:func:`own_blas`), until
-  the fast paths are switched off, which restores its thread count (:func:`release_blas`). Its own
-  workers would otherwise spin on the same cores after every product and stall ours, and the pieces
-  already spread the products over the cores. NumPy products elsewhere in the program run on one
-  thread meanwhile.
+* **OpenBLAS runs on one thread while the pieces run**, and gets its thread count back when
+  :func:`map` returns: its own workers would otherwise spin on the same cores after every product
+  and stall ours, and the pieces already spread the products over the cores. Between maps it spins
+  all the same after the program's other products; :func:`tinybn.fast.tune_process` (which the
+  ``tinybn`` command line calls) keeps it on one thread for the whole process instead.
 
 ``TINYBN_NUM_THREADS`` (or :func:`set_threads`) sets the number of threads, the caller included;
 the default is the number of cores this process may run on. More threads than cores cut the work
@@ -101,9 +101,10 @@ class _Job:
         self.function, self.items = function, items
         self.results = [None] * len(items)
         self.counter = itertools.count()            # next(...) is atomic under the GIL
+        self.lock = threading.Lock()               # guards closed and joined
         self.closed = False                        # set by the caller once no piece is left
         self.joined = 0                            # workers inside take_pieces
-        self.left = _Gate()                        # opened when the last worker leaves
+        self.left = _Gate()                        # opened when the last worker leaves a closed job
         self.error = None
 
     def take_pieces(self):
@@ -116,53 +117,81 @@ class _Job:
                 self.error = error
 
     def join_as_worker(self):
-        if self.closed:         # the caller finished every piece before this worker got going
-            return
-        self.joined += 1
+        with self.lock:
+            if self.closed:     # the caller finished every piece before this worker got going
+                return
+            self.joined += 1
         try:
             self.take_pieces()
         finally:
-            self.joined -= 1
-            if self.joined == 0 and self.closed:
+            with self.lock:
+                self.joined -= 1
+                last = self.joined == 0 and self.closed
+            if last:
                 self.left.open()
+
+    def finish(self):
+        """Close the job to newcomers and wait for the workers inside it (each finishes its piece).
+        Called again after an interruption, it does not wait twice for the one opening of ``left``."""
+        with self.lock: wait = self._close()  # noqa: E701 - one line: no interrupt while the lock is held
+        if wait:
+            self.left.wait()
+
+    def _close(self) -> bool:
+        """Close the job; whether the caller must wait for workers (first close, some inside)."""
+        first = not self.closed
+        self.closed = True
+        return first and self.joined > 0
 
 
 class _Worker:
+    """A resident thread that sleeps (no CPU) until a job is posted, then spins on its gate between jobs
+    until told to rest. Only :func:`map` posts, and only while a watchdog runs that will rest it."""
+
     def __init__(self):
         self.gate = _Gate()
         self.job = None
-        self.asleep, self.alarm = False, threading.Lock()
-        self.alarm.acquire()
+        self.wake = threading.Event()
         threading.Thread(target=self._loop, daemon=True, name="tinybn-worker").start()
 
     def _loop(self):
         while True:
-            self.gate.wait()                       # spins, GIL released
-            job = self.job
-            if job is None:                        # told to rest: sleep until the next job
-                self.asleep = True
-                self.alarm.acquire()
-                continue
-            job.join_as_worker()
+            self.wake.wait()                       # asleep
+            while True:
+                self.gate.wait()                   # spins, GIL released
+                job = self.job
+                if job is None:                    # told to rest
+                    break
+                job.join_as_worker()
+            # Cleared only here, on the way to sleep: a wake-up posted while awake must not make a later
+            # rest end in a spin that no watchdog would stop.
+            self.wake.clear()
+
+    @property
+    def asleep(self) -> bool:
+        return not self.wake.is_set()
 
     def post(self, job):
         self.job = job
         self.gate.open()
-        if self.asleep:
-            self.asleep = False
-            self.alarm.release()
+        self.wake.set()
 
     def rest(self):
-        if not self.asleep and self.job is not None:
-            self.job = None
-            self.gate.open()
+        self.job = None
+        self.gate.open()
 
 
+# The pool's state. Every change to it is written so that an exception before any line (KeyboardInterrupt
+# included) leaves it usable: a map owns the workers while _owner is its token, and gives them back in a
+# cleanup that runs again if it was itself interrupted; a worker that missed a post or a rest only sleeps
+# longer; and a worker spins only while a watchdog runs.
 _threads = _threads_from_environment()
 _workers: list[_Worker] = []
-_running = threading.Lock()                        # one map at a time; a nested or concurrent one runs serially
+_claim = threading.Lock()                          # held only to test-and-set _owner, and by the watchdog
+_owner = None                                      # the token of the map sharing its pieces; others run serially
 _last_used = 0.0
 _watchdog = None
+_blas_before = None                                # OpenBLAS's thread count while a map has it on one
 
 
 def threads() -> int:
@@ -193,44 +222,80 @@ def pieces(count: int, smallest: int = 1) -> list[range]:
 
 
 def map(function, items) -> list:  # noqa: A001 - the name says what it does
-    """``[function(item) for item in items]``, the items shared out among the threads; results in order."""
-    global _last_used
+    """``[function(item) for item in items]``, the items shared out among the threads; results in order.
+
+    While the pieces run, NumPy's OpenBLAS runs on one thread (each piece is already one thread's work,
+    and OpenBLAS's own spinning threads would take the cores); its thread count is restored before
+    this returns or raises.
+    """
     items = list(items)
     running = _running_threads()
-    if len(items) <= 1 or running == 1 or _spin is None or not _running.acquire(blocking=False):
+    if len(items) <= 1 or running == 1 or _spin is None:
         return [function(item) for item in items]
+    token, job = object(), None
     try:
-        _start_workers(running - 1)
-        job = _Job(function, items)
-        for worker in _workers[:running - 1]:
-            worker.post(job)
-        job.take_pieces()
-        job.closed = True                          # under the GIL: no worker joins after this line
-        if job.joined:
-            job.left.wait()
-        if job.error is not None:
-            raise job.error
-        return job.results
+        try:
+            with _claim: _take(token)  # noqa: E701 - one line: no interrupt between taking and releasing
+            if _owner is not token:                # nested in a piece, or another thread's map is running
+                return [function(item) for item in items]
+            _ensure_watchdog()                     # before any worker spins for this job
+            _blas_on_one_thread()
+            while len(_workers) < running - 1:
+                _workers.append(_Worker())
+            job = _Job(function, items)
+            for worker in _workers[:running - 1]:
+                worker.post(job)
+            job.take_pieces()
+            job.finish()
+            if job.error is not None:
+                raise job.error
+            return job.results
+        finally:
+            if _owner is token:
+                _give_back(job)
+    finally:
+        if _owner is token:                        # the cleanup above was itself interrupted: once more
+            _give_back(job)
+
+
+def _take(token) -> None:
+    global _owner
+    if _owner is None: _owner = token  # noqa: E701 - one statement, so it is taken entirely or not at all
+
+
+def _give_back(job) -> None:
+    """End the map that owns the pool (idempotent): its workers leave the job, OpenBLAS gets its
+    threads back, and the pool is free. Each step runs even when the one before it raised."""
+    global _owner, _last_used
+    try:
+        try:
+            if job is not None:
+                job.finish()
+        finally:
+            _blas_restore()
     finally:
         _last_used = time.perf_counter()
-        _running.release()
+        _owner = None
 
 
 def rest() -> None:
-    """Stop the workers spinning now, e.g. before timing other code; they wake on the next :func:`map`."""
-    with _running:
-        for worker in _workers:
-            worker.rest()
+    """Stop the workers spinning now, e.g. before timing other code; they wake on the next :func:`map`.
+
+    Safe at any time: a worker told to rest during a map leaves its pieces to the others.
+    """
+    for worker in list(_workers):
+        worker.rest()
+    if _owner is None:
+        _blas_restore()
 
 
-def _start_workers(count):
-    """Called under ``_running``: at least ``count`` workers, and a watchdog while they spin."""
+def _ensure_watchdog():
+    """Start a watchdog unless one runs (called by the pool's owner, so a running one cannot end meanwhile)."""
     global _watchdog
-    while len(_workers) < count:
-        _workers.append(_Worker())
     if _watchdog is None:
-        _watchdog = threading.Thread(target=_watch, daemon=True, name="tinybn-watchdog")
-        _watchdog.start()
+        watchdog = threading.Thread(target=_watch, daemon=True, name="tinybn-watchdog")
+        watchdog.start()
+        _watchdog = watchdog   # after start: interrupted in between, the next map starts another (harmless)
 
 
 def _watch():
@@ -239,44 +304,39 @@ def _watch():
     global _watchdog
     while True:
         time.sleep(IDLE_SPIN_SECONDS)
-        if _running.acquire(blocking=False):   # no map running now
-            try:
-                if time.perf_counter() - _last_used > IDLE_SPIN_SECONDS:
-                    for worker in _workers:
-                        worker.rest()
+        with _claim:
+            if _owner is None and time.perf_counter() - _last_used > IDLE_SPIN_SECONDS:
+                for worker in list(_workers):
+                    worker.rest()
+                if _watchdog is threading.current_thread():
                     _watchdog = None
-                    return
-            finally:
-                _running.release()
+                return
 
 
-_blas_before = None       # OpenBLAS's thread count before own_blas, restored by release_blas
-
-
-def own_blas() -> None:
-    """Put OpenBLAS on one thread per caller, until :func:`release_blas` (see the module docstring)."""
+def _blas_on_one_thread() -> None:
     global _blas_before
-    if _blas_before is None:
-        _blas_before = blas.get_threads() or 0
-        if _blas_before > 1:
-            blas.set_threads(1)
+    if _blas_before is None:                       # else a map interrupted before restoring: keep its value
+        count = blas.get_threads()
+        if count is None or count <= 1:
+            return
+        _blas_before = count
+    blas.set_threads(1)
 
 
-def release_blas() -> None:
-    """Give OpenBLAS back the thread count it had before :func:`own_blas` (when the fast paths are switched off)."""
+def _blas_restore() -> None:
     global _blas_before
     if _blas_before is not None:
-        if _blas_before > 1:
-            blas.set_threads(_blas_before)
+        blas.set_threads(_blas_before)
         _blas_before = None
 
 
 def _forget_workers():
     """In a forked child the workers' threads do not exist: start afresh."""
-    global _watchdog, _running
+    global _watchdog, _claim, _owner
     _workers.clear()
     _watchdog = None
-    _running = threading.Lock()
+    _claim = threading.Lock()
+    _owner = None
 
 
 if hasattr(os, "register_at_fork"):
