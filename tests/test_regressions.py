@@ -469,3 +469,30 @@ def test_using_tinybn_from_python_leaves_blas_numpy_allocator_and_matplotlib_as_
     done = subprocess.run([sys.executable, "-c", _USE_TINYBN], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("unchanged")
+
+
+# gradcheck perturbs through indices ---------------------------------------------------------------------
+
+
+def _backward_returning(rule):
+    from tinybn.tensor import Cache, apply
+    return lambda t: apply(lambda a: (a * 2.0, Cache()), lambda dy, cache: (rule(dy),), t)
+
+
+def test_gradcheck_checks_a_non_contiguous_float64_leaf():
+    """gradcheck perturbed x.data.reshape(-1), a copy for a strided leaf: every numerical derivative was 0, so a
+    backward returning zeros passed, and a right one failed."""
+    base = rng.standard_normal((4, 6))
+    leaf = lambda: tinybn.Tensor(base.T, requires_grad=True)       # noqa: E731 - an F-ordered view, not copied
+    assert not leaf().data.flags.c_contiguous
+    assert tinybn.gradcheck(_backward_returning(lambda dy: dy * 2.0), [leaf()])["ok"]
+    for wrong in (lambda dy: dy * 0.0, lambda dy: dy * 3.0):
+        with pytest.raises(AssertionError, match="input 0"):
+            tinybn.gradcheck(_backward_returning(wrong), [leaf()])
+    strided = tinybn.Tensor(rng.standard_normal((5, 8))[::2, 1::3], requires_grad=True)
+    assert tinybn.gradcheck(lambda t: F.sigmoid(t) * t, [strided])["ok"]
+
+
+def test_gradcheck_accepts_an_empty_leaf():
+    report = tinybn.gradcheck(lambda t: t * 2.0, [tinybn.Tensor(numpy.zeros((0, 3)), requires_grad=True)])
+    assert report["ok"] and report["where"] is None

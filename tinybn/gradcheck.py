@@ -71,23 +71,27 @@ def gradcheck(fn, inputs, *, eps: float = 1e-6, atol: float = 1e-6, rtol: float 
     for i in checked:
         x = inputs[i]
         analytic = backend.to_numpy(x.grad) if x.grad is not None else numpy.zeros(x.shape)
+        if analytic.shape != x.shape:
+            raise GradcheckError(f"gradient check failed: input {i} has shape {x.shape} but its gradient {analytic.shape}")
         numeric = numpy.zeros(x.shape)
-        flat = x.data.reshape(-1)  # a view: perturbing it perturbs x
-        for k in range(flat.size):
-            original = float(flat[k])
-            flat[k] = original + eps
+        # Perturb through the index: x.data may be any strided view (x.data.reshape(-1) would then be a copy,
+        # and perturbing the copy would check nothing).
+        for index in numpy.ndindex(*x.shape):
+            original = float(x.data[index])
+            x.data[index] = original + eps
             plus = objective()
-            flat[k] = original - eps
+            x.data[index] = original - eps
             minus = objective()
-            flat[k] = original
-            numeric.reshape(-1)[k] = (plus - minus) / (2 * eps)
+            x.data[index] = original
+            numeric[index] = (plus - minus) / (2 * eps)
         error = numpy.abs(analytic - numeric)
-        worst = int(error.argmax()) if error.size else 0
-        index = numpy.unravel_index(worst, x.shape) if x.shape else ()
-        abs_err = float(error.reshape(-1)[worst]) if error.size else 0.0
-        rel_err = abs_err / max(float(abs(numeric.reshape(-1)[worst])), 1e-12) if error.size else 0.0
+        if error.size == 0:  # an empty input: its (empty) gradient has the right shape, nothing else to compare
+            continue
+        worst = numpy.unravel_index(int(error.argmax()), x.shape)
+        abs_err = float(error[worst])
+        rel_err = abs_err / max(float(abs(numeric[worst])), 1e-12)
         if abs_err >= report["worst_abs"]:
-            report.update(worst_abs=abs_err, worst_rel=rel_err, where=f"input {i}, index {tuple(map(int, index))}")
+            report.update(worst_abs=abs_err, worst_rel=rel_err, where=f"input {i}, index {tuple(map(int, worst))}")
         bad = error > atol + rtol * numpy.abs(numeric)
         if bad.any():
             k = int(numpy.argmax(numpy.where(bad, error, -1.0)))
