@@ -5,6 +5,7 @@ import pytest
 import tinybn
 from tinybn import backend
 
+import props  # noqa: F401 - registers the Hypothesis profiles (CI budget, TINYBN_EXPLORE)
 from strict_xp import strict
 
 backend.register_array_module("strict", strict)

@@ -52,10 +52,22 @@ def test_prediction_mode_uses_and_keeps_moving_averages(device):
 def test_training_output_is_standardized_per_channel(device):
     x = rng.standard_normal((8, 3, 4, 4)) * numpy.array([1, 10, 0.1]).reshape(1, 3, 1, 1) + 7
     y, _, _ = F.batch_norm(make(x, device), make(numpy.ones(3), device), make(numpy.zeros(3), device),
-                           make(numpy.zeros(3), device), make(numpy.ones(3), device), training=True, eps=0.0)
+                           make(numpy.zeros(3), device), make(numpy.ones(3), device), training=True, eps=1e-12)
     y = y.numpy()
     numpy.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0, atol=1e-12)
     numpy.testing.assert_allclose(y.std(axis=(0, 2, 3)), 1, rtol=1e-10)
+
+
+def test_eps_must_be_positive_in_training(device):
+    """As in PyTorch: with eps = 0 a constant channel (σ² = 0) would give NaN outputs."""
+    ones = make(numpy.ones(2), device)
+    x = make(numpy.ones((4, 2)), device)
+    with pytest.raises(ValueError, match="eps must be positive in training mode"):
+        F.batch_norm(x, ones, ones, ones, ones, training=True, eps=0.0)
+    y, _, _ = F.batch_norm(x, ones, ones, ones, ones, training=False, eps=0.0)    # σ² from the moving average
+    assert numpy.isfinite(y.numpy()).all()
+    with pytest.raises(ValueError, match="eps must be positive"):
+        nn.BatchNorm2d(3, eps=0.0)
 
 
 def test_variance_is_stable_for_large_means(device):

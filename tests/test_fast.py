@@ -103,8 +103,9 @@ CASES = [
 
 
 def tensors(case, dtype):
-    return [tinybn.tensor(numpy.asarray(a, dtype=dtype) if numpy.asarray(a).dtype.kind == "f" else a,
-                          requires_grad=needs) for a, needs in case.args]
+    """The case's arrays in ``dtype``, keeping their memory layout (tinybn.tensor would copy to C order)."""
+    return [tinybn.Tensor(a.astype(dtype, order="K") if a.dtype.kind == "f" else a, requires_grad=needs)
+            for a, needs in case.args]
 
 
 def reference(call):

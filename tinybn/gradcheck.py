@@ -110,20 +110,29 @@ def assert_same(fn_fast, fn_reference, inputs, *, atol: float = 1e-6, rtol: floa
                 check_grad: bool = True) -> None:
     """Assert that two implementations give the same output and the same input gradients.
 
-    Both functions get fresh copies of ``inputs``; gradients are taken with one shared random
-    upstream gradient. A failure names what differs (output or which input's gradient) and where.
+    Both functions get fresh tensors over the very arrays of ``inputs`` (not copies, so that each input's
+    memory layout reaches both), and neither may change them; gradients are taken with one shared
+    random upstream gradient. A failure names what differs (output or which input's gradient) and where.
     """
+    before = [backend.to_numpy(v.data).copy() if isinstance(v, Tensor) else None for v in inputs]
+
     def run(fn):
-        copies = [Tensor(v.data.copy(), requires_grad=v.requires_grad) if isinstance(v, Tensor) else v for v in inputs]
+        fresh = [Tensor(v.data, requires_grad=v.requires_grad) if isinstance(v, Tensor) else v for v in inputs]
         with enable_grad():
-            out = _first_output(fn(*copies))
-        return copies, out
+            out = _first_output(fn(*fresh))
+        return fresh, out
 
     fast_inputs, fast_out = run(fn_fast)
     ref_inputs, ref_out = run(fn_reference)
     _assert_close("output", fast_out.data, ref_out.data, atol, rtol)
-    if not check_grad or not ref_out.requires_grad:
-        return
+    if check_grad and ref_out.requires_grad:
+        _assert_same_gradients(fast_inputs, fast_out, ref_inputs, ref_out, atol, rtol, seed)
+    for i, (value, original) in enumerate(zip(inputs, before)):
+        if original is not None and not numpy.array_equal(backend.to_numpy(value.data), original, equal_nan=True):
+            raise AssertionError(f"input {i} was changed by one of the implementations")
+
+
+def _assert_same_gradients(fast_inputs, fast_out, ref_inputs, ref_out, atol, rtol, seed):
     dy = backend.to_device(numpy.random.default_rng(seed).standard_normal(ref_out.shape), ref_out.device)
     dy = dy.astype(ref_out.dtype)
     fast_out.backward(dy)
