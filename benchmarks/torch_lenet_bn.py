@@ -10,7 +10,7 @@ import time
 import torch
 from torch import nn
 
-from tinybn.data import load_fashion_mnist
+from tinybn.app.data import load_fashion_mnist
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--epochs", type=int, default=10)

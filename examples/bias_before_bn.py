@@ -7,7 +7,7 @@ input gradient sums to 0 over each channel), and the bias never moves. β plays 
 import numpy
 
 import tinybn
-from tinybn.models import build_lenet
+from tinybn.app.models import build_lenet
 
 import common
 

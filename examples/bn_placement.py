@@ -1,6 +1,6 @@
 """Exercise 3: batch norm after every hidden layer against batch norm in only some of them."""
 import common
-from tinybn.models import build_lenet
+from tinybn.app.models import build_lenet
 
 args = common.parser(__doc__.splitlines()[0]).parse_args()
 out, data = common.setup(args, "bn_placement")

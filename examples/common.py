@@ -5,7 +5,8 @@ import argparse
 from pathlib import Path
 
 import tinybn
-from tinybn.train import TrainConfig, train
+from tinybn.app.data import load_fashion_mnist
+from tinybn.app.train import Diverged, TrainConfig, train
 
 
 def parser(description: str, epochs: int = 10) -> argparse.ArgumentParser:
@@ -28,7 +29,7 @@ def setup(args, name: str):
     out.mkdir(parents=True, exist_ok=True)
     for change in tinybn.fast.tune_process():   # a script owns its process; see tinybn.fast.tune_process
         print(f"tuned this process: {change}")
-    return out, tinybn.data.load_fashion_mnist(args.data)
+    return out, load_fashion_mnist(args.data)
 
 
 def run_variant(args, data, out, label: str, build, lr: float | None = None, progress=False) -> list[dict]:
@@ -42,7 +43,7 @@ def run_variant(args, data, out, label: str, build, lr: float | None = None, pro
     try:
         return train(config, log=lambda line: print("   ", line) if line.startswith("epoch") else None,
                      data=data, model=model)["history"]
-    except tinybn.train.Diverged as error:
+    except Diverged as error:
         print(f"    diverged: {error}")
         return []
 

@@ -1,6 +1,6 @@
 """Exercise 4: replace batch norm with dropout — does it help as much?"""
 import common
-from tinybn.models import build_lenet
+from tinybn.app.models import build_lenet
 
 p = common.parser(__doc__.splitlines()[0])
 p.add_argument("--p", type=float, default=0.5, help="dropout probability")

@@ -1,6 +1,6 @@
 """Exercise 5: fix γ = 1 and β = 0 (not trained) and compare with learned ones."""
 import common
-from tinybn.models import build_lenet
+from tinybn.app.models import build_lenet
 
 args = common.parser(__doc__.splitlines()[0]).parse_args()
 out, data = common.setup(args, "fixed_gamma_beta")

@@ -1,6 +1,6 @@
 """Exercise 2: learning rates for LeNet with and without BN — how fast accuracy rises, and how large lr can go."""
 import common
-from tinybn.models import build_lenet
+from tinybn.app.models import build_lenet
 
 p = common.parser(__doc__.splitlines()[0])
 p.add_argument("--rates", default="0.1,0.3,1,3,10,30", help="comma-separated learning rates to sweep")

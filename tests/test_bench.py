@@ -18,8 +18,9 @@ def test_bench_json_and_profile():
     entry = result["frameworks"]["tinybn"]
     assert entry["train"] > 0 and entry["predict"] > 0 and entry["peak_memory_mb"] > 0
     assert result["fast_paths"] is True
-    ops = {row["op"] for row in result["profile"]}
-    assert {"conv2d", "batch_norm", "max_pool2d", "linear", "sigmoid", "cross_entropy"} <= ops
+    ran = {(row["op"], row["implementation"]) for row in result["profile"]}
+    assert {("conv2d", "fast"), ("batch_norm", "fast"), ("batch_norm", "reference"), ("max_pool2d", "fast"),
+            ("linear", "reference"), ("sigmoid", "fast"), ("cross_entropy", "reference")} <= ran
 
 
 @pytest.mark.parametrize("variant", ["builtin", "scratch"])
@@ -44,7 +45,7 @@ def test_threads_option_limits_numpys_openblas():
     back through OpenBLAS's own getter rather than through tinybn's)."""
     code = """
 import ctypes, sys
-from tinybn import bench
+from tinybn.app import bench
 bench._set_threads(1)
 paths = {l.split()[-1] for l in open("/proc/self/maps") if "openblas" in l.rsplit("/", 1)[-1]}
 for path in paths:

@@ -8,7 +8,7 @@ import numpy
 import pytest
 
 import tinybn
-from tinybn import data
+from tinybn.app import data
 
 HAVE_DATA = all((data.DEBIAN_DIR / name).is_file() for name, _, _ in data.FILES.values())
 needs_data = pytest.mark.skipif(not HAVE_DATA, reason="Debian's dataset-fashion-mnist is not installed")
@@ -102,23 +102,23 @@ def test_real_fashion_mnist_loads_and_verifies():
 def test_loader_batches_shuffling_and_last_batch_policy():
     images = numpy.arange(10 * 4, dtype=numpy.uint8).reshape(10, 1, 2, 2)
     labels = numpy.arange(10)
-    keep = tinybn.data.DataLoader(images, labels, 4, shuffle=True, seed=3)
+    keep = data.DataLoader(images, labels, 4, shuffle=True, seed=3)
     assert [len(y) for _, y in keep] == [4, 4, 2]
-    first = numpy.concatenate([y.numpy() for _, y in tinybn.data.DataLoader(images, labels, 4, shuffle=True, seed=3)])
-    again = numpy.concatenate([y.numpy() for _, y in tinybn.data.DataLoader(images, labels, 4, shuffle=True, seed=3)])
+    first = numpy.concatenate([y.numpy() for _, y in data.DataLoader(images, labels, 4, shuffle=True, seed=3)])
+    again = numpy.concatenate([y.numpy() for _, y in data.DataLoader(images, labels, 4, shuffle=True, seed=3)])
     numpy.testing.assert_array_equal(first, again)
     assert sorted(first.tolist()) == list(range(10)) and first.tolist() != list(range(10))
-    assert [len(y) for _, y in tinybn.data.DataLoader(images, labels, 4, last_batch="drop")] == [4, 4]
+    assert [len(y) for _, y in data.DataLoader(images, labels, 4, last_batch="drop")] == [4, 4]
     # 9 examples in batches of 4 leave one: never fed to batch norm in training
-    assert [len(y) for _, y in tinybn.data.DataLoader(images[:9], labels[:9], 4, min_batch=2)] == [4, 4]
+    assert [len(y) for _, y in data.DataLoader(images[:9], labels[:9], 4, min_batch=2)] == [4, 4]
     x, _ = next(iter(keep))
     assert x.dtype == numpy.float32 and float(x.numpy().max()) <= 1.0
     with pytest.raises(ValueError, match="last_batch"):
-        tinybn.data.DataLoader(images, labels, 4, last_batch="merge")
+        data.DataLoader(images, labels, 4, last_batch="merge")
 
 
 def test_loader_on_device(device):
     images = numpy.zeros((6, 1, 2, 2), numpy.uint8)
-    loader = tinybn.data.DataLoader(images, numpy.arange(6), 4, device=device)
+    loader = data.DataLoader(images, numpy.arange(6), 4, device=device)
     x, y = next(iter(loader))
     assert x.device == tinybn.backend.resolve_device(device)[0] and y.device == x.device

@@ -17,9 +17,9 @@ import numpy
 import pytest
 
 import tinybn
-from tinybn import fast
+from tinybn import fast, ops
 from tinybn import functional as F
-from tinybn.models import build_model
+from tinybn.app.models import build_model
 from tinybn.optim import SGD
 
 from conftest import Samples
@@ -115,24 +115,16 @@ def reference(call):
     return run
 
 
+def ran(call, *args):
+    """The (op, label) of every forward that ran during ``call(*args)``."""
+    with ops.observe(ops.Recorder()) as recorder:
+        call(*args)
+    return [(implementation.op, implementation.label) for implementation, phase in recorder.calls if phase == "forward"]
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_fast_path_is_chosen(case):
-    reference_forward = getattr(F, case.op).__globals__[f"{case.op}_forward"]
-    recorded = []
-    tensor_module = sys.modules["tinybn.tensor"]
-    original = tensor_module.fast_paths
-
-    def spy(forward, backward, inputs, params):
-        chosen = original(forward, backward, inputs, params)
-        recorded.append((forward, chosen[0]))
-        return chosen
-
-    tensor_module.fast_paths = spy
-    try:
-        case.call(*tensors(case, numpy.float32))
-    finally:
-        tensor_module.fast_paths = original
-    assert (reference_forward, getattr(fast.cpu, f"{case.op}_forward")) in recorded
+    assert (case.op, "fast") in ran(case.call, *tensors(case, numpy.float32))
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", [(numpy.float64, 1e-12, 1e-10), (numpy.float32, 1e-5, 1e-4)])
@@ -228,14 +220,11 @@ def _raises(call):
 
 @pytest.mark.parametrize("name, run, op", FALLBACKS, ids=[f[0] for f in FALLBACKS])
 def test_unsupported_cases_run_the_reference(name, run, op):
-    tensor_module = sys.modules["tinybn.tensor"]
-    original, chosen = tensor_module.fast_paths, []
-    tensor_module.fast_paths = lambda *a: chosen.append(original(*a)) or chosen[-1]
-    try:
-        run()
-    finally:
-        tensor_module.fast_paths = original
-    assert chosen and all(forward.__module__.startswith("tinybn.functional") for forward, _ in chosen), chosen
+    labels = [label for ran_op, label in ran(run) if ran_op == op]
+    if name == "conv2d channel mismatch":       # refused by tinybn.functional before any implementation runs
+        assert labels == []
+    else:
+        assert labels and set(labels) == {"reference"}, labels
 
 
 def test_other_array_modules_run_the_reference():
@@ -254,23 +243,21 @@ def test_other_array_modules_run_the_reference():
 
 
 def test_switch_off_and_on():
+    sigmoid = ops.get("sigmoid")
     assert fast.enabled()
     with fast.disabled():
         assert not fast.enabled()
-        forward, _ = fast.choose(F.sigmoid.__globals__["sigmoid_forward"], None, (randn(3),), {})
-        assert forward.__module__ == "tinybn.functional.activation"
+        assert ops.choose(sigmoid, [randn(3)], {}).label == "reference"
     assert fast.enabled()
-    forward, _ = fast.choose(F.sigmoid.__globals__["sigmoid_forward"], None, (randn(3),), {})
-    assert forward is fast.cpu.sigmoid_forward
+    assert ops.choose(sigmoid, [randn(3)], {}).forward is fast.cpu.sigmoid_forward
 
 
 def test_environment_variable_turns_fast_paths_off():
-    code = ("import tinybn, numpy; from tinybn import functional as F; "
-            "f, _ = tinybn.fast.choose(F.sigmoid.__globals__['sigmoid_forward'], None, (numpy.ones(2),), {}); "
-            "print(tinybn.fast.enabled(), f.__module__)")
+    code = ("import tinybn, numpy; "
+            "print(tinybn.fast.enabled(), tinybn.ops.choose(tinybn.ops.get('sigmoid'), [numpy.ones(2)], {}).label)")
     env = dict(os.environ, TINYBN_FAST="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "tinybn.functional.activation"]
+    assert out.split() == ["False", "reference"]
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -324,9 +311,8 @@ def test_max_pool_backward_after_a_forward_without_graph():
     """The argmax is kept only while recording; called by hand after no_grad, backward recomputes it."""
     x = with_ties((2, 3, 4, 6))
     dy = randn(2, 3, 2, 3)
-    _, recorded = fast.cpu.max_pool2d_forward(x, 2)
-    with tinybn.no_grad():
-        _, unrecorded = fast.cpu.max_pool2d_forward(x, 2)
+    _, recorded = fast.cpu.max_pool2d_forward(x, 2, recording=True)
+    _, unrecorded = fast.cpu.max_pool2d_forward(x, 2, recording=False)
     assert recorded.argmax is not None and unrecorded.argmax is None
     numpy.testing.assert_array_equal(fast.cpu.max_pool2d_backward(dy, unrecorded)[0],
                                      fast.cpu.max_pool2d_backward(dy, recorded)[0])

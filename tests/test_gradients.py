@@ -10,7 +10,8 @@ import numpy
 import pytest
 
 import tinybn
-from tinybn import functional as F
+from tinybn import functional as F, ops
+from tinybn.autograd import Cache, apply
 
 from conftest import Samples, make
 
@@ -104,19 +105,22 @@ def test_every_op_has_a_row():
         assert op in names, f"{op} has no gradient-check row"
 
 
+def _double_forward(x):
+    return x * 2.0, Cache()
+
+
+def _constant_backward(dy, cache):
+    return (dy.sum() * 0 + 2.0 * dy.mean() + 0 * dy,)  # constant gradient: right only when dy is constant
+
+
+ops.define("tests.double_with_a_constant_gradient", _double_forward, _constant_backward)
+
+
 def test_gradcheck_catches_a_wrong_backward():
     """A backward that is right for an all-ones upstream gradient but wrong otherwise must fail."""
-    from tinybn.tensor import Cache, apply
-
-    def forward(x):
-        return x * 2.0, Cache()
-
-    def wrong_backward(dy, cache):
-        return (dy.sum() * 0 + 2.0 * dy.mean() + 0 * dy,)  # constant gradient: right only when dy is constant
-
     x = make(randn(4), "cpu", requires_grad=True)
     with pytest.raises(AssertionError, match="input 0"):
-        tinybn.gradcheck(lambda t: apply(forward, wrong_backward, t), [x])
+        tinybn.gradcheck(lambda t: apply("tests.double_with_a_constant_gradient", t), [x])
 
 
 def test_gradcheck_rejects_no_differentiable_input():

@@ -14,7 +14,7 @@ from hypothesis import given, strategies as st
 
 import tinybn
 from tinybn import fast, functional as F, nn
-from tinybn.models import MODELS, build_model
+from tinybn.app.models import MODELS, build_model
 from tinybn.optim import SGD
 
 from props import LAYOUTS, assert_close, budget, with_layout

@@ -11,7 +11,7 @@ import pytest
 
 import tinybn
 from tinybn import functional as F, nn
-from tinybn.models import build_model
+from tinybn.app.models import build_model
 from tinybn.optim import SGD
 
 rng = numpy.random.default_rng(9)
@@ -439,7 +439,7 @@ found = (blas_threads(), numpy.get_printoptions(), numpy.geterr())
 import matplotlib
 backend = matplotlib.get_backend()
 import tinybn
-from tinybn.train import TrainConfig, train
+from tinybn.app.train import TrainConfig, train
 assert (blas_threads(), numpy.get_printoptions(), numpy.geterr()) == found, "import tinybn changed something"
 rng = numpy.random.default_rng(0)
 data = (rng.integers(0, 256, (600, 1, 28, 28), numpy.uint8), rng.integers(0, 10, 600),
@@ -474,9 +474,18 @@ def test_using_tinybn_from_python_leaves_blas_numpy_allocator_and_matplotlib_as_
 # gradcheck perturbs through indices ---------------------------------------------------------------------
 
 
-def _backward_returning(rule):
-    from tinybn.tensor import Cache, apply
-    return lambda t: apply(lambda a: (a * 2.0, Cache()), lambda dy, cache: (rule(dy),), t)
+def _define_double(name, rule):
+    """The op y = 2x, with a backward that returns ``rule(dy)`` (right only for dy · 2)."""
+    from tinybn import ops
+    from tinybn.autograd import Cache
+
+    ops.define(name, lambda a: (a * 2.0, Cache()), lambda dy, cache: (rule(dy),))
+    return name
+
+
+DOUBLE_RIGHT = _define_double("tests.double", lambda dy: dy * 2.0)
+DOUBLE_WRONG = [_define_double("tests.double_zero_gradient", lambda dy: dy * 0.0),
+                _define_double("tests.double_triple_gradient", lambda dy: dy * 3.0)]
 
 
 def test_gradcheck_checks_a_non_contiguous_float64_leaf():
@@ -485,10 +494,12 @@ def test_gradcheck_checks_a_non_contiguous_float64_leaf():
     base = rng.standard_normal((4, 6))
     leaf = lambda: tinybn.Tensor(base.T, requires_grad=True)       # noqa: E731 - an F-ordered view, not copied
     assert not leaf().data.flags.c_contiguous
-    assert tinybn.gradcheck(_backward_returning(lambda dy: dy * 2.0), [leaf()])["ok"]
-    for wrong in (lambda dy: dy * 0.0, lambda dy: dy * 3.0):
+    from tinybn.autograd import apply
+
+    assert tinybn.gradcheck(lambda t: apply(DOUBLE_RIGHT, t), [leaf()])["ok"]
+    for wrong in DOUBLE_WRONG:
         with pytest.raises(AssertionError, match="input 0"):
-            tinybn.gradcheck(_backward_returning(wrong), [leaf()])
+            tinybn.gradcheck(lambda t: apply(wrong, t), [leaf()])
     strided = tinybn.Tensor(rng.standard_normal((5, 8))[::2, 1::3], requires_grad=True)
     assert tinybn.gradcheck(lambda t: F.sigmoid(t) * t, [strided])["ok"]
 

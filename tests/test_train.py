@@ -7,8 +7,9 @@ import numpy
 import pytest
 
 import tinybn
-from tinybn import checkpoint, data, models, optim  # noqa: F401
-from tinybn.train import Diverged, TrainConfig, train
+from tinybn import optim  # noqa: F401
+from tinybn.app import checkpoint, data, models  # noqa: F401
+from tinybn.app.train import Diverged, TrainConfig, train
 
 from test_data import HAVE_DATA, needs_data
 
@@ -57,7 +58,7 @@ def test_checkpoint_round_trip_and_validation(tmp_path, fashion):
     result = train(config(tmp_path), log=quiet, data=fashion)
     model_state, optim_state, meta = checkpoint.load(result["checkpoint"])
     assert meta["epoch"] == 1 and "1.moving_mean" in model_state
-    other = tinybn.models.build_model("lenet")
+    other = models.build_model("lenet")
     with pytest.raises(KeyError, match="missing entries"):
         other.load_state_dict(model_state)
     bad = tmp_path / "bad.npz"
@@ -85,7 +86,7 @@ def test_divergence_in_an_epochs_last_step_writes_no_checkpoint(tmp_path, fashio
 
 
 def test_checkpoint_refuses_non_finite_arrays(tmp_path):
-    model = tinybn.models.build_model("lenet-bn")
+    model = models.build_model("lenet-bn")
     model[0].weight.data[0, 0, 0, 0] = numpy.inf
     with pytest.raises(ValueError, match="0.weight hold NaN or infinite values"):
         checkpoint.save(tmp_path / "c.npz", model, tinybn.optim.SGD(model.parameters(), 1.0), {})
@@ -134,7 +135,7 @@ def test_cli_train_and_eval(tmp_path):
 def test_concise_model_trains_gamma_and_beta_on_fashion_mnist(tmp_path, fashion):
     """Regression (issue "No silent wrong answers", 2): the concise layers made new γ/β on their first call,
     after the optimizer had taken the model's parameters, so training never moved them."""
-    from tinybn.train import first_batch_norm
+    from tinybn.app.train import first_batch_norm
 
     result = train(config(tmp_path, model="lenet-bn-concise", train_subset=2000), log=quiet, data=fashion)
     bn = first_batch_norm(result["model"])

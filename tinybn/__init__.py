@@ -6,16 +6,21 @@ The same code runs on NumPy (CPU, the default) and CuPy (GPU)::
     from tinybn import nn, functional as F
 
     x = tinybn.tensor(..., device="cpu")          # or "gpu" / "cuda:0"
+
+The engine: :mod:`tinybn.autograd` (Tensor, the graph, grad mode), :mod:`tinybn.ops` (every op by name, with
+its reference and its kernels), :mod:`tinybn.backend` (NumPy or CuPy), :mod:`tinybn.functional` (the
+mathematics), :mod:`tinybn.nn` (layers), :mod:`tinybn.fast` (faster NumPy kernels), :mod:`tinybn.optim`,
+:mod:`tinybn.gradcheck`. The application on top: :mod:`tinybn.app` (data, models, trainer, benchmark, CLI).
 """
-from . import data, fast, functional, models, nn, optim
+from . import fast, functional, nn, ops, optim
+from .autograd import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
 from .backend import (DeviceUnavailableError, get_array_module, get_default_device, set_default_device,
                       cupy_available)
 from .gradcheck import gradcheck, assert_same
 from .random import manual_seed
-from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
 
 __version__ = "0.1.0"
 
-__all__ = ["DeviceUnavailableError", "Tensor", "assert_same", "cupy_available", "enable_grad", "functional",
+__all__ = ["DeviceUnavailableError", "Tensor", "assert_same", "cupy_available", "enable_grad", "fast", "functional",
            "get_array_module", "get_default_device", "gradcheck", "is_grad_enabled", "manual_seed", "nn", "no_grad",
-           "set_default_device", "tensor"]
+           "ops", "optim", "set_default_device", "tensor"]

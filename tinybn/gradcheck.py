@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy
 
 from . import backend
-from .tensor import Tensor, enable_grad
+from .autograd import Tensor, enable_grad
 
 
 class GradcheckError(AssertionError):

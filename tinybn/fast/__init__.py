@@ -3,15 +3,20 @@
 The readable mathematics lives in :mod:`tinybn.functional` and stays the reference. For a few ops
 this package holds a second implementation of the same forward/backward pair, tuned for speed
 (:mod:`tinybn.fast.cpu`: batch-last memory, im2col in cache-sized chunks, in-place elementwise
-chains). :func:`tinybn.tensor.apply` asks :func:`choose` before running an op;
-when a fast pair applies to the given arrays and parameters it runs instead, otherwise the
-reference runs. The tests check every fast pair equal to its reference.
+chains), registered in the op registry (:mod:`tinybn.ops`) under the op's name, with the label
+``"fast"`` and a test of when it applies. :func:`tinybn.autograd.apply` runs a fast kernel where it
+applies and the reference otherwise. The tests check every fast pair equal to its reference.
 
-Switch them off to study or debug the reference::
+They are on by default, for library use and on the command line alike: both implementations are held to
+the same answers, and a user training a model expects the speed. Switch them off to study or debug the
+reference (a student who edits ``tinybn/functional/`` must, to see the edit run)::
 
     TINYBN_FAST=0 python -m tinybn train ...      # environment variable
     tinybn.fast.set_enabled(False)                 # from Python, or
     with tinybn.fast.disabled(): ...               # for one block
+
+``tinybn.ops.Recorder`` lists which implementation of which op ran, and ``python -m tinybn bench
+--profile`` names it per op.
 
 Which ops have a fast path, and when (all on NumPy arrays; anything else runs the reference):
 
@@ -30,32 +35,41 @@ for process-wide tuning on purpose with :func:`tune_process` (the ``tinybn`` com
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 
 import numpy
 
-from ..functional import activation, batchnorm, conv, pooling
+from .. import ops
+from ..functional.conv import conv2d_geometry
 from ..functional._util import pair
-from ..tensor import Tensor
 from . import blas, cpu, memory, parallel
 from .memory import keep_freed_memory
 
-__all__ = ["choose", "disabled", "enabled", "set_enabled", "tune_process"]
+__all__ = ["disabled", "enabled", "set_enabled", "tune_process"]
 
+LABEL = "fast"
 _FALSE = ("0", "false", "no", "off")
-_enabled = os.environ.get("TINYBN_FAST", "1").strip().lower() not in _FALSE
 
 
 def enabled() -> bool:
-    """Whether fast paths are used (default yes; ``TINYBN_FAST=0`` turns them off)."""
-    return _enabled
+    """Whether fast kernels are used (default yes; ``TINYBN_FAST=0`` turns them off)."""
+    return ops.enabled(LABEL)
 
 
 def set_enabled(flag: bool) -> None:
-    """Use the fast paths (True) or only the readable reference (False)."""
-    global _enabled
-    _enabled = bool(flag)
+    """Use the fast kernels (True) or only the readable reference (False)."""
+    ops.enable(LABEL, bool(flag))
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run a block on the readable reference implementations only."""
+    previous = enabled()
+    set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
 
 
 def tune_process() -> list[str]:
@@ -80,20 +94,7 @@ def tune_process() -> list[str]:
     return changes
 
 
-@contextlib.contextmanager
-def disabled():
-    """Run a block on the readable reference implementations only."""
-    previous = _enabled
-    set_enabled(False)
-    try:
-        yield
-    finally:
-        set_enabled(previous)
-
-
-def _arrays(inputs):
-    return [value.data if isinstance(value, Tensor) else value for value in inputs]
-
+# ------------------------------------------------------------------ when each kernel applies
 
 _FAST_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
@@ -107,10 +108,9 @@ def _numpy_floats(*arrays):
     return dtype in _FAST_DTYPES and all(a.dtype == dtype for a in arrays)
 
 
-def _conv2d_applies(x, weight, bias=None, stride=1, padding=0, need_dx=True):
+def _conv2d_applies(x, weight, bias=None, stride=1, padding=0):
     arrays = (x, weight) if bias is None else (x, weight, bias)
-    return (_numpy_floats(*arrays) and x.ndim == 4 and weight.ndim == 4 and x.shape[1] == weight.shape[1]
-            and pair(stride, "stride") == (1, 1))
+    return _numpy_floats(*arrays) and conv2d_geometry(x.shape, weight.shape, stride, padding)[0] == (1, 1)
 
 
 def _max_pool2d_applies(x, kernel_size, stride=None, padding=0):
@@ -120,35 +120,19 @@ def _max_pool2d_applies(x, kernel_size, stride=None, padding=0):
             and x.shape[2] % kernel[0] == 0 and x.shape[3] % kernel[1] == 0)
 
 
-def _batch_norm_applies(x, gamma, beta, moving_mean, moving_var, training, momentum, eps):
-    return (_numpy_floats(x, gamma, beta, moving_mean, moving_var) and x.ndim == 4
-            and all(a.size == x.shape[1] for a in (gamma, beta, moving_mean, moving_var)))
+def _batch_norm_applies(x, gamma, beta, moving_mean, moving_var, training, eps):
+    return _numpy_floats(x, gamma, beta, moving_mean, moving_var) and x.ndim == 4
 
 
 def _sigmoid_applies(x):
     return _numpy_floats(x)
 
 
-# reference forward -> (test on the op's arrays and parameters, fast forward, fast backward)
-_FAST_PAIRS = {
-    conv.conv2d_forward: (_conv2d_applies, cpu.conv2d_forward, cpu.conv2d_backward),
-    pooling.max_pool2d_forward: (_max_pool2d_applies, cpu.max_pool2d_forward, cpu.max_pool2d_backward),
-    batchnorm.batch_norm_forward: (_batch_norm_applies, cpu.batch_norm_forward, cpu.batch_norm_backward),
-    activation.sigmoid_forward: (_sigmoid_applies, cpu.sigmoid_forward, cpu.sigmoid_backward),
-}
+ops.register_kernel("conv2d", LABEL, cpu.conv2d_forward, cpu.conv2d_backward, applies=_conv2d_applies)
+ops.register_kernel("max_pool2d", LABEL, cpu.max_pool2d_forward, cpu.max_pool2d_backward,
+                    applies=_max_pool2d_applies, wants_recording=True)
+ops.register_kernel("batch_norm", LABEL, cpu.batch_norm_forward, cpu.batch_norm_backward,
+                    applies=_batch_norm_applies)
+ops.register_kernel("sigmoid", LABEL, cpu.sigmoid_forward, cpu.sigmoid_backward, applies=_sigmoid_applies)
 
-
-def choose(forward, backward, inputs, params):
-    """The (forward, backward) pair to run: a fast one when enabled and applicable, else the ones given."""
-    entry = _FAST_PAIRS.get(forward) if _enabled else None
-    if entry is not None:
-        applies, fast_forward, fast_backward = entry
-        try:
-            if applies(*_arrays(inputs), **params):
-                return fast_forward, fast_backward
-        except (TypeError, ValueError):  # malformed arguments: let the reference raise its own error
-            pass
-    return forward, backward
-
-
-importlib.import_module("tinybn.tensor").fast_paths = choose
+set_enabled(os.environ.get("TINYBN_FAST", "1").strip().lower() not in _FALSE)

@@ -32,7 +32,7 @@ import functools
 import numpy as np
 
 from ..functional._util import pair
-from ..tensor import Cache, is_grad_enabled
+from ..autograd import Cache
 from . import parallel
 
 
@@ -52,7 +52,7 @@ CHUNK_BYTES = 4 << 20    # im2col workspace per chunk of output rows: small enou
 COL2IM_BYTES = 16 << 20  # col2im workspace per block of rows: larger (fewer, longer adds), still bounded
 
 
-def conv2d_forward(x, weight, bias=None, stride=1, padding=0, need_dx=True):
+def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     """Stride-1 convolution; see :func:`tinybn.functional.conv.conv2d_forward`.
 
     In batch-last memory, output row r of channel o for the whole batch is
@@ -64,9 +64,7 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, need_dx=True):
     ph, pw = pair(padding, "padding")
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
-    out_h, out_w = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
-    if out_h < 1 or out_w < 1:
-        raise ValueError(f"conv2d: a {kh}x{kw} kernel with padding {(ph, pw)} does not fit an input of {h}x{w}")
+    out_h, out_w = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1     # stride 1 (tinybn.functional.conv2d checked the fit)
     if ph or pw:
         x_pad = np.zeros((c_in, h + 2 * ph, w + 2 * pw, n), x.dtype)
         x_pad[:, ph:ph + h, pw:pw + w] = batch_last(x)
@@ -84,7 +82,7 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, need_dx=True):
         if bias is not None:
             block += bias.reshape(c_out, 1)
     parallel.map(chunk, im2col.ranges())
-    cache = Cache(im2col=im2col, weight=weight, has_bias=bias is not None, padding=(ph, pw), need_dx=need_dx)
+    cache = Cache(im2col=im2col, weight=weight, has_bias=bias is not None, padding=(ph, pw))
     return _as_nchw(y), cache
 
 
@@ -103,7 +101,8 @@ def conv2d_backward(dy, cache):
     n = dy.shape[0]
     dy_rows = np.ascontiguousarray(batch_last(dy)).reshape(c_out, -1)
     weight_matrix = weight.reshape(c_out, -1)
-    if cache.need_dx:
+    need_dx = cache.needs(0)
+    if need_dx:
         dx_pad = np.zeros(im2col.x_pad.shape, dy.dtype).reshape(c_in, im2col.x_pad.shape[1], -1)
 
     def dweight_piece(rows):   # (partial dW, partial db) of one chunk
@@ -126,7 +125,7 @@ def conv2d_backward(dy, cache):
                 for j in range(kw):
                     dx_pad[c0:c1, start + i:stop + i, j * n:j * n + run] += dcols[:, i, j]
 
-    if cache.need_dx:  # the dx pieces first: they are the longer ones
+    if need_dx:  # the dx pieces first: they are the longer ones
         tasks = [(dx_piece, channels) for channels in parallel.pieces(c_in)]
         tasks += [(dweight_piece, rows) for rows in im2col.ranges()]
         results = parallel.map(_call, tasks)
@@ -135,7 +134,7 @@ def conv2d_backward(dy, cache):
     partial = [result for result in results if result is not None]       # the dW pieces, in chunk order
     dweight = sum(dw for dw, _ in partial).reshape(weight.shape)
     dbias = sum(db for _, db in partial) if cache.has_bias else None
-    if not cache.need_dx:
+    if not need_dx:
         return None, dweight, dbias
     (ph, pw), (_, h, w, _) = cache.padding, im2col.x_pad.shape
     dx_pad = dx_pad.reshape(im2col.x_pad.shape)
@@ -243,20 +242,20 @@ def _best_shift(offset, residues, loaded, itemsize):
 # ------------------------------------------------------------------------------------------ max_pool2d
 
 
-def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0, recording=True):
     """Non-overlapping max pooling (stride = kernel, no padding, sizes divisible by the kernel).
 
     Visits the kH·kW strided sub-grids once each (in batch-last memory each step moves a run of N
-    numbers). When a graph is being recorded it also keeps, per window, the index of the first
-    sub-grid that holds the maximum (the reference's tie rule): a later sub-grid takes over only if
-    strictly greater, and its index is larger than any earlier one, so
+    numbers). When a graph is being recorded (the engine says so: ``recording``) it also keeps, per
+    window, the index of the first sub-grid that holds the maximum (the reference's tie rule): a later
+    sub-grid takes over only if strictly greater, and its index is larger than any earlier one, so
     ``argmax = max(argmax, k·[v > y])`` tracks it without a branch.
     """
     kh, kw = pair(kernel_size, "kernel_size")
     xb = batch_last(x)
     c, h, w, n = xb.shape
     y = np.empty((c, h // kh, w // kw, n), x.dtype)
-    argmax = np.zeros(y.shape, np.uint8) if is_grad_enabled() and kh * kw < 256 else None
+    argmax = np.zeros(y.shape, np.uint8) if recording and kh * kw < 256 else None
 
     def piece(channels):  # the threads take ranges of channels
         j = slice(channels.start, channels.stop)
@@ -313,7 +312,7 @@ def _first_argmax(xb, y, kernel, dtype=np.int64):
 # ------------------------------------------------------------------------------------------ batch_norm
 
 
-def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, training, momentum, eps):
+def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, training, eps):
     """4-D batch norm on batch-last rows; see :func:`tinybn.functional.batchnorm.batch_norm_forward`.
 
     The cache keeps x itself (the graph keeps it alive anyway) instead of x̂, which the backward
@@ -323,9 +322,6 @@ def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, training, moment
     rows = np.ascontiguousarray(batch_last(x)).reshape(c, -1)   # no copy when x came from a fast path
     m = rows.shape[1]
     g, b = gamma.reshape(c, 1), beta.reshape(c, 1)
-    if training and m == 1:
-        raise ValueError(f"batch_norm in training mode needs more than one value per channel, but an input of "
-                         f"shape {tuple(x.shape)} has exactly one. Use a larger batch, or switch to eval mode.")
     y = np.empty_like(rows)
     mu, var = np.empty((c, 1), rows.dtype), np.empty((c, 1), rows.dtype)
     if not training:
@@ -347,14 +343,9 @@ def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, training, moment
             np.multiply(rows[k], scale, out=y[k])
             y[k] += b[k] - mu[k] * scale
     parallel.map(piece, _channel_pieces(c, rows.size))
-    if training:
-        new_moving_mean = momentum * moving_mean + (1.0 - momentum) * mu.reshape(moving_mean.shape)
-        new_moving_var = momentum * moving_var + (1.0 - momentum) * var.reshape(moving_var.shape)
-    else:
-        new_moving_mean, new_moving_var = moving_mean, moving_var
     cache = Cache(rows=rows, mu=mu, inv_std=inv_std, gamma=g, training=training, x_shape=x.shape,
                   gamma_shape=gamma.shape, beta_shape=beta.shape)
-    return (_as_nchw(y.reshape(c, *x.shape[2:], x.shape[0])), new_moving_mean, new_moving_var), cache
+    return (_as_nchw(y.reshape(c, *x.shape[2:], x.shape[0])), mu.reshape(-1), var.reshape(-1)), cache
 
 
 def batch_norm_backward(dy, cache):

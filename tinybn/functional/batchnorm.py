@@ -59,11 +59,21 @@ Two implementations, checked equal in the tests (derivations: docs/derivations.m
       dx = (1/√(σ² + ε)) · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ · x̂))        (means per channel over m values)
 
 In prediction mode the statistics are constants, so dx = dy · γ / √(moving_var + ε).
+
+The op (``batch_norm_forward``/``batch_norm_backward``, registered as ``"batch_norm"``) computes y and the
+statistics it normalized with; :func:`batch_norm` around it checks the arguments and applies the
+moving-average convention, for every implementation.
+
+On NumPy float32/float64 arrays of 4-D input, a faster kernel of the op runs instead of this code
+(``tinybn/fast/cpu.py``, tested equal to it). To run this code, switch the kernels off:
+``with tinybn.fast.disabled(): ...``, ``tinybn.fast.set_enabled(False)`` or ``TINYBN_FAST=0``;
+``tinybn.ops.Recorder`` shows which implementation ran.
 """
 from __future__ import annotations
 
+from .. import ops
+from ..autograd import Cache, Tensor, apply
 from ..backend import get_array_module
-from ..tensor import Cache, apply
 
 DEFAULT_MOMENTUM = 0.9
 DEFAULT_EPS = 1e-5
@@ -72,6 +82,13 @@ DEFAULT_EPS = 1e-5
 def torch_momentum_to_tinybn(torch_momentum: float) -> float:
     """PyTorch weighs the new batch statistic by ``momentum``; tinybn weighs the old average."""
     return 1.0 - torch_momentum
+
+
+def moving_average(moving, batch_statistic, momentum):
+    """``momentum · moving + (1 − momentum) · batch_statistic``, in ``moving``'s shape and dtype: the convention
+    above, and the one place that applies it."""
+    new = momentum * moving + (1.0 - momentum) * batch_statistic.reshape(moving.shape)
+    return new.astype(moving.dtype, copy=False)
 
 
 def reduction_axes(x) -> tuple[int, ...]:
@@ -85,11 +102,7 @@ def reduction_axes(x) -> tuple[int, ...]:
 
 def _per_channel(value, x):
     """View a per-channel array (C,), (1, C) or (1, C, 1, 1) in the shape that broadcasts against x."""
-    channels = x.shape[1]
-    if value.size != channels:
-        raise ValueError(f"batch_norm: a per-channel array of shape {tuple(value.shape)} does not match the "
-                         f"{channels} channels of an input of shape {tuple(x.shape)}")
-    return value.reshape((1, channels) + (1,) * (x.ndim - 2))
+    return value.reshape((1, x.shape[1]) + (1,) * (x.ndim - 2))
 
 
 def compute_dtype(xp, dtype):
@@ -97,9 +110,26 @@ def compute_dtype(xp, dtype):
     return xp.promote_types(dtype, xp.float32)
 
 
-def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, training, momentum=DEFAULT_MOMENTUM,
-                       eps=DEFAULT_EPS):
-    """Forward pass; returns ``((y, new_moving_mean, new_moving_var), cache)``."""
+def check_arguments(x, per_channel, training: bool, eps: float) -> None:
+    """Every check batch norm makes, for every implementation: the rank, one value per channel in each of
+    γ, β and the moving averages, more than one value per channel and a positive eps in training."""
+    reduction_axes(x)
+    for value in per_channel:
+        if value.size != x.shape[1]:
+            raise ValueError(f"batch_norm: a per-channel array of shape {tuple(value.shape)} does not match the "
+                             f"{x.shape[1]} channels of an input of shape {tuple(x.shape)}")
+    if training and x.size == x.shape[1]:
+        raise ValueError(f"batch_norm in training mode needs more than one value per channel, but an input of "
+                         f"shape {tuple(x.shape)} has exactly one: every normalized value would be 0 and "
+                         f"nothing could be learned. Use a larger batch, or switch the layer to eval mode.")
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm: eps must be positive in training mode, got {eps}: a channel whose values "
+                         f"are all equal would divide by zero (the default is {DEFAULT_EPS})")
+
+
+def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, training, eps=DEFAULT_EPS):
+    """Forward pass; returns ``((y, μ, σ²), cache)``, μ and σ² per channel (C,): the batch's in training mode,
+    the moving averages in prediction mode."""
     xp = get_array_module(x)
     axes = reduction_axes(x)
     m = x.size // x.shape[1]
@@ -107,28 +137,18 @@ def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, training, moment
     x = x.astype(compute_dtype(xp, x_dtype), copy=False)
     g, b = _per_channel(gamma, x), _per_channel(beta, x)
     if training:
-        if m == 1:
-            raise ValueError(f"batch_norm in training mode needs more than one value per channel, but an input of "
-                             f"shape {tuple(x.shape)} has exactly one: every normalized value would be 0 and "
-                             f"nothing could be learned. Use a larger batch, or switch the layer to eval mode.")
         mu = x.mean(axis=axes, keepdims=True)
         x_centered = x - mu
         var = (x_centered * x_centered).mean(axis=axes, keepdims=True)
-        new_moving_mean = momentum * moving_mean + (1.0 - momentum) * mu.reshape(moving_mean.shape)
-        new_moving_var = momentum * moving_var + (1.0 - momentum) * var.reshape(moving_var.shape)
-        new_moving_mean = new_moving_mean.astype(moving_mean.dtype, copy=False)
-        new_moving_var = new_moving_var.astype(moving_var.dtype, copy=False)
     else:
         mu, var = _per_channel(moving_mean, x), _per_channel(moving_var, x)
         x_centered = x - mu
-        new_moving_mean, new_moving_var = moving_mean, moving_var
     inv_std = 1.0 / xp.sqrt(var + eps)
     x_hat = x_centered * inv_std
     y = (g * x_hat + b).astype(x_dtype, copy=False)
-    cache = Cache(x_hat=x_hat, x_centered=x_centered, inv_std=inv_std, var=var, gamma=g, eps=eps, axes=axes, m=m,
-                  training=training, gamma_shape=gamma.shape, beta_shape=beta.shape,
-                  dtypes=(x_dtype, gamma.dtype, beta.dtype))
-    return (y, new_moving_mean, new_moving_var), cache
+    cache = Cache(x_hat=x_hat, inv_std=inv_std, gamma=g, axes=axes, m=m, training=training,
+                  gamma_shape=gamma.shape, beta_shape=beta.shape, dtypes=(x_dtype, gamma.dtype, beta.dtype))
+    return (y, mu.reshape(-1), var.reshape(-1)), cache
 
 
 def _in_input_dtypes(dx, dgamma, dbeta, cache):
@@ -155,21 +175,22 @@ def batch_norm_backward(dy, cache):
 def batch_norm_backward_staged(dy, cache):
     """Staged backward: the forward's steps, undone one at a time (same result as the closed form)."""
     xp = get_array_module(dy)
-    axes, m = cache.axes, cache.m
+    axes, m, inv_std = cache.axes, cache.m, cache.inv_std
     dy = dy.astype(cache.x_hat.dtype, copy=False)
     # y = γ·x̂ + β
     dbeta = dy.sum(axis=axes, keepdims=True)
     dgamma = (dy * cache.x_hat).sum(axis=axes, keepdims=True)
     dx_hat = dy * cache.gamma
     if not cache.training:
-        return _in_input_dtypes(dx_hat * cache.inv_std, dgamma, dbeta, cache)
+        return _in_input_dtypes(dx_hat * inv_std, dgamma, dbeta, cache)
+    x_centered = cache.x_hat / inv_std
     # x̂ = x_centered · inv_std
-    dx_centered = dx_hat * cache.inv_std
-    dinv_std = (dx_hat * cache.x_centered).sum(axis=axes, keepdims=True)
-    # inv_std = (σ² + ε)^(−1/2)
-    dvar = dinv_std * (-0.5) * (cache.var + cache.eps) ** -1.5
+    dx_centered = dx_hat * inv_std
+    dinv_std = (dx_hat * x_centered).sum(axis=axes, keepdims=True)
+    # inv_std = (σ² + ε)^(−1/2), so d inv_std / dσ² = −½ (σ² + ε)^(−3/2) = −½ inv_std³
+    dvar = dinv_std * (-0.5) * inv_std ** 3
     # σ² = mean(x_centered²)
-    dx_centered = dx_centered + dvar * 2.0 * cache.x_centered / m
+    dx_centered = dx_centered + dvar * 2.0 * x_centered / m
     # x_centered = x − μ
     dx = dx_centered
     dmu = -dx_centered.sum(axis=axes, keepdims=True)
@@ -178,14 +199,29 @@ def batch_norm_backward_staged(dy, cache):
     return _in_input_dtypes(dx, dgamma, dbeta, cache)
 
 
+ops.define("batch_norm", batch_norm_forward, batch_norm_backward)
+
+
 def batch_norm(x, gamma, beta, moving_mean, moving_var, *, training, momentum=DEFAULT_MOMENTUM, eps=DEFAULT_EPS):
     """Batch-normalize ``x``; returns ``(y, new_moving_mean, new_moving_var)``.
 
     Training mode normalizes with the minibatch mean and biased variance and returns updated moving
-    averages (``new = momentum·old + (1 − momentum)·batch``); prediction mode normalizes with the
-    moving averages and returns them unchanged. The function never modifies its arguments: the
-    caller (a layer) decides what to do with the new averages. See the module docstring for shapes,
-    formulas and the conversion to PyTorch's and Keras' momentum.
+    averages (``new = momentum·old + (1 − momentum)·batch``, :func:`moving_average`); prediction mode
+    normalizes with the moving averages and returns them unchanged. The function never modifies its
+    arguments: the caller (a layer) decides what to do with the new averages. See the module docstring
+    for shapes, formulas and the conversion to PyTorch's and Keras' momentum.
+
+    ``eps`` must be positive in training mode, as in PyTorch: a channel whose values in the batch are all
+    equal has σ² = 0, and 1/√(σ² + 0) would turn its outputs into NaN.
     """
-    return apply(batch_norm_forward, batch_norm_backward, x, gamma, beta, moving_mean, moving_var,
-                 training=training, momentum=momentum, eps=eps)
+    check_arguments(x, (gamma, beta, moving_mean, moving_var), training, eps)
+    y, mu, var = apply("batch_norm", x, gamma, beta, moving_mean, moving_var, training=training, eps=eps)
+    moving_mean, moving_var = _data(moving_mean), _data(moving_var)
+    if training:
+        moving_mean, moving_var = moving_average(moving_mean, mu.data, momentum), moving_average(moving_var, var.data,
+                                                                                                 momentum)
+    return y, Tensor(moving_mean), Tensor(moving_var)
+
+
+def _data(value):
+    return value.data if isinstance(value, Tensor) else value

@@ -16,23 +16,44 @@ window of x̃ with one filter, so
 
 The window view ``windows(x̃)[n, c, i, j, p, q] = x̃[n, c, i·sH + p, j·sW + q]`` turns each of these
 sums into one ``tensordot`` (an im2col followed by a matrix product).
+
+On NumPy float32/float64 arrays with stride 1, a faster kernel of the same op runs instead of this code
+(``tinybn/fast/cpu.py``, tested equal to it). To run this code, switch the kernels off:
+``with tinybn.fast.disabled(): ...``, ``tinybn.fast.set_enabled(False)`` or ``TINYBN_FAST=0``;
+``tinybn.ops.Recorder`` shows which implementation ran.
 """
 from __future__ import annotations
 
+from .. import ops
+from ..autograd import Cache, apply
 from ..backend import get_array_module
-from ..tensor import Cache, apply
 from ._util import add_window_grads, crop_hw, output_size, pad_hw, pair, windows
 
 
-def conv2d_forward(x, weight, bias=None, stride=1, padding=0, need_dx=True):
-    xp = get_array_module(x, weight)
+def conv2d_geometry(x_shape, weight_shape, stride, padding):
+    """``((sH, sW), (pH, pW), (H_out, W_out))``, after checking that x and the weight fit together."""
     sh, sw = pair(stride, "stride")
     ph, pw = pair(padding, "padding")
-    n, c_in, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
+    if len(x_shape) != 4 or len(weight_shape) != 4:
+        raise ValueError(f"conv2d expects x of shape (N, C_in, H, W) and a weight of shape (C_out, C_in, kH, kW), "
+                         f"got {tuple(x_shape)} and {tuple(weight_shape)}")
+    (_, c_in, h, w), (_, weight_c_in, kh, kw) = x_shape, weight_shape
+    if c_in != weight_c_in:
+        raise ValueError(f"conv2d: x has {c_in} channels but the weight expects {weight_c_in} "
+                         f"(shapes {tuple(x_shape)} and {tuple(weight_shape)})")
+    if min(sh, sw, kh, kw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"conv2d: the kernel and stride must be positive and the padding not negative, got kernel "
+                         f"{(kh, kw)}, stride {(sh, sw)}, padding {(ph, pw)}")
     out_h, out_w = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
     if out_h < 1 or out_w < 1:
         raise ValueError(f"conv2d: a {kh}x{kw} kernel with padding {(ph, pw)} does not fit an input of {h}x{w}")
+    return (sh, sw), (ph, pw), (out_h, out_w)
+
+
+def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
+    xp = get_array_module(x, weight)
+    (sh, sw), (ph, pw), (out_h, out_w) = conv2d_geometry(x.shape, weight.shape, stride, padding)
+    c_out, _, kh, kw = weight.shape
     x_pad = pad_hw(x, ph, pw)
     patches = windows(x_pad, kh, kw, sh, sw, out_h, out_w)            # (N, C_in, H_out, W_out, kH, kW)
     y = xp.tensordot(patches, weight, axes=((1, 4, 5), (1, 2, 3)))   # (N, H_out, W_out, C_out)
@@ -40,7 +61,7 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, need_dx=True):
     if bias is not None:
         y += bias.reshape(1, c_out, 1, 1)
     cache = Cache(x_pad=x_pad, weight=weight, has_bias=bias is not None, stride=(sh, sw), padding=(ph, pw),
-                  out_hw=(out_h, out_w), need_dx=need_dx)
+                  out_hw=(out_h, out_w))
     return y, cache
 
 
@@ -55,7 +76,7 @@ def conv2d_backward(dy, cache):
     dweight = xp.tensordot(dy, patches, axes=((0, 2, 3), (0, 2, 3)))   # (C_out, C_in, kH, kW)
     dbias = dy.sum(axis=(0, 2, 3)) if cache.has_bias else None
     dx = None
-    if cache.need_dx:  # the first layer's input is data: skip the most expensive term
+    if cache.needs(0):  # the first layer's input is data: skip the most expensive term
         dpatch = xp.tensordot(dy, weight, axes=((1,), (0,)))           # (N, H_out, W_out, C_in, kH, kW)
         dx_pad = xp.zeros_like(cache.x_pad)
         add_window_grads(dx_pad, dpatch.transpose(0, 3, 1, 2, 4, 5), kh, kw, sh, sw, out_h, out_w)
@@ -63,9 +84,10 @@ def conv2d_backward(dy, cache):
     return dx, dweight, dbias
 
 
+ops.define("conv2d", conv2d_forward, conv2d_backward)
+
+
 def conv2d(x, weight, bias=None, stride=1, padding=0):
     """2-D convolution of x (N, C_in, H, W) with weight (C_out, C_in, kH, kW); stride and padding: int or pair."""
-    from ..tensor import Tensor
-
-    need_dx = not isinstance(x, Tensor) or x.requires_grad
-    return apply(conv2d_forward, conv2d_backward, x, weight, bias, stride=stride, padding=padding, need_dx=need_dx)
+    conv2d_geometry(tuple(x.shape), tuple(weight.shape), stride, padding)   # bad shapes fail here, for every kernel
+    return apply("conv2d", x, weight, bias, stride=stride, padding=padding)

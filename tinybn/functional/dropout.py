@@ -9,9 +9,10 @@ Dividing by (1 − p) at training time keeps E[y] = x, so prediction is the iden
 """
 from __future__ import annotations
 
+from .. import ops
 from .. import random as tb_random
+from ..autograd import Cache, apply
 from ..backend import get_array_module
-from ..tensor import Cache, apply
 
 
 def dropout_forward(x, p, training, generator=None):
@@ -33,9 +34,12 @@ def dropout_backward(dy, cache):
     return (dy if cache.scale is None else dy * cache.scale,)
 
 
+ops.define("dropout", dropout_forward, dropout_backward)
+
+
 def dropout(x, p=0.5, training=True, generator=None):
     """Zero each element with probability ``p`` and scale the rest by 1/(1−p); identity when not training.
 
     ``generator`` is an ``xp.random.Generator``; by default tinybn's seeded one (:func:`tinybn.manual_seed`).
     """
-    return apply(dropout_forward, dropout_backward, x, p=p, training=training, generator=generator)
+    return apply("dropout", x, p=p, training=training, generator=generator)

@@ -10,7 +10,8 @@ Backward (docs/derivations.md, "Linear")::
 """
 from __future__ import annotations
 
-from ..tensor import Cache, apply
+from .. import ops
+from ..autograd import Cache, apply
 
 
 def linear_forward(x, weight, bias=None):
@@ -27,6 +28,9 @@ def linear_backward(dy, cache):
     return dx, dweight, dbias
 
 
+ops.define("linear", linear_forward, linear_backward)
+
+
 def linear(x, weight, bias=None):
     """``y = x @ weight.T + bias`` for x (N, in), weight (out, in), bias (out,)."""
-    return apply(linear_forward, linear_backward, x, weight, bias)
+    return apply("linear", x, weight, bias)

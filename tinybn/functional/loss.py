@@ -11,8 +11,9 @@ Derivation: docs/derivations.md, "Softmax cross-entropy".
 """
 from __future__ import annotations
 
+from .. import ops
+from ..autograd import Cache, apply
 from ..backend import get_array_module
-from ..tensor import Cache, apply
 
 
 def cross_entropy_forward(logits, labels):
@@ -43,6 +44,9 @@ def cross_entropy_backward(dy, cache):
     return dz, None
 
 
+ops.define("cross_entropy", cross_entropy_forward, cross_entropy_backward)
+
+
 def cross_entropy(logits, labels):
     """Mean softmax cross-entropy of ``logits`` (N, K) against integer ``labels`` (N,)."""
-    return apply(cross_entropy_forward, cross_entropy_backward, logits, labels)
+    return apply("cross_entropy", logits, labels)

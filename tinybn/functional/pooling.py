@@ -18,18 +18,29 @@ Average pooling (padding counts as zeros in the average, as in PyTorch's default
     dx̃[n, c, i·sH + p, j·sW + q] += dy[n, c, i, j] / (kH·kW)
 
 Derivations: docs/derivations.md, "Pooling".
+
+On NumPy float32/float64 arrays, a faster kernel of max pooling (stride = kernel, no padding, sizes divisible by the kernel) runs instead of this code (``tinybn/fast/cpu.py``,
+tested equal to it). To run this code, switch the kernels off: ``with tinybn.fast.disabled(): ...``,
+``tinybn.fast.set_enabled(False)`` or ``TINYBN_FAST=0``; ``tinybn.ops.Recorder`` shows which implementation ran.
 """
 from __future__ import annotations
 
+from .. import ops
+from ..autograd import Cache, apply
 from ..backend import get_array_module
-from ..tensor import Cache, apply
 from ._util import add_window_grads, crop_hw, output_size, pad_hw, pair, windows
 
 
 def _pool_geometry(x, kernel_size, stride, padding):
+    """``((kH, kW), (sH, sW), (pH, pW), (H_out, W_out))``, after checking that they fit x."""
     kh, kw = pair(kernel_size, "kernel_size")
     sh, sw = pair(kernel_size if stride is None else stride, "stride")
     ph, pw = pair(padding, "padding")
+    if len(x.shape) != 4:
+        raise ValueError(f"pooling expects an input of shape (N, C, H, W), got {tuple(x.shape)}")
+    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"pooling: kernel and stride must be positive and padding not negative, got kernel "
+                         f"{(kh, kw)}, stride {(sh, sw)}, padding {(ph, pw)}")
     if ph > kh // 2 or pw > kw // 2:
         raise ValueError(f"pooling padding {(ph, pw)} must be at most half the kernel size {(kh, kw)}")
     h, w = x.shape[2:]
@@ -63,9 +74,13 @@ def max_pool2d_backward(dy, cache):
     return (crop_hw(dx_pad, *cache.padding),)
 
 
+ops.define("max_pool2d", max_pool2d_forward, max_pool2d_backward)
+
+
 def max_pool2d(x, kernel_size, stride=None, padding=0):
     """Max pooling; see the module docstring for the gradient's tie rule."""
-    return apply(max_pool2d_forward, max_pool2d_backward, x, kernel_size=kernel_size, stride=stride, padding=padding)
+    _pool_geometry(x, kernel_size, stride, padding)     # bad shapes fail here, for every kernel
+    return apply("max_pool2d", x, kernel_size=kernel_size, stride=stride, padding=padding)
 
 
 def avg_pool2d_forward(x, kernel_size, stride=None, padding=0):
@@ -85,6 +100,9 @@ def avg_pool2d_backward(dy, cache):
     return (crop_hw(dx_pad, *cache.padding),)
 
 
+ops.define("avg_pool2d", avg_pool2d_forward, avg_pool2d_backward)
+
+
 def avg_pool2d(x, kernel_size, stride=None, padding=0):
     """Average pooling; zero padding counts in the average."""
-    return apply(avg_pool2d_forward, avg_pool2d_backward, x, kernel_size=kernel_size, stride=stride, padding=padding)
+    return apply("avg_pool2d", x, kernel_size=kernel_size, stride=stride, padding=padding)

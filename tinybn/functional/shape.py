@@ -1,7 +1,8 @@
 """Flatten: (N, d1, d2, ...) -> (N, d1·d2·...). Its backward only restores the shape."""
 from __future__ import annotations
 
-from ..tensor import Cache, apply
+from .. import ops
+from ..autograd import Cache, apply
 
 
 def flatten_forward(x):
@@ -12,6 +13,9 @@ def flatten_backward(dy, cache):
     return (dy.reshape(cache.shape),)
 
 
+ops.define("flatten", flatten_forward, flatten_backward)
+
+
 def flatten(x):
     """Keep the batch axis and merge all the others."""
-    return apply(flatten_forward, flatten_backward, x)
+    return apply("flatten", x)

@@ -23,7 +23,7 @@ import numpy
 from .. import backend
 from .. import functional as F
 from ..functional.batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM
-from ..tensor import Tensor
+from ..autograd import Tensor
 from .layers import check_input
 from .module import Module, UninitializedBuffer, UninitializedParameter, is_materialized
 
@@ -35,6 +35,8 @@ class _BatchNormBase(Module):
         super().__init__()
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] (the weight of the old moving average) or None, got {momentum}")
+        if not eps > 0:
+            raise ValueError(f"eps must be positive (it keeps 1/√(σ² + eps) finite for a constant channel), got {eps}")
         self.num_features, self.momentum, self.eps = num_features, momentum, eps
         object.__setattr__(self, "_device", backend.resolve_device(device)[0])
         object.__setattr__(self, "_dtype", numpy.dtype(dtype))

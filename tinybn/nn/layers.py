@@ -8,7 +8,7 @@ import numpy
 from .. import backend
 from .. import functional as F
 from ..functional._util import pair
-from ..tensor import Tensor
+from ..autograd import Tensor
 from . import init
 from .module import Module, Parameter
 

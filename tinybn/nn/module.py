@@ -6,7 +6,7 @@ from collections import OrderedDict
 import numpy
 
 from .. import backend
-from ..tensor import Tensor
+from ..autograd import Tensor
 
 
 class Parameter(Tensor):

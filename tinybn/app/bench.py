@@ -1,29 +1,26 @@
 """``python -m tinybn bench``: steady-state throughput of a training step and of prediction.
 
-For the chosen model, batch size, device and dtype it measures, after a warm-up, the median over
-several repeats of
+For the chosen model, batch size, device and dtype it measures, after a warm-up,
 
 * the training step (forward, loss, backward, SGD update), in examples/sec;
 * prediction (eval mode, no graph), in examples/sec;
 * peak memory of training: on the CPU, how far the process's resident set grows above its size
-  before the first step (model and data already loaded) while it runs a few steps, measured in a
-  fresh process per framework so both are judged the same way; on the GPU, the high-water mark of
-  the framework's memory pool.
+  before the first step (model and data already loaded) while it runs a few steps; on the GPU, the
+  high-water mark of the framework's memory pool.
 
-``--compare torch`` runs the identical model in PyTorch in the same process, interleaving the
-repeats so both see the same machine state, with the same number of threads, and prints the
-ratio tinybn / PyTorch. Thread pools keep spinning for a while after their work, and a spinning
-pool slows whichever framework runs next, so each timed repeat starts with one untimed step of the
-same kind (PyTorch's OpenMP threads stop within it), and after each of tinybn's repeats its worker
-threads are told to rest (with ``--no-fast``, whose products use OpenBLAS's own threads, the bench
-waits 0.2 s for those to stop: they spin for about 0.1 s and cannot be told to). Left spinning,
-OpenBLAS's threads made PyTorch's training step about 14 % slower.
-``--profile`` prints forward and backward time per operation.
+Every measurement runs in a fresh process of its own (``python -m tinybn.app.bench --worker``), so that
+no framework's threads, allocator state or BLAS settings can slow another: measured in one process,
+PyTorch ran at 13,900 examples/sec beside tinybn and at 16,000-19,500 alone. ``--compare torch``
+alternates the two frameworks, tinybn then PyTorch, ``--repeats`` times, with the same threads and the
+same batch, and reports each framework's median and the median of the per-pair ratios tinybn / PyTorch
+with their minimum and maximum: the spread says how much one number can be trusted.
+Each worker process is tuned as the ``tinybn`` command line tunes itself (:func:`tinybn.fast.tune_process`
+when tinybn's fast kernels are on; PyTorch's process is left as it starts).
+``--profile`` prints forward and backward time per op and implementation, measured in this process.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
@@ -33,27 +30,26 @@ from collections import defaultdict
 
 import numpy
 
-from . import backend
-from . import functional as F
-from . import fast
-from .fast import blas
+from .. import backend, fast, ops
+from .. import functional as F
+from ..autograd import Tensor, no_grad
+from ..fast import blas
+from ..optim import SGD
 from .models import MODELS, build_model
-from .optim import SGD
-from .tensor import Tensor, no_grad
-
-# the module itself (the package attribute `tinybn.tensor` is the tensor() function)
-tensor_module = importlib.import_module("tinybn.tensor")
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", choices=MODELS, default="lenet-bn")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default=None, help="cpu, gpu, cuda:N (default: $TINYBN_DEVICE or cpu)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported")
-    parser.add_argument("--steps", type=int, default=10, help="steps per repeat")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--compare", choices=("torch",), default=None, help="also run PyTorch, interleaved")
+    parser.add_argument("--repeats", type=_positive, default=7,
+                        help="fresh processes per framework (pairs with --compare); the median is reported")
+    parser.add_argument("--steps", type=_positive, default=10, help="steps per timed block")
+    parser.add_argument("--blocks", type=_positive, default=3,
+                        help="timed blocks per process; a process reports its fastest block")
+    parser.add_argument("--warmup", type=_positive, default=3, help="untimed steps first, in each process")
+    parser.add_argument("--compare", choices=("torch",), default=None,
+                        help="also run PyTorch, alternating fresh processes with tinybn's")
     parser.add_argument("--torch-variant", choices=("builtin", "scratch"), default="builtin",
                         help="PyTorch side: nn.BatchNorm2d/1d, or the chapter's from-scratch BN")
     parser.add_argument("--threads", type=_positive, default=None,
@@ -86,9 +82,6 @@ def sample_batch(batch_size: int):
         return rng.random((batch_size, 1, 28, 28), numpy.float32), rng.integers(0, 10, batch_size), "random"
 
 
-OPENBLAS_SPIN_SECONDS = 0.2
-
-
 class TinybnRunner:
     name = "tinybn"
 
@@ -114,14 +107,6 @@ class TinybnRunner:
         with no_grad():
             self.model(self.x)
         self.model.train()
-
-    def rest(self):
-        """Stop tinybn's spinning threads before the other framework is timed, so they cannot slow it."""
-        fast.parallel.rest()
-        if not fast.enabled():
-            # the reference kernels use OpenBLAS's own threads, which spin for 2^28 cycles (about 0.1 s)
-            # after each product and cannot be told to stop
-            time.sleep(OPENBLAS_SPIN_SECONDS)
 
     def peak_gpu_memory(self) -> int:
         pool = backend.resolve_device(self.device)[1].get_default_memory_pool()
@@ -173,9 +158,6 @@ class TorchRunner:
             self.model(self.x)
         self.model.train()
 
-    def rest(self):
-        pass
-
     def peak_gpu_memory(self) -> int:
         self.torch.cuda.reset_peak_memory_stats()
         self.train_step()
@@ -210,115 +192,95 @@ def _TorchScratchBN(num_features, num_dims):
 
 def _time(runner, what: str, steps: int) -> float:
     work = runner.train_step if what == "train" else runner.predict
-    work()  # untimed: warms the caches, and PyTorch's OpenMP threads stop spinning meanwhile
     runner.sync()
     start = time.perf_counter()
     for _ in range(steps):
         work()
     runner.sync()
-    elapsed = time.perf_counter() - start
-    runner.rest()
-    return elapsed
+    return time.perf_counter() - start
 
 
 class OpProfiler:
-    """Collects forward and backward seconds per op name (installed as tinybn.tensor.profiler)."""
+    """Forward and backward seconds per op and implementation: an observer of the op registry
+    (``with ops.observe(OpProfiler(sync)):``), which times every function it is handed."""
 
     def __init__(self, sync):
         self.forward, self.backward, self.calls, self.sync = defaultdict(float), defaultdict(float), defaultdict(int), sync
 
-    def apply(self, forward, backward, inputs, name, params):
-        op = name or forward.__name__.removesuffix("_forward")
-        profiler = tensor_module.profiler
+    def wrap(self, implementation, phase, function):
+        key = (implementation.op, implementation.label)
+        totals = self.forward if phase == "forward" else self.backward
 
-        def timed_backward(dy, cache):
+        def timed(*args, **kwargs):
             self.sync()
             start = time.perf_counter()
-            grads = backward(dy, cache)
+            result = function(*args, **kwargs)
             self.sync()
-            self.backward[op] += time.perf_counter() - start
-            return grads
-
-        tensor_module.profiler = None
-        try:
-            self.sync()
-            start = time.perf_counter()
-            result = tensor_module.apply(forward, timed_backward, *inputs, name=op, **params)
-            self.sync()
-            self.forward[op] += time.perf_counter() - start
-            self.calls[op] += 1
-        finally:
-            tensor_module.profiler = profiler
-        return result
+            totals[key] += time.perf_counter() - start
+            if phase == "forward":
+                self.calls[key] += 1
+            return result
+        return timed
 
     def report(self, steps: int) -> list[dict]:
-        ops = sorted(set(self.forward) | set(self.backward), key=lambda k: -(self.forward[k] + self.backward[k]))
-        return [{"op": op, "calls/step": self.calls[op] // steps, "forward ms": 1e3 * self.forward[op] / steps,
-                 "backward ms": 1e3 * self.backward[op] / steps} for op in ops]
+        keys = sorted(set(self.forward) | set(self.backward), key=lambda k: -(self.forward[k] + self.backward[k]))
+        return [{"op": op, "implementation": label, "calls/step": self.calls[(op, label)] // steps,
+                 "forward ms": 1e3 * self.forward[(op, label)] / steps,
+                 "backward ms": 1e3 * self.backward[(op, label)] / steps} for op, label in keys]
 
 
 def run(args) -> int:
     if args.no_fast:
         fast.set_enabled(False)
-    if args.threads:
-        _set_threads(args.threads)
-    from .__main__ import tune_process
-    tune_process()
     device = backend.resolve_device(args.device)[0]
-    dtype = numpy.dtype(args.dtype)
-    images, labels, source = sample_batch(args.batch_size)
-    runners = [TinybnRunner(args.model, images, labels, device, dtype)]
+    frameworks = ["tinybn"]
     if args.compare == "torch":
         try:
-            import torch
+            import torch  # noqa: F401
         except ImportError:
             raise ValueError("--compare torch needs PyTorch, which tinybn never depends on: pip install torch") from None
-        torch.set_num_threads(args.threads or fast.parallel.threads())
-        runners.append(TorchRunner(args.model, images, labels, device, dtype, args.torch_variant))
-    for runner in runners:
-        for _ in range(args.warmup):
-            runner.train_step()
-            runner.predict()
-    times = {(r.name, what): [] for r in runners for what in ("train", "predict")}
-    for repeat in range(args.repeats):  # interleaved: each repeat runs every framework once
-        for runner in runners:
-            for what in ("train", "predict"):
-                times[(runner.name, what)].append(_time(runner, what, args.steps))
+        frameworks.append("torch")
+    spec = dict(model=args.model, batch_size=args.batch_size, device=device, dtype=args.dtype, threads=args.threads,
+                variant=args.torch_variant, fast=fast.enabled(), steps=args.steps, blocks=args.blocks,
+                warmup=args.warmup)
+    runs = {framework: [] for framework in frameworks}
+    for repeat in range(args.repeats):       # A B A B ...: each pair sees the machine in the same state
+        for framework in frameworks:
+            runs[framework].append(_run_worker(dict(spec, framework=framework)))
         print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
-    results = {"model": args.model, "batch_size": args.batch_size, "device": device, "dtype": str(dtype),
-               "fast_paths": fast.enabled(),
-               "data": source, "repeats": args.repeats, "steps": args.steps, "threads": fast.parallel.threads(),
-               "numpy": numpy.__version__, "frameworks": {}}
-    for runner in runners:
-        entry = {what: args.batch_size * args.steps / statistics.median(times[(runner.name, what)])
-                 for what in ("train", "predict")}
-        if device.startswith("cuda"):
-            peak = runner.peak_gpu_memory()
+    first = runs["tinybn"][0]
+    results = {"model": args.model, "batch_size": args.batch_size, "device": device, "dtype": args.dtype,
+               "fast_paths": fast.enabled(), "data": first["data"], "repeats": args.repeats, "steps": args.steps,
+               "blocks": args.blocks, "threads": first["threads"], "numpy": numpy.__version__,
+               "method": "each measurement in a fresh process; frameworks alternate", "frameworks": {}}
+    for framework in frameworks:
+        entry = {what: statistics.median(r[what] for r in runs[framework]) for what in ("train", "predict")}
+        entry["runs"] = [{what: round(r[what], 1) for what in ("train", "predict")} for r in runs[framework]]
+        peaks = [r["peak_gpu_bytes"] for r in runs[framework] if r.get("peak_gpu_bytes")]
+        if peaks:
+            peak = max(peaks)
         else:
-            framework = "tinybn" if isinstance(runner, TinybnRunner) else "torch"
-            peak = peak_rss_growth(framework, args.model, args.batch_size, dtype, args.threads, args.torch_variant)
+            peak = peak_rss_growth(framework, args.model, args.batch_size, numpy.dtype(args.dtype), args.threads,
+                                   args.torch_variant)
         entry["peak_memory_mb"] = None if peak is None else round(peak / 2**20, 1)
-        results["frameworks"][runner.name] = entry
-    if len(runners) == 2:
-        mine, theirs = (results["frameworks"][r.name] for r in runners)
-        results["ratio_train"] = mine["train"] / theirs["train"]
-        results["ratio_predict"] = mine["predict"] / theirs["predict"]
+        results["frameworks"][runs[framework][0]["name"]] = entry
+    if len(frameworks) == 2:
+        for what in ("train", "predict"):
+            ratios = [a[what] / b[what] for a, b in zip(runs["tinybn"], runs["torch"])]
+            results[f"ratio_{what}"] = statistics.median(ratios)
+            results[f"ratio_{what}_range"] = [min(ratios), max(ratios)]
+        mine, theirs = results["frameworks"].values()
         if mine["peak_memory_mb"] and theirs["peak_memory_mb"]:
             results["ratio_memory"] = mine["peak_memory_mb"] / theirs["peak_memory_mb"]
     if args.profile:
-        runner = runners[0]
-        tensor_module.profiler = profiler = OpProfiler(runner.sync)
-        try:
-            for _ in range(args.steps):
-                runner.train_step()
-        finally:
-            tensor_module.profiler = None
-        results["profile"] = profiler.report(args.steps)
+        results["profile"] = profile(args, device)
     if args.json:
         print(json.dumps(results))
         return 0
-    print(f"{args.model}, batch {args.batch_size}, {dtype}, {device}, {results['threads']} threads, {source} data, "
-          f"tinybn fast paths {'on' if fast.enabled() else 'off'}; median of {args.repeats} repeats x {args.steps} steps")
+    print(f"{args.model}, batch {args.batch_size}, {args.dtype}, {device}, {results['threads']} threads, "
+          f"{results['data']} data, tinybn fast paths {'on' if fast.enabled() else 'off'}; "
+          f"{args.repeats} fresh process(es) per framework{', alternating' if len(frameworks) == 2 else ''}, "
+          f"each the best of {args.blocks} blocks of {args.steps} steps; medians")
     memory = "peak GPU MB" if device.startswith("cuda") else "train +MB"
     print(f"{'framework':44s} {'train ex/s':>11s} {'predict ex/s':>13s} {memory:>11s}")
     for name, entry in results["frameworks"].items():
@@ -326,14 +288,73 @@ def run(args) -> int:
         print(f"{name:44s} {entry['train']:11.0f} {entry['predict']:13.0f} {peak:>11s}")
     if "ratio_train" in results:
         memory = f", memory {results['ratio_memory']:.2f}x" if "ratio_memory" in results else ""
-        print(f"ratio tinybn/PyTorch: train {results['ratio_train']:.2f}x, predict {results['ratio_predict']:.2f}x"
-              f"{memory} (above 1 is faster for speed, larger for memory)")
+        low, high = results["ratio_train_range"]
+        plow, phigh = results["ratio_predict_range"]
+        print(f"ratio tinybn/PyTorch (median of {args.repeats} pairs, min-max): train {results['ratio_train']:.2f}x "
+              f"({low:.2f}-{high:.2f}), predict {results['ratio_predict']:.2f}x ({plow:.2f}-{phigh:.2f}){memory} "
+              f"(above 1 is faster for speed, larger for memory)")
     if args.profile:
         print(f"\nper-op time per training step ({args.steps} steps, synchronised):")
-        print(f"{'op':16s} {'calls':>5s} {'forward ms':>11s} {'backward ms':>12s}")
+        print(f"{'op [implementation]':28s} {'calls':>5s} {'forward ms':>11s} {'backward ms':>12s}")
         for row in results["profile"]:
-            print(f"{row['op']:16s} {row['calls/step']:5d} {row['forward ms']:11.2f} {row['backward ms']:12.2f}")
+            name = f"{row['op']} [{row['implementation']}]"
+            print(f"{name:28s} {row['calls/step']:5d} {row['forward ms']:11.2f} {row['backward ms']:12.2f}")
     return 0
+
+
+def profile(args, device) -> list[dict]:
+    """Per-op times of ``args.steps`` training steps, in this process."""
+    from .cli import tune_process
+
+    if args.threads:
+        _set_threads(args.threads)
+    tune_process()
+    images, labels, _ = sample_batch(args.batch_size)
+    runner = TinybnRunner(args.model, images, labels, device, numpy.dtype(args.dtype))
+    for _ in range(args.warmup):
+        runner.train_step()
+    with ops.observe(OpProfiler(runner.sync)) as profiler:
+        for _ in range(args.steps):
+            runner.train_step()
+    return profiler.report(args.steps)
+
+
+def _run_worker(spec: dict) -> dict:
+    """Run one measurement in a fresh Python process; returns what it printed."""
+    import subprocess
+
+    env = dict(os.environ, TINYBN_FAST="1" if spec["fast"] else "0")
+    done = subprocess.run([sys.executable, "-m", "tinybn.app.bench", "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=1800, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {spec['framework']} benchmark process failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def worker(spec: dict) -> dict:
+    """One fresh process's measurement: warm up, then the fastest of ``blocks`` timed blocks of each kind."""
+    if spec["threads"]:
+        _set_threads(spec["threads"])
+    if spec["framework"] == "tinybn" and fast.enabled():
+        fast.tune_process()
+    images, labels, source = sample_batch(spec["batch_size"])
+    dtype = numpy.dtype(spec["dtype"])
+    if spec["framework"] == "tinybn":
+        runner = TinybnRunner(spec["model"], images, labels, spec["device"], dtype)
+    else:
+        import torch
+        torch.set_num_threads(spec["threads"] or fast.parallel.threads())
+        runner = TorchRunner(spec["model"], images, labels, spec["device"], dtype, spec["variant"])
+    for _ in range(spec["warmup"]):
+        runner.train_step()
+        runner.predict()
+    result = {"name": runner.name, "data": source, "threads": spec["threads"] or fast.parallel.threads()}
+    for what in ("train", "predict"):
+        seconds = min(_time(runner, what, spec["steps"]) for _ in range(spec["blocks"]))
+        result[what] = spec["batch_size"] * spec["steps"] / seconds
+    if spec["device"].startswith("cuda"):
+        result["peak_gpu_bytes"] = runner.peak_gpu_memory()
+    return result
 
 
 def peak_rss_growth(framework, model, batch_size, dtype, threads, torch_variant):
@@ -351,7 +372,7 @@ def peak_rss_growth(framework, model, batch_size, dtype, threads, torch_variant)
 
     spec = json.dumps([framework, model, batch_size, str(dtype), threads, torch_variant])
     env = dict(os.environ, TINYBN_FAST="1" if fast.enabled() else "0")
-    done = subprocess.run([sys.executable, "-c", f"from tinybn.bench import _rss_probe; _rss_probe({spec!r})"],
+    done = subprocess.run([sys.executable, "-c", f"from tinybn.app.bench import _rss_probe; _rss_probe({spec!r})"],
                           capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"the memory probe for {framework} failed:\n{done.stderr[-2000:]}")
@@ -414,3 +435,8 @@ def _set_threads(count: int) -> None:
     print(f"warning: could not limit NumPy's BLAS to {count} threads (no threadpoolctl, and not OpenBLAS); "
           f"pip install threadpoolctl, or set OPENBLAS_NUM_THREADS={count} before starting Python",
           file=sys.stderr)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        print(json.dumps(worker(json.loads(sys.argv[2]))))

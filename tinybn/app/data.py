@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy
 
-from . import backend
+from .. import backend
 
 FILES = {
     # name: (file, payload SHA-256, upstream .gz MD5)
@@ -232,7 +232,7 @@ class DataLoader:
         self.rng.bit_generator.state = state
 
     def __iter__(self):
-        from .tensor import Tensor
+        from ..autograd import Tensor
 
         n = len(self.labels)
         order = self.rng.permutation(n) if self.shuffle else numpy.arange(n)

@@ -6,13 +6,14 @@ that operation, what the rule needs (its ``cache``) and the input tensors.
 ``loss.backward()`` visits the nodes in reverse topological order and sends each gradient
 back through its rule, adding up the contributions of every path (fan-out).
 
-Every operation, from ``+`` to ``conv2d``, is a pair of pure array functions::
+Every operation, from ``+`` to ``conv2d``, is a pair of pure array functions defined once, by name, in
+the op registry (:mod:`tinybn.ops`)::
 
     out, cache = forward(*arrays, **params)
     input_grads = backward(dy, cache)       # one entry per input, None where not needed
 
-and :func:`apply` connects such a pair to the graph. The arithmetic pairs live in this file; the
-neural-network ones in :mod:`tinybn.functional`.
+and :func:`apply` runs the op by name and connects it to the graph. The arithmetic pairs live in this
+file; the neural-network ones in :mod:`tinybn.functional`.
 
 Conventions: ``dy`` is the gradient of the loss with respect to an operation's output,
 ``dx``/``da``/``db`` ... those with respect to its inputs, in the order of the inputs.
@@ -22,13 +23,28 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-from types import SimpleNamespace as Cache
+from types import SimpleNamespace
 
 import numpy
 
-from . import backend
+from . import backend, ops
 
 __all__ = ["Tensor", "tensor", "no_grad", "enable_grad", "is_grad_enabled", "apply", "Cache", "unbroadcast"]
+
+class Cache(SimpleNamespace):
+    """What a forward keeps for its backward, by name (``Cache(x_hat=..., inv_std=...)``).
+
+    When the forward is recorded, the engine adds ``needs_input_grad``: one flag per input of the op,
+    True where that input needs a gradient (PyTorch's ``ctx.needs_input_grad``). A backward may skip
+    the others; called by hand, without the engine, every gradient is needed.
+    """
+
+    needs_input_grad = None
+
+    def needs(self, i: int) -> bool:
+        """Whether the gradient of input ``i`` is needed."""
+        return self.needs_input_grad is None or self.needs_input_grad[i]
+
 
 # Grad mode belongs to a thread, as in PyTorch: one thread predicting under no_grad() must not turn
 # recording off for a thread that trains. A new thread starts with recording on.
@@ -138,26 +154,30 @@ def _as_data(value):
     return value.data if isinstance(value, Tensor) else value
 
 
-def apply(forward, backward, *inputs, name=None, **params):
-    """Run ``forward`` on the arrays of ``inputs`` and, if any input needs a gradient, record ``backward``.
+def apply(name: str, *inputs, **params):
+    """Run the op ``name`` on the arrays of ``inputs`` and, if any input needs a gradient, record its backward.
 
     ``inputs`` may mix tensors, arrays and Python scalars; only tensors with ``requires_grad``
-    receive gradients. ``params`` are passed to ``forward`` unchanged (strides, modes, ...).
-    A forward may return a tuple ``(y, *state)``: only ``y`` is differentiable, and the state
-    (batch norm's new moving averages) comes back as plain tensors after it.
+    receive gradients. ``params`` are passed to the forward unchanged (strides, modes, ...).
+    The registry chooses the implementation (:func:`tinybn.ops.choose`: a kernel that applies, else
+    the reference). A forward may return a tuple ``(y, *state)``: only ``y`` is differentiable, and the
+    state (batch norm's batch statistics) comes back as plain tensors after it.
     """
-    name = name or forward.__name__.removesuffix("_forward")
-    if fast_paths is not None:  # a faster implementation of the same op, when one applies (tinybn.fast)
-        forward, backward = fast_paths(forward, backward, inputs, params)
-    if profiler is not None:
-        return profiler.apply(forward, backward, inputs, name, params)
+    implementation = ops.choose(ops.get(name), [_as_data(value) for value in inputs], params)
+    forward, backward = implementation.forward, implementation.backward
+    for observer in ops.observers():
+        forward = observer.wrap(implementation, "forward", forward)
+        backward = observer.wrap(implementation, "backward", backward)
+    recording = is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
+    if implementation.wants_recording:
+        params = dict(params, recording=recording)
     out, cache = forward(*map(_as_data, inputs), **params)
     extras = ()
-    if isinstance(out, tuple):  # (differentiable output, *state such as new moving averages)
+    if isinstance(out, tuple):  # (differentiable output, *state such as batch statistics)
         out, *extras = out
-    needs_grad = is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
-    result = Tensor(out, requires_grad=needs_grad)
-    if needs_grad:
+    result = Tensor(out, requires_grad=recording)
+    if recording:
+        cache.needs_input_grad = tuple(isinstance(t, Tensor) and t.requires_grad for t in inputs)
         graph_inputs = tuple((t._node or t) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
         shapes = tuple(t.shape if isinstance(t, Tensor) else None for t in inputs)
         versions = tuple((t._version, t._version[0]) for t in inputs if isinstance(t, Tensor))
@@ -187,10 +207,6 @@ def _topological_order(root: Node) -> list:
     return order
 
 
-fast_paths = None  # set by tinybn.fast: (forward, backward, inputs, params) -> the pair to run
-profiler = None  # set by tinybn.bench --profile: an object whose .apply times forward and backward per op
-
-
 def unbroadcast(grad, shape):
     """Sum ``grad`` over the axes that broadcasting added or stretched, so it gets ``shape``."""
     if grad.shape == tuple(shape):
@@ -215,12 +231,18 @@ def add_backward(dy, cache):
     return unbroadcast(dy, cache.a_shape), unbroadcast(dy, cache.b_shape)
 
 
+ops.define("add", add_forward, add_backward)
+
+
 def sub_forward(a, b):
     return a - b, Cache(a_shape=_shape(a), b_shape=_shape(b))
 
 
 def sub_backward(dy, cache):
     return unbroadcast(dy, cache.a_shape), unbroadcast(-dy, cache.b_shape)
+
+
+ops.define("sub", sub_forward, sub_backward)
 
 
 def mul_forward(a, b):
@@ -232,6 +254,9 @@ def mul_backward(dy, cache):
     return unbroadcast(dy * cache.b, _shape(cache.a)), unbroadcast(dy * cache.a, _shape(cache.b))
 
 
+ops.define("mul", mul_forward, mul_backward)
+
+
 def div_forward(a, b):
     return a / b, Cache(a=a, b=b)
 
@@ -241,6 +266,9 @@ def div_backward(dy, cache):
     da = dy / cache.b
     db = -da * cache.a / cache.b
     return unbroadcast(da, _shape(cache.a)), unbroadcast(db, _shape(cache.b))
+
+
+ops.define("div", div_forward, div_backward)
 
 
 def pow_forward(a, b):
@@ -258,12 +286,18 @@ def pow_backward(dy, cache):
     return da, unbroadcast(dy * y * xp.log(a), _shape(b))
 
 
+ops.define("pow", pow_forward, pow_backward)
+
+
 def neg_forward(a):
-    return -a, None
+    return -a, Cache()
 
 
 def neg_backward(dy, cache):
     return (-dy,)
+
+
+ops.define("neg", neg_forward, neg_backward)
 
 
 def matmul_forward(a, b):
@@ -280,6 +314,9 @@ def matmul_backward(dy, cache):
     return unbroadcast(da, a.shape), unbroadcast(db, b.shape)
 
 
+ops.define("matmul", matmul_forward, matmul_backward)
+
+
 def exp_forward(a):
     xp = backend.get_array_module(a)
     y = xp.exp(a)
@@ -290,6 +327,9 @@ def exp_backward(dy, cache):
     return (dy * cache.y,)
 
 
+ops.define("exp", exp_forward, exp_backward)
+
+
 def log_forward(a):
     xp = backend.get_array_module(a)
     return xp.log(a), Cache(a=a)
@@ -297,6 +337,9 @@ def log_forward(a):
 
 def log_backward(dy, cache):
     return (dy / cache.a,)
+
+
+ops.define("log", log_forward, log_backward)
 
 
 def _normalize_axis(axis, ndim):
@@ -318,6 +361,9 @@ def sum_backward(dy, cache):
     return (xp.broadcast_to(dy, cache.shape),)
 
 
+ops.define("sum", sum_forward, sum_backward)
+
+
 def mean_forward(a, axis=None, keepdims=False):
     axes = _normalize_axis(axis, a.ndim)
     count = int(numpy.prod([a.shape[i] for i in axes])) if axes else 1
@@ -329,12 +375,18 @@ def mean_backward(dy, cache):
     return (dx / cache.count,)
 
 
+ops.define("mean", mean_forward, mean_backward)
+
+
 def reshape_forward(a, shape):
     return a.reshape(shape), Cache(shape=a.shape)
 
 
 def reshape_backward(dy, cache):
     return (dy.reshape(cache.shape),)
+
+
+ops.define("reshape", reshape_forward, reshape_backward)
 
 
 def transpose_forward(a, axes=None):
@@ -351,6 +403,9 @@ def transpose_backward(dy, cache):
     return (dy.transpose(inverse),)
 
 
+ops.define("transpose", transpose_forward, transpose_backward)
+
+
 def getitem_forward(a, index):
     return a[index], Cache(shape=a.shape, dtype=a.dtype, index=index)
 
@@ -361,6 +416,9 @@ def getitem_backward(dy, cache):
     dx = xp.zeros(cache.shape, dtype=cache.dtype)
     xp.add.at(dx, cache.index, dy)
     return (dx,)
+
+
+ops.define("getitem", getitem_forward, getitem_backward)
 
 
 # ---------------------------------------------------------------- the Tensor class
@@ -500,46 +558,46 @@ class Tensor:
         self.grad = None
 
     # -- arithmetic
-    def __add__(self, other): return apply(add_forward, add_backward, self, _as_data_or_tensor(other))
-    def __radd__(self, other): return apply(add_forward, add_backward, _as_data_or_tensor(other), self)
-    def __sub__(self, other): return apply(sub_forward, sub_backward, self, _as_data_or_tensor(other))
-    def __rsub__(self, other): return apply(sub_forward, sub_backward, _as_data_or_tensor(other), self)
-    def __mul__(self, other): return apply(mul_forward, mul_backward, self, _as_data_or_tensor(other))
-    def __rmul__(self, other): return apply(mul_forward, mul_backward, _as_data_or_tensor(other), self)
-    def __truediv__(self, other): return apply(div_forward, div_backward, self, _as_data_or_tensor(other))
-    def __rtruediv__(self, other): return apply(div_forward, div_backward, _as_data_or_tensor(other), self)
-    def __pow__(self, other): return apply(pow_forward, pow_backward, self, _as_data_or_tensor(other))
-    def __rpow__(self, other): return apply(pow_forward, pow_backward, _as_data_or_tensor(other), self)
-    def __neg__(self): return apply(neg_forward, neg_backward, self)
-    def __matmul__(self, other): return apply(matmul_forward, matmul_backward, self, _as_data_or_tensor(other))
-    def __rmatmul__(self, other): return apply(matmul_forward, matmul_backward, _as_data_or_tensor(other), self)
+    def __add__(self, other): return apply("add", self, _as_data_or_tensor(other))
+    def __radd__(self, other): return apply("add", _as_data_or_tensor(other), self)
+    def __sub__(self, other): return apply("sub", self, _as_data_or_tensor(other))
+    def __rsub__(self, other): return apply("sub", _as_data_or_tensor(other), self)
+    def __mul__(self, other): return apply("mul", self, _as_data_or_tensor(other))
+    def __rmul__(self, other): return apply("mul", _as_data_or_tensor(other), self)
+    def __truediv__(self, other): return apply("div", self, _as_data_or_tensor(other))
+    def __rtruediv__(self, other): return apply("div", _as_data_or_tensor(other), self)
+    def __pow__(self, other): return apply("pow", self, _as_data_or_tensor(other))
+    def __rpow__(self, other): return apply("pow", _as_data_or_tensor(other), self)
+    def __neg__(self): return apply("neg", self)
+    def __matmul__(self, other): return apply("matmul", self, _as_data_or_tensor(other))
+    def __rmatmul__(self, other): return apply("matmul", _as_data_or_tensor(other), self)
 
     def __getitem__(self, index):
-        return apply(getitem_forward, getitem_backward, self, index=_unwrap_index(index))
+        return apply("getitem", self, index=_unwrap_index(index))
 
     def sum(self, axis=None, keepdims=False):
-        return apply(sum_forward, sum_backward, self, axis=axis, keepdims=keepdims)
+        return apply("sum", self, axis=axis, keepdims=keepdims)
 
     def mean(self, axis=None, keepdims=False):
-        return apply(mean_forward, mean_backward, self, axis=axis, keepdims=keepdims)
+        return apply("mean", self, axis=axis, keepdims=keepdims)
 
     def reshape(self, *shape):
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-        return apply(reshape_forward, reshape_backward, self, shape=tuple(shape))
+        return apply("reshape", self, shape=tuple(shape))
 
     def transpose(self, *axes):
         axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
-        return apply(transpose_forward, transpose_backward, self, axes=axes or None)
+        return apply("transpose", self, axes=axes or None)
 
     @property
     def T(self):
         return self.transpose()
 
     def exp(self):
-        return apply(exp_forward, exp_backward, self)
+        return apply("exp", self)
 
     def log(self):
-        return apply(log_forward, log_backward, self)
+        return apply("log", self)
 
     # comparisons give boolean tensors, elementwise and without a graph, as in NumPy and PyTorch
     def __eq__(self, other): return Tensor(self.data == _as_data(other))

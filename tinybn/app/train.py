@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy
 
-from . import backend, checkpoint
-from . import functional as F
-from . import random as tb_random
+from .. import backend
+from .. import functional as F
+from .. import random as tb_random
+from ..autograd import no_grad
+from ..optim import SGD, learning_rate
+from . import checkpoint
 from .data import DataLoader, load_fashion_mnist
 from .models import build_model
-from .optim import SGD, learning_rate
 from .progress import Progress
-from .tensor import no_grad
 
 
 @dataclasses.dataclass
@@ -166,7 +167,7 @@ def plot_history(path: Path, history: list[dict], title: str = "", log=print) ->
 
 
 def first_batch_norm(model):
-    from .nn import BatchNorm, BatchNorm1d, is_materialized
+    from ..nn import BatchNorm, BatchNorm1d, is_materialized
 
     for module in model.modules():
         if isinstance(module, (BatchNorm, BatchNorm1d)) and is_materialized(module.gamma):

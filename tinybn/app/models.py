@@ -1,7 +1,7 @@
 """LeNet and LeNet with batch norm, as in the chapter, plus the variants its exercises ask for."""
 from __future__ import annotations
 
-from . import nn
+from .. import nn
 
 MODELS = ("lenet", "lenet-bn", "lenet-bn-concise")
 
