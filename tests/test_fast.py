@@ -328,3 +328,44 @@ def test_aliasing_safe_workspace_keeps_stores_apart_from_loads(loaded):
     store_minus_load = workspace.ctypes.data - partner.ctypes.data + numpy.array(residues)
     gaps = (-store_minus_load if loaded else store_minus_load) % 4096
     assert gaps.min() >= 512, gaps
+
+
+@pytest.mark.parametrize("model", ["lenet", "lenet-bn", "lenet-bn-concise"])
+@pytest.mark.parametrize("use_fast", [False, True])
+def test_which_code_runs_is_what_the_switch_says(model, use_fast):
+    """Counted through the op registry: with the fast paths off, every forward and backward of a training step
+    and a prediction is the readable code of tinybn/functional/ (or the engine's arithmetic); with them on, the
+    four ops that have a fast kernel run it, everything else the reference. Each layer's op runs once per
+    forward and once per backward."""
+    from collections import Counter
+
+    tinybn.manual_seed(0)
+    net = build_model(model)
+    images = tinybn.tensor(numpy.random.default_rng(0).random((4, 1, 28, 28)).astype(numpy.float32))
+    with ops.observe(ops.Recorder()) as recorder, contextlib.nullcontext() if use_fast else fast.disabled():
+        F.cross_entropy(net(images), tinybn.tensor(numpy.arange(4))).backward()
+        net.eval()
+        with tinybn.no_grad():
+            net(images)
+    def op_and_label(layer):
+        """The op a layer runs, and which implementation the switch should pick for it."""
+        four_d = isinstance(layer, (tinybn.nn.Conv2d, tinybn.nn.MaxPool2d, tinybn.nn.BatchNorm2d)) or (
+            isinstance(layer, tinybn.nn.BatchNorm) and layer.num_dims == 4)
+        op = {tinybn.nn.Conv2d: "conv2d", tinybn.nn.Sigmoid: "sigmoid", tinybn.nn.MaxPool2d: "max_pool2d",
+              tinybn.nn.Linear: "linear", tinybn.nn.Flatten: "flatten"}.get(type(layer), "batch_norm")
+        fast_kernel = op == "sigmoid" or (four_d and op in ("conv2d", "max_pool2d", "batch_norm"))
+        return op, "fast" if use_fast and fast_kernel else "reference"
+
+    layers = Counter(op_and_label(layer) for layer in net)
+    counted = Counter((implementation.op, implementation.label, phase) for implementation, phase in recorder.calls)
+    expected = Counter({("cross_entropy", "reference", "forward"): 1, ("cross_entropy", "reference", "backward"): 1})
+    for (op, label), n in layers.items():
+        expected[(op, label, "forward")] += 2 * n
+        expected[(op, label, "backward")] += n
+    assert counted == expected
+    for implementation, _ in recorder.calls:
+        if implementation.label == "fast":
+            assert implementation.forward.__module__ == implementation.backward.__module__ == "tinybn.fast.cpu"
+        else:
+            assert implementation.forward.__module__.startswith("tinybn.functional."), implementation
+            assert implementation.backward.__module__ == implementation.forward.__module__

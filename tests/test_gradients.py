@@ -1,8 +1,15 @@
 """One table of gradient checks: every op, every differentiable input, several shapes, both BN modes.
 
 Each row gives the op, its arguments as (name, array, requires_grad) and the call. The check runs in
-float64 with central differences and a random upstream gradient (tinybn.gradcheck), on every device.
+float64 with central differences and a random upstream gradient (tinybn.gradcheck), along explicit axes:
+
+* device: NumPy ("cpu"), the strict CuPy stand-in, and CuPy when a GPU is present;
+* implementation: the readable reference everywhere, and on the CPU also the fast kernel for the rows
+  it applies to (``fast=True``); the test checks that exactly that implementation ran, so every row
+  tests what its name says;
+* layout (CPU): the first input C-contiguous, batch-last (axis 0 stored last) or a strided slice.
 """
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -10,10 +17,11 @@ import numpy
 import pytest
 
 import tinybn
-from tinybn import functional as F, ops
+from tinybn import fast, functional as F, ops
 from tinybn.autograd import Cache, apply
 
-from conftest import Samples, make
+from conftest import DEVICES, Samples, make
+from props import with_layout
 
 samples = Samples(1234)
 randn, positive, distinct = samples.randn, samples.positive, samples.distinct
@@ -24,6 +32,7 @@ class Row:
     name: str
     call: Callable
     args: list  # (array, requires_grad) pairs, in the order of call's arguments
+    fast: bool = False  # a fast kernel applies to this row on the CPU
 
     def __str__(self):
         return self.name
@@ -42,9 +51,9 @@ ROWS = [
     Row("conv2d k2x3 s(1,2) p(2,1) no bias", lambda x, w: F.conv2d(x, w, stride=(1, 2), padding=(2, 1)),
         [(randn(2, 2, 5, 7), True), (randn(3, 2, 2, 3), True)]),
     Row("conv2d k5 s1 p0 (LeNet)", lambda x, w, b: F.conv2d(x, w, b),
-        [(randn(2, 1, 8, 9), True), (randn(2, 1, 5, 5), True), (randn(2), True)]),
+        [(randn(2, 1, 8, 9), True), (randn(2, 1, 5, 5), True), (randn(2), True)], fast=True),
     # pooling
-    Row("max_pool2d k2 s2", lambda x: F.max_pool2d(x, 2, 2), [(distinct(2, 3, 6, 4), True)]),
+    Row("max_pool2d k2 s2", lambda x: F.max_pool2d(x, 2, 2), [(distinct(2, 3, 6, 4), True)], fast=True),
     Row("max_pool2d k3 s2 p1", lambda x: F.max_pool2d(x, 3, 2, 1), [(distinct(2, 2, 7, 6), True)]),
     Row("max_pool2d k(2,3) s(1,2)", lambda x: F.max_pool2d(x, (2, 3), (1, 2)), [(distinct(2, 2, 5, 7), True)]),
     Row("avg_pool2d k2 s2", lambda x: F.avg_pool2d(x, 2), [(randn(2, 3, 6, 4), True)]),
@@ -52,7 +61,7 @@ ROWS = [
     # dense and elementwise
     Row("linear", F.linear, [(randn(3, 5), True), (randn(4, 5), True), (randn(4), True)]),
     Row("linear no bias", F.linear, [(randn(2, 6), True), (randn(3, 6), True)]),
-    Row("sigmoid", F.sigmoid, [(randn(3, 4) * 3, True)]),
+    Row("sigmoid", F.sigmoid, [(randn(3, 4) * 3, True)], fast=True),
     Row("relu", F.relu, [(randn(3, 4) + 0.05, True)]),
     Row("flatten", F.flatten, [(randn(2, 3, 2, 2), True)]),
     Row("dropout p0.4 train", lambda x: F.dropout(x, 0.4, True, tinybn.get_array_module(x.data).random.default_rng(7)),
@@ -65,12 +74,13 @@ ROWS = [
         [(randn(6, 4) * 2 + 1, True), (positive(4), True), (randn(4), True), (randn(4), False), (positive(4), False)]),
     Row("batch_norm 4-D train", bn(True),
         [(randn(2, 3, 3, 2), True), (positive(1, 3, 1, 1), True), (randn(1, 3, 1, 1), True),
-         (randn(1, 3, 1, 1), False), (positive(1, 3, 1, 1), False)]),
+         (randn(1, 3, 1, 1), False), (positive(1, 3, 1, 1), False)], fast=True),
     Row("batch_norm 2-D eval", bn(False),
         [(randn(5, 3), True), (positive(1, 3), True), (randn(1, 3), True), (randn(1, 3), False),
          (positive(1, 3), False)]),
     Row("batch_norm 4-D eval", bn(False),
-        [(randn(2, 3, 2, 3), True), (positive(3), True), (randn(3), True), (randn(3), False), (positive(3), False)]),
+        [(randn(2, 3, 2, 3), True), (positive(3), True), (randn(3), True), (randn(3), False), (positive(3), False)],
+        fast=True),
     # the tensor arithmetic the engine offers
     Row("add broadcast", lambda a, b: a + b, [(randn(3, 4), True), (randn(4), True)]),
     Row("sub broadcast", lambda a, b: a - b, [(randn(3, 1), True), (randn(1, 4), True)]),
@@ -90,12 +100,33 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize("row", ROWS, ids=str)
-def test_gradient(row, device):
+LAYOUTS = ("contiguous", "batch_last", "sliced")
+
+
+def _axes():
+    for row in ROWS:
+        for device in DEVICES:
+            for implementation in ("reference", "fast") if device == "cpu" and row.fast else ("reference",):
+                for layout in LAYOUTS if device == "cpu" else ("contiguous",):
+                    yield pytest.param(row, device, implementation, layout,
+                                       id=f"{row.name}-{device}-{implementation}-{layout}")
+
+
+@pytest.mark.parametrize("row, device, implementation, layout", list(_axes()))
+def test_gradient(row, device, implementation, layout):
     inputs = [make(array, device, requires_grad=needs) for array, needs in row.args]
-    report = tinybn.gradcheck(row.call, inputs)
+    if device == "cpu":   # the first input in the row's layout, handed over without a copy
+        first, needs = row.args[0]
+        inputs[0] = tinybn.Tensor(with_layout(numpy.asarray(first, numpy.float64), layout), requires_grad=needs)
+    with ops.observe(ops.Recorder()) as recorder, fast.disabled() if implementation == "reference" else nullcontext():
+        report = tinybn.gradcheck(row.call, inputs)
     assert report["ok"], f"{row.name}: {report}"
     assert report["where"] is not None
+    op = row.name.split()[0]
+    labels = {i.label for i, _ in recorder.calls if i.op == op}
+    assert labels in ({implementation}, set()), f"{row.name}: ran {labels}, not {implementation}"
+    if row.fast or implementation == "fast":
+        assert labels == {implementation}, f"{row.name}: {op} did not run"
 
 
 def test_every_op_has_a_row():

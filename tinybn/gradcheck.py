@@ -24,10 +24,15 @@ class GradcheckError(AssertionError):
 
 
 def _to_float64_inputs(inputs):
+    """Fresh tensors over float64 arrays: the caller's own arrays when they are float64 already (so their
+    memory layout reaches ``fn``; gradcheck perturbs them in place and puts every value back), else copies."""
     converted = []
     for value in inputs:
         if isinstance(value, Tensor):
-            data = value.data.astype(numpy.float64) if value.dtype.kind == "f" else value.data
+            data = value.data
+            if data.dtype.kind == "f":
+                writeable = getattr(getattr(data, "flags", None), "writeable", True)
+                data = data.astype(numpy.float64, copy=not writeable)
             converted.append(Tensor(data, requires_grad=value.requires_grad))
         else:
             converted.append(value)
@@ -78,11 +83,13 @@ def gradcheck(fn, inputs, *, eps: float = 1e-6, atol: float = 1e-6, rtol: float 
         # and perturbing the copy would check nothing).
         for index in numpy.ndindex(*x.shape):
             original = float(x.data[index])
-            x.data[index] = original + eps
-            plus = objective()
-            x.data[index] = original - eps
-            minus = objective()
-            x.data[index] = original
+            try:
+                x.data[index] = original + eps
+                plus = objective()
+                x.data[index] = original - eps
+                minus = objective()
+            finally:
+                x.data[index] = original
             numeric[index] = (plus - minus) / (2 * eps)
         error = numpy.abs(analytic - numeric)
         if error.size == 0:  # an empty input: its (empty) gradient has the right shape, nothing else to compare

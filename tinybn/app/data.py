@@ -42,7 +42,6 @@ FILES = {
 }
 OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 
 
 class DataError(RuntimeError):
@@ -207,11 +206,10 @@ class DataLoader:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if last_batch not in ("keep", "drop"):
             raise ValueError(f"last_batch must be 'keep' or 'drop', got {last_batch!r}")
-        self.device, xp = backend.resolve_device(device)
+        self.device = backend.resolve_device(device)[0]
         self.batch_size, self.shuffle, self.last_batch, self.min_batch = batch_size, shuffle, last_batch, min_batch
         self.images = backend.to_device(numpy.ascontiguousarray(images), self.device)
         self.labels = backend.to_device(numpy.ascontiguousarray(labels), self.device)
-        self.xp = xp
         self.rng = numpy.random.default_rng(seed)
 
     def batch_sizes(self) -> list[int]:

@@ -13,8 +13,7 @@ current batch and folds them into ``moving_mean``/``moving_var``; in prediction 
 The moving-average convention (``momentum`` weighs the OLD average, default 0.9 = PyTorch's
 0.1) is documented once, in :mod:`tinybn.functional.batchnorm`. ``momentum=None`` keeps an exact
 cumulative average instead: after k training batches the moving statistics are the plain mean of
-the k batch statistics, which is how to estimate population statistics with a frozen network
-(see :func:`tinybn.nn.recompute_batch_norm_statistics`).
+the k batch statistics, which is how to estimate population statistics with a frozen network.
 """
 from __future__ import annotations
 

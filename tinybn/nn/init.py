@@ -5,6 +5,7 @@ import math
 
 import numpy
 
+from .. import backend
 from .. import random as tb_random
 
 
@@ -18,19 +19,8 @@ def uniform(shape, bound: float, dtype=numpy.float32):
     return tb_random.generator(numpy).uniform(-bound, bound, size=shape).astype(dtype)
 
 
-def default_weight(shape, dtype=numpy.float32):
-    """PyTorch's default for conv and dense weights and biases: U(−1/√fan_in, 1/√fan_in)."""
-    return uniform(shape, 1.0 / math.sqrt(fans(shape)[0]), dtype)
-
-
 def xavier_uniform_(param) -> None:
     """Glorot/Xavier: U(−a, a) with a = √(6 / (fan_in + fan_out)), in place on a parameter."""
     fan_in, fan_out = fans(param.shape)
     value = uniform(param.shape, math.sqrt(6.0 / (fan_in + fan_out)), param.dtype)
-    from .. import backend
-
     param.data = backend.to_device(value, param.device)
-
-
-def zeros_(param) -> None:
-    param.data = param.data * 0
