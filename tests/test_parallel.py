@@ -117,8 +117,13 @@ def test_bad_thread_counts_are_refused():
     with pytest.raises(ValueError, match="at least 1"):
         parallel.set_threads(0)
     env = dict(os.environ, TINYBN_NUM_THREADS="many")
-    out = subprocess.run([sys.executable, "-c", "import tinybn"], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", "import tinybn; print('imported'); tinybn.fast.parallel.threads()"],
+                         env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "imported", "a bad TINYBN_NUM_THREADS must not break the import"
     assert out.returncode != 0 and "TINYBN_NUM_THREADS='many'" in out.stderr
+    cli = subprocess.run([sys.executable, "-m", "tinybn", "train", "--epochs", "1"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr and "TINYBN_NUM_THREADS='many'" in cli.stderr
 
 
 def test_environment_variable_sets_the_thread_count():

@@ -363,10 +363,10 @@ def piece(k):
     return k
 
 def interrupt_at(line):
+    # raises KeyboardInterrupt before the line-th line run in this thread, in any file: tinybn's own lines
+    # and those of the Python code it calls (threading's, for instance)
     count = [0]
     def tracer(frame, event, arg):
-        if frame.f_code.co_filename != parallel.__file__:
-            return None
         if event == "line":
             count[0] += 1
             if count[0] == line:
@@ -418,8 +418,9 @@ print("interrupted", interrupted, "of", line, "lines")
 def test_keyboard_interrupt_at_any_line_of_parallel_map_leaves_the_pool_usable():
     """A KeyboardInterrupt between acquiring map's lock and its try (or in its finally before the release) left
     the lock held: a worker spun at 100 % of a core forever and parallel.rest() deadlocked. Here an interrupt is
-    raised before each line of tinybn/fast/parallel.py that map runs, one run per line; after each, the pool
-    must work and OpenBLAS have its thread count, and at the end rest() must return and no worker spin."""
+    raised before each line that a map runs in the calling thread (tinybn's and the Python library code it
+    calls, such as threading.Event.set, whose lock an interrupt once left held), one run per line; after each,
+    the pool must work and OpenBLAS have its thread count, and at the end rest() must return and no worker spin."""
     import subprocess
     import sys
 
@@ -507,3 +508,181 @@ def test_gradcheck_checks_a_non_contiguous_float64_leaf():
 def test_gradcheck_accepts_an_empty_leaf():
     report = tinybn.gradcheck(lambda t: t * 2.0, [tinybn.Tensor(numpy.zeros((0, 3)), requires_grad=True)])
     assert report["ok"] and report["where"] is None
+
+
+# Found by an outside test of the fixes above --------------------------------------------------------------
+
+
+def test_changing_an_ops_output_in_place_before_backward_is_an_error():
+    """exp, sigmoid and pow cache their output y; `y.data += 1` changed what their backward read."""
+    for make_output in (lambda x: x.exp(), F.sigmoid, lambda x: x ** 3.0):
+        x = tinybn.tensor([0.5, 1.0], requires_grad=True)
+        y = make_output(x)
+        y.data += 1
+        with pytest.raises(RuntimeError, match="changed in place"):
+            (y * 3.0).sum().backward()
+        assert x.grad is None
+
+
+def test_a_view_shares_its_inputs_version_counter():
+    """A reshape of a tensor that needs no gradient is a view of its array: changing the array in place
+    must be seen by the graph that used the view."""
+    d = tinybn.tensor(numpy.arange(4.0))
+    w = tinybn.tensor(numpy.ones(4), requires_grad=True)
+    loss = (d.reshape(2, 2).reshape(4) * w).sum()
+    d.data += 10
+    with pytest.raises(RuntimeError, match="changed in place"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("layer, shape", [(lambda: nn.BatchNorm2d(3), (0, 3, 4, 4)), (lambda: nn.BatchNorm1d(3), (0, 3)),
+                                          (lambda: nn.BatchNorm(3, num_dims=4), (0, 3, 2, 2))])
+def test_an_empty_batch_leaves_the_moving_averages_alone(layer, shape):
+    """Averaging over no values made the moving statistics NaN for good (PyTorch leaves them unchanged)."""
+    bn = layer()
+    x = tinybn.tensor(numpy.zeros(shape, numpy.float32), requires_grad=True)
+    with numpy.errstate(all="raise"):
+        y = bn(x)
+        y.sum().backward()
+    assert y.shape == shape and x.grad.shape == shape
+    numpy.testing.assert_array_equal(bn.moving_mean.numpy().reshape(-1), 0.0)
+    numpy.testing.assert_array_equal(bn.moving_var.numpy().reshape(-1), 1.0)
+    assert int(bn.num_batches_tracked.item()) == 0
+    numpy.testing.assert_array_equal(bn.gamma.grad.reshape(-1), 0.0)
+
+
+@pytest.mark.parametrize("model_name", ["lenet", "lenet-bn", "lenet-bn-concise"])
+def test_models_predict_an_empty_batch(model_name):
+    net = build_model(model_name)
+    net(tinybn.tensor(numpy.zeros((2, 1, 28, 28), numpy.float32)))
+    net.eval()
+    assert net(tinybn.tensor(numpy.zeros((0, 1, 28, 28), numpy.float32))).shape == (0, 10)
+
+
+@pytest.mark.parametrize("use_fast", [True, False])
+def test_conv2d_and_pooling_take_empty_batches_and_channels(use_fast):
+    with contextlib.nullcontext() if use_fast else tinybn.fast.disabled():
+        for x_shape, w_shape in [((0, 1, 5, 5), (2, 1, 3, 3)), ((2, 0, 5, 5), (2, 0, 3, 3))]:
+            x, w = tinybn.tensor(numpy.zeros(x_shape), requires_grad=True), tinybn.tensor(numpy.ones(w_shape),
+                                                                                          requires_grad=True)
+            F.conv2d(x, w).sum().backward()
+            assert x.grad.shape == x_shape and w.grad.shape == w_shape
+        x = tinybn.tensor(numpy.zeros((0, 1, 4, 4)), requires_grad=True)
+        F.max_pool2d(x, 2).sum().backward()
+        assert x.grad.shape == (0, 1, 4, 4)
+
+
+def test_gradcheck_and_assert_same_fail_on_nan():
+    """`error > tolerance` is False for NaN, so a NaN gradient or output passed both checkers."""
+    from tinybn import ops
+    from tinybn.autograd import Cache, apply
+
+    if "tests.nan_gradient" not in ops.names():
+        ops.define("tests.nan_gradient", lambda a: (a * 2.0, Cache()), lambda dy, cache: (dy * numpy.nan,))
+    x = tinybn.tensor(numpy.ones(3), requires_grad=True)
+    with pytest.raises(AssertionError, match="analytic nan"):
+        tinybn.gradcheck(lambda t: apply("tests.nan_gradient", t), [x])
+    with pytest.raises(AssertionError):
+        tinybn.gradcheck(lambda t: t * numpy.nan, [x])
+    with pytest.raises(AssertionError, match="output differs"):
+        tinybn.assert_same(lambda t: t * numpy.nan, lambda t: t * 2.0, [x])
+    tinybn.assert_same(lambda t: t * numpy.inf, lambda t: t * numpy.inf, [x], check_grad=False)   # equal infinities
+
+
+def test_a_state_value_that_is_not_an_array_of_numbers_changes_nothing():
+    torch = pytest.importorskip("torch")
+    source = build_model("lenet-bn-concise")
+    source(tinybn.tensor(numpy.zeros((2, 1, 28, 28), numpy.float32)))
+    for bad in (lambda v: torch.tensor(v, requires_grad=True), lambda v: numpy.full(v.shape, "x")):
+        state = source.state_dict()
+        state["15.bias"] = bad(state["15.bias"])
+        target = build_model("lenet-bn-concise")
+        before = target[0].weight.numpy().copy()
+        with pytest.raises(ValueError, match="15.bias"):
+            target.load_state_dict(state)
+        numpy.testing.assert_array_equal(target[0].weight.numpy(), before)
+        assert not nn.is_materialized(target[1].gamma)
+
+
+def test_a_backward_that_raises_changes_no_gradient():
+    c = tinybn.tensor(numpy.ones(3), requires_grad=True)
+    from tinybn import ops
+    from tinybn.autograd import Cache, apply
+
+    def failing_backward(dy, cache):
+        raise ZeroDivisionError("a backward rule failed")
+
+    if "tests.failing_backward" not in ops.names():
+        ops.define("tests.failing_backward", lambda a: (a * 1.0, Cache()), failing_backward)
+    loss = (c * c).sum() + apply("tests.failing_backward", c).sum()
+    with pytest.raises(ZeroDivisionError):
+        loss.backward()
+    assert c.grad is None
+
+
+def test_linear_takes_leading_axes_as_pytorch_does():
+    torch = pytest.importorskip("torch")
+    x, w, b = rng.standard_normal((2, 5, 3)), rng.standard_normal((4, 3)), rng.standard_normal(4)
+    mine = [tinybn.tensor(a, requires_grad=True) for a in (x, w, b)]
+    theirs = [torch.tensor(a, requires_grad=True) for a in (x, w, b)]
+    dy = rng.standard_normal((2, 5, 4))
+    F.linear(*mine).backward(dy)
+    torch.nn.functional.linear(*theirs).backward(torch.tensor(dy))
+    for m, t in zip(mine, theirs):
+        numpy.testing.assert_allclose(m.grad, t.grad.numpy(), rtol=1e-12)
+
+
+def test_a_no_grad_generator_passes_throw_and_close_through():
+    finally_mode = []
+
+    @tinybn.no_grad()
+    def steps():
+        try:
+            yield 1
+        except ValueError:
+            yield "caught"
+        finally:
+            finally_mode.append(tinybn.is_grad_enabled())
+
+    it = steps()
+    assert next(it) == 1 and it.throw(ValueError) == "caught"
+    it.close()
+    assert finally_mode == [False] and tinybn.is_grad_enabled()
+
+
+def test_a_plain_tensor_cannot_replace_a_parameter():
+    """It used to unregister the parameter: no longer trained, no longer saved."""
+    lin = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match="registered as a Parameter"):
+        lin.weight = tinybn.tensor(numpy.zeros((2, 3), numpy.float32), requires_grad=True)
+    assert [name for name, _ in lin.named_parameters()] == ["weight", "bias"]
+    lin.weight = nn.Parameter(numpy.zeros((2, 3), numpy.float32))
+    assert [name for name, _ in lin.named_parameters()] == ["weight", "bias"]       # same place in the order
+
+
+def test_a_zero_dimensional_leaf_gets_a_writable_array():
+    x = tinybn.tensor(3.0, requires_grad=True)
+    (x * x).backward()
+    assert isinstance(x.grad, numpy.ndarray) and x.grad.flags.writeable
+    x.grad[()] = 0.0
+
+
+def test_pow_at_a_zero_base_has_pytorchs_gradients():
+    torch = pytest.importorskip("torch")
+    for base, exponent in [([0.0, 2.0], [1.0, 2.0]), ([0.0, 0.0, 3.0], [0.0, 2.5, 0.5])]:
+        a, b = tinybn.tensor(numpy.array(base), requires_grad=True), tinybn.tensor(numpy.array(exponent),
+                                                                                    requires_grad=True)
+        (a ** b).sum().backward()
+        at, bt = torch.tensor(base, requires_grad=True), torch.tensor(exponent, requires_grad=True)
+        (at ** bt).sum().backward()
+        numpy.testing.assert_allclose(a.grad, at.grad.numpy())
+        numpy.testing.assert_allclose(b.grad, bt.grad.numpy())
+
+
+def test_module_to_keeps_gradients():
+    lin = nn.Linear(2, 2)
+    lin(tinybn.tensor(numpy.ones((1, 2), numpy.float32))).sum().backward()
+    lin.to("cpu")
+    assert lin.weight.grad is not None
+    lin.to(dtype=numpy.float64)
+    assert lin.weight.grad.dtype == numpy.float64

@@ -140,3 +140,24 @@ def test_concise_model_trains_gamma_and_beta_on_fashion_mnist(tmp_path, fashion)
     result = train(config(tmp_path, model="lenet-bn-concise", train_subset=2000), log=quiet, data=fashion)
     bn = first_batch_norm(result["model"])
     assert not numpy.allclose(bn.gamma.numpy(), 1.0) and not numpy.allclose(bn.beta.numpy(), 0.0)
+
+
+def test_cli_refuses_unusable_numbers_in_one_line(tmp_path):
+    for args, words in [(["--train-subset", "1"], "at least 2 images"), (["--lr", "inf"], "positive finite"),
+                        (["--lr", "nan"], "positive finite")]:
+        out = run_cli("train", "--epochs", "1", "--out", str(tmp_path / "o"), "--no-progress", *args)
+        assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def test_eval_names_a_damaged_checkpoint(tmp_path):
+    model = models.build_model("lenet-bn")
+    path = tmp_path / "damaged.npz"
+    numpy.savez(path, meta=numpy.frombuffer(b"{not json", dtype=numpy.uint8))
+    out = run_cli("eval", str(path))
+    assert out.returncode == 2 and "metadata is damaged" in out.stderr and "Traceback" not in out.stderr
+    state = {f"model/{k}": v for k, v in model.state_dict().items()}
+    state["model/0.bias"] = numpy.full(6, "x")
+    numpy.savez(path, meta=numpy.frombuffer(json.dumps({"epoch": 1, "config": {"model": "lenet-bn"}}).encode(),
+                                            dtype=numpy.uint8), **state)
+    out = run_cli("eval", str(path))
+    assert out.returncode == 2 and "0.bias" in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -85,14 +85,26 @@ class _GradMode:
         if inspect.isgeneratorfunction(function):
             @functools.wraps(function)
             def generator(*args, **kwargs):
-                steps, sent = function(*args, **kwargs), None
-                while True:
+                # every step of the wrapped generator runs in the mode: next()/send(), throw() and close()
+                steps = function(*args, **kwargs)
+                try:
                     with _GradMode(enabled):
+                        item = next(steps)
+                    while True:
                         try:
-                            item = steps.send(sent)
-                        except StopIteration as stop:
-                            return stop.value
-                    sent = yield item
+                            sent = yield item
+                        except GeneratorExit:
+                            with _GradMode(enabled):
+                                steps.close()
+                            raise
+                        except BaseException as error:
+                            with _GradMode(enabled):
+                                item = steps.throw(error)
+                        else:
+                            with _GradMode(enabled):
+                                item = steps.send(sent)
+                except StopIteration as stop:
+                    return stop.value
             return generator
 
         @functools.wraps(function)
@@ -176,15 +188,27 @@ def apply(name: str, *inputs, **params):
     if isinstance(out, tuple):  # (differentiable output, *state such as batch statistics)
         out, *extras = out
     result = Tensor(out, requires_grad=recording)
+    for t in inputs:  # a view of an input (reshape, transpose, ...) is changed by what changes the input
+        if isinstance(t, Tensor) and _memory_owner(out) is _memory_owner(t.data):
+            result._version = t._version
+            break
     if recording:
         cache.needs_input_grad = tuple(isinstance(t, Tensor) and t.requires_grad for t in inputs)
         graph_inputs = tuple((t._node or t) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
         shapes = tuple(t.shape if isinstance(t, Tensor) else None for t in inputs)
-        versions = tuple((t._version, t._version[0]) for t in inputs if isinstance(t, Tensor))
+        # the inputs' arrays and the output's (exp, sigmoid and pow cache y) must not change before backward
+        versions = tuple((t._version, t._version[0]) for t in (*inputs, result) if isinstance(t, Tensor))
         result._node = Node(backward, cache, graph_inputs, name, shapes, versions)
     if extras:
         return (result, *(Tensor(extra) for extra in extras))
     return result
+
+
+def _memory_owner(array):
+    """The array that owns ``array``'s memory (itself, unless it is a view)."""
+    while getattr(array, "base", None) is not None:
+        array = array.base
+    return array
 
 
 def _topological_order(root: Node) -> list:
@@ -277,13 +301,18 @@ def pow_forward(a, b):
 
 
 def pow_backward(dy, cache):
-    # y = a^b:  dL/da = dy*b*a^(b-1),  dL/db = dy*y*log(a)  (only asked for when b is a tensor)
+    # y = a^b:  dL/da = dy*b*a^(b-1),  dL/db = dy*y*log(a)  (each only when that operand is an array).
+    # As in PyTorch, the 0·∞ cases count as 0: dL/da where b = 0 (a^(b-1) = ∞ at a = 0), and dL/db where
+    # a = 0 and b ≥ 0 (y = 0, log a = −∞), where the limit is 0.
     a, b, y = cache.a, cache.b, cache.y
-    da = unbroadcast(dy * b * a ** (b - 1), _shape(a)) if hasattr(a, "shape") else None
-    if not hasattr(b, "shape"):  # a Python number: no gradient wanted
-        return da, None
     xp = backend.get_array_module(a, b)
-    return da, unbroadcast(dy * y * xp.log(a), _shape(b))
+    da = db = None
+    with numpy.errstate(divide="ignore", invalid="ignore"):
+        if hasattr(a, "shape"):
+            da = unbroadcast(xp.where(xp.asarray(b) == 0, 0.0, dy * b * a ** (b - 1)), _shape(a))
+        if hasattr(b, "shape"):
+            db = unbroadcast(xp.where((xp.asarray(a) == 0) & (b >= 0), 0.0, dy * y * xp.log(a)), _shape(b))
+    return da, db
 
 
 ops.define("pow", pow_forward, pow_backward)
@@ -435,7 +464,7 @@ def _unwrap_index(index):
 class Tensor:
     """An array on a device, with an optional gradient and the operation that made it.
 
-    Build one with :func:`tinybn.tensor`. ``data`` is the NumPy or CuPy array; ``grad``
+    Build one with :func:`tinybn.autograd.tensor`. ``data`` is the NumPy or CuPy array; ``grad``
     is filled by :meth:`backward` for leaf tensors that ``requires_grad``.
     """
 
@@ -456,8 +485,9 @@ class Tensor:
     @data.setter
     def data(self, value):
         # `t.data += 1` (and an optimizer's `p.data -= lr * g`) changes the array in place, then assigns it back:
-        # count that, so that a backward rule which cached the old array refuses to run (Node.check).
-        # Writes through another name (`t.data[0] = 1`, `out=t.data`) are not seen, as in PyTorch's .data.
+        # count that, so that a backward rule which cached the old array refuses to run (Node.check). A view
+        # made by an op shares its input's counter. Writes through another name (`t.data[0] = 1`,
+        # `out=t.data`) are not seen, as in PyTorch's .data.
         if value is self._data:
             self._version[0] += 1
         self._data = value
@@ -511,9 +541,9 @@ class Tensor:
         ``grad`` is the upstream gradient dL/dself; it may be left out only for a
         one-element tensor (then it is 1). Gradients accumulate into ``.grad`` (call
         ``zero_grad`` between steps); each leaf's ``.grad`` is an array of its own, in the
-        leaf's dtype. The graph is freed afterwards, so that its cached arrays go; a second
-        backward through it raises unless the first passed ``retain_graph=True``. Nothing
-        is accumulated when the call raises.
+        leaf's dtype. The graph is freed as the pass goes, so that its cached arrays go; a second
+        backward through it raises unless the first passed ``retain_graph=True``. When the call
+        raises, no ``.grad`` has changed (the forward must be run again).
         """
         if not self.requires_grad:
             raise RuntimeError("backward() called on a tensor that does not require grad: "
@@ -534,7 +564,8 @@ class Tensor:
         order = _topological_order(self._node)
         for node in order:
             node.check()
-        pending = {id(self._node): grad}
+        pending = {id(self._node): grad}      # node (or leaf) -> the sum of the gradients sent to it so far
+        leaves = {}
         for node in order:
             dy = pending.pop(id(node), None)
             if dy is not None:
@@ -545,14 +576,16 @@ class Tensor:
                     if tuple(d_parent.shape) != shape:
                         raise RuntimeError(f"the backward rule of {node.name} returned a gradient of shape "
                                            f"{tuple(d_parent.shape)} for an input of shape {shape} (a bug in the rule)")
-                    if isinstance(parent, Tensor):  # leaf: accumulate as the user will read it
-                        _accumulate(parent, d_parent)
-                    elif id(parent) in pending:  # fan-out: add every path's contribution
+                    if isinstance(parent, Tensor):
+                        leaves[id(parent)] = parent
+                    if id(parent) in pending:  # fan-out: add every path's contribution
                         pending[id(parent)] = pending[id(parent)] + d_parent
                     else:
                         pending[id(parent)] = d_parent
             if not retain_graph:
-                node.free()  # free the graph as we go
+                node.free()  # free the graph as we go: each cache goes once its rule has run
+        for key, leaf in leaves.items():  # only once every rule has run: a rule that raises leaves .grad alone
+            _accumulate(leaf, pending[key])
 
     def zero_grad(self):
         self.grad = None
@@ -629,10 +662,11 @@ def _accumulate(leaf: Tensor, grad) -> None:
     """Add ``grad`` to ``leaf.grad``. The first gradient is copied, in the leaf's dtype (as PyTorch casts it):
     backward rules may hand the same array to several inputs (``a + b``), return a read-only broadcast view
     (``x.sum()``) or the caller's own upstream array, and a leaf's ``.grad`` must be its own, writable."""
+    xp = backend.get_array_module(grad)
     if leaf.grad is None:
-        leaf.grad = grad.astype(leaf.dtype, copy=True)
+        leaf.grad = xp.array(grad, dtype=leaf.dtype, copy=True)    # an array even where ops gave a NumPy scalar
     else:
-        leaf.grad = (leaf.grad + grad).astype(leaf.dtype, copy=False)
+        leaf.grad = xp.asarray(leaf.grad + grad, dtype=leaf.dtype)
 
 
 def _as_data_or_tensor(value):

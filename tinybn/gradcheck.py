@@ -99,7 +99,7 @@ def gradcheck(fn, inputs, *, eps: float = 1e-6, atol: float = 1e-6, rtol: float 
         rel_err = abs_err / max(float(abs(numeric[worst])), 1e-12)
         if abs_err >= report["worst_abs"]:
             report.update(worst_abs=abs_err, worst_rel=rel_err, where=f"input {i}, index {tuple(map(int, worst))}")
-        bad = error > atol + rtol * numpy.abs(numeric)
+        bad = ~(error <= atol + rtol * numpy.abs(numeric))     # a NaN on either side is a failure
         if bad.any():
             k = int(numpy.argmax(numpy.where(bad, error, -1.0)))
             idx = tuple(map(int, numpy.unravel_index(k, x.shape))) if x.shape else ()
@@ -155,8 +155,12 @@ def _assert_close(what, actual, expected, atol, rtol):
     actual, expected = backend.to_numpy(actual), backend.to_numpy(expected)
     if actual.shape != expected.shape:
         raise AssertionError(f"{what}: shape {actual.shape} differs from the reference's {expected.shape}")
-    error = numpy.abs(actual.astype(numpy.float64) - expected.astype(numpy.float64))
-    bad = error > atol + rtol * numpy.abs(expected)
+    actual, expected = actual.astype(numpy.float64), expected.astype(numpy.float64)
+    with numpy.errstate(invalid="ignore"):   # inf − inf
+        error = numpy.abs(actual - expected)
+    # equal where equal (infinities too) or NaN on both sides; a NaN on one side only is a difference
+    same = (actual == expected) | (numpy.isnan(actual) & numpy.isnan(expected)) | (error <= atol + rtol * numpy.abs(expected))
+    bad = ~same
     if bad.any():
         k = int(numpy.argmax(numpy.where(bad, error, -1.0)))
         index = tuple(map(int, numpy.unravel_index(k, actual.shape)))

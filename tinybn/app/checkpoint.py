@@ -48,7 +48,12 @@ def load(path) -> tuple[dict, dict, dict]:
         raise ValueError(f"{path} is not a readable tinybn checkpoint ({type(error).__name__}: {error})") from None
     if "meta" not in arrays:
         raise ValueError(f"{path} is not a tinybn checkpoint (no 'meta' entry)")
-    meta = json.loads(arrays.pop("meta").tobytes().decode())
+    try:
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+        meta["epoch"], meta["config"]["model"]  # noqa: B018 - what every reader of a checkpoint needs
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a readable tinybn checkpoint: its metadata is damaged "
+                         f"({type(error).__name__}: {error})") from None
     model = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
     optim = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
     return model, optim, meta

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+
+import numpy
 
 from ..backend import DeviceUnavailableError
 from .data import DataError
@@ -19,8 +22,8 @@ def positive_int(text):
 
 def positive_float(text):
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 
@@ -80,7 +83,8 @@ def run_train(args) -> int:
     checkpoint_path = f"{config.out}/checkpoint.npz"
     tune_process()
     try:
-        train(config)
+        with numpy.errstate(all="ignore"):  # a diverging run overflows; the divergence guard says so in one line
+            train(config)
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last complete checkpoint (if an epoch finished) is {checkpoint_path}; "
               f"continue with the same command plus --resume", file=sys.stderr)
@@ -105,6 +109,8 @@ def run_eval(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from ..fast import parallel
+        parallel.threads()  # a bad TINYBN_NUM_THREADS is reported now, in one line, not in the middle of a run
         if args.command == "train":
             return run_train(args)
         if args.command == "eval":

@@ -117,7 +117,7 @@ def train_epoch(model, optimizer, loader, epoch: int, lr_at, step0: int, progres
             optimizer.step()
             step_time += time.perf_counter() - start
             n = len(labels)
-            batch_loss = loss.data * n
+            batch_loss = loss.data.astype("float64") * n     # float32 sums of large losses overflow
             hits = (logits.data.argmax(axis=1) == labels.data).sum()
             loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
             correct = hits if correct is None else correct + hits
@@ -196,6 +196,9 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
     train_loader = DataLoader(train_x, train_y, config.batch_size, shuffle=True, seed=config.seed, device=device,
                               min_batch=2)
     test_loader = DataLoader(test_x, test_y, max(config.batch_size, 1000), device=device)
+    if len(train_loader) == 0:
+        raise ValueError(f"no training batch: {len(train_y)} training image(s) with batch size {config.batch_size}, "
+                         f"and batch norm needs at least 2 images in a batch; use more (--train-subset)")
     history, start_epoch = [], 0
     if config.resume:
         if not ckpt_path.is_file():
@@ -256,6 +259,10 @@ def evaluate_checkpoint(path, data_dir=None, device=None, download=False, batch_
     model_state, _, meta = checkpoint.load(path)
     device = backend.resolve_device(device)[0]
     model = build_model(meta["config"]["model"], device=device)
-    model.load_state_dict(model_state)
+    try:
+        model.load_state_dict(model_state)
+    except (KeyError, ValueError) as error:
+        message = error.args[0] if error.args else error
+        raise ValueError(f"{path} does not hold a usable {meta['config']['model']} model: {message}") from None
     _, _, test_x, test_y = load_fashion_mnist(data_dir, allow_download=download)
     return evaluate(model, DataLoader(test_x, test_y, batch_size, device=device)), meta

@@ -101,11 +101,12 @@ _FAST_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
 def _numpy_floats(*arrays):
     """All NumPy arrays of one dtype, float32 or float64 (float16 statistics need more care than speed:
-    the reference computes them in float32)."""
+    the reference computes them in float32), none of them empty (the kernels cut their work into
+    pieces of a positive size; the reference handles empty arrays)."""
     if not all(type(a) is numpy.ndarray for a in arrays):
         return False
     dtype = arrays[0].dtype
-    return dtype in _FAST_DTYPES and all(a.dtype == dtype for a in arrays)
+    return dtype in _FAST_DTYPES and all(a.dtype == dtype and a.size > 0 for a in arrays)
 
 
 def _conv2d_applies(x, weight, bias=None, stride=1, padding=0):

@@ -146,35 +146,43 @@ class _Job:
 
 class _Worker:
     """A resident thread that sleeps (no CPU) until a job is posted, then spins on its gate between jobs
-    until told to rest. Only :func:`map` posts, and only while a watchdog runs that will rest it."""
+    until told to rest. Only :func:`map` posts, and only while a watchdog runs that will rest it.
+
+    The calling thread only ever touches a worker through single C calls (a store into the gate, a
+    lock's release), never through Python-level synchronisation such as ``threading.Event.set``, whose
+    internal lock an interrupt could leave held.
+    """
 
     def __init__(self):
         self.gate = _Gate()
         self.job = None
-        self.wake = threading.Event()
+        self.wake = threading.Lock()               # locked: no wake-up pending; released: one is
+        self.wake.acquire()
+        self.asleep = True
         threading.Thread(target=self._loop, daemon=True, name="tinybn-worker").start()
 
     def _loop(self):
         while True:
-            self.wake.wait()                       # asleep
+            # Drop a wake-up posted while awake (else a later rest could end in a spin no watchdog would
+            # stop), then sleep until the next post.
+            self.wake.acquire(blocking=False)
+            self.asleep = True
+            self.wake.acquire()
+            self.asleep = False
             while True:
                 self.gate.wait()                   # spins, GIL released
                 job = self.job
                 if job is None:                    # told to rest
                     break
                 job.join_as_worker()
-            # Cleared only here, on the way to sleep: a wake-up posted while awake must not make a later
-            # rest end in a spin that no watchdog would stop.
-            self.wake.clear()
-
-    @property
-    def asleep(self) -> bool:
-        return not self.wake.is_set()
 
     def post(self, job):
         self.job = job
         self.gate.open()
-        self.wake.set()
+        try:
+            self.wake.release()
+        except RuntimeError:                       # a wake-up is already pending
+            pass
 
     def rest(self):
         self.job = None
@@ -185,7 +193,7 @@ class _Worker:
 # included) leaves it usable: a map owns the workers while _owner is its token, and gives them back in a
 # cleanup that runs again if it was itself interrupted; a worker that missed a post or a rest only sleeps
 # longer; and a worker spins only while a watchdog runs.
-_threads = _threads_from_environment()
+_threads = None                                    # read from TINYBN_NUM_THREADS on first use
 _workers: list[_Worker] = []
 _claim = threading.Lock()                          # held only to test-and-set _owner, and by the watchdog
 _owner = None                                      # the token of the map sharing its pieces; others run serially
@@ -195,7 +203,12 @@ _blas_before = None                                # OpenBLAS's thread count whi
 
 
 def threads() -> int:
-    """How many threads :func:`map` uses, the calling one included."""
+    """How many threads :func:`map` uses, the calling one included.
+
+    The first call reads ``TINYBN_NUM_THREADS`` (a bad value raises ValueError here, not at import)."""
+    global _threads
+    if _threads is None:
+        _threads = _threads_from_environment()
     return _threads
 
 
@@ -203,7 +216,7 @@ def _running_threads() -> int:
     """Threads that take pieces: at most one per core, since a waiting worker spins and would take a
     core's time from the threads doing the work (4 threads on 2 cores made a training step 4x slower).
     A larger :func:`threads` still cuts the work into that many pieces."""
-    return min(_threads, _cores())
+    return min(threads(), _cores())
 
 
 def set_threads(count: int) -> None:
@@ -216,7 +229,7 @@ def set_threads(count: int) -> None:
 
 def pieces(count: int, smallest: int = 1) -> list[range]:
     """``range(count)`` cut into one piece per thread (fewer when pieces would be shorter than ``smallest``)."""
-    parts = max(1, min(count // max(1, smallest), _threads))
+    parts = max(1, min(count // max(1, smallest), threads()))
     bounds = [count * k // parts for k in range(parts + 1)]
     return [range(bounds[k], bounds[k + 1]) for k in range(parts)]
 

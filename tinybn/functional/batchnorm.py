@@ -118,7 +118,7 @@ def check_arguments(x, per_channel, training: bool, eps: float) -> None:
         if value.size != x.shape[1]:
             raise ValueError(f"batch_norm: a per-channel array of shape {tuple(value.shape)} does not match the "
                              f"{x.shape[1]} channels of an input of shape {tuple(x.shape)}")
-    if training and x.size == x.shape[1]:
+    if training and x.size and x.size == x.shape[1]:
         raise ValueError(f"batch_norm in training mode needs more than one value per channel, but an input of "
                          f"shape {tuple(x.shape)} has exactly one: every normalized value would be 0 and "
                          f"nothing could be learned. Use a larger batch, or switch the layer to eval mode.")
@@ -215,6 +215,9 @@ def batch_norm(x, gamma, beta, moving_mean, moving_var, *, training, momentum=DE
     equal has σ² = 0, and 1/√(σ² + 0) would turn its outputs into NaN.
     """
     check_arguments(x, (gamma, beta, moving_mean, moving_var), training, eps)
+    # An empty batch has no statistics: it is normalized (into nothing) with the moving averages, which it
+    # leaves as they are, as in PyTorch; averaging over no values would make them NaN for good.
+    training = training and x.size > 0
     y, mu, var = apply("batch_norm", x, gamma, beta, moving_mean, moving_var, training=training, eps=eps)
     moving_mean, moving_var = _data(moving_mean), _data(moving_var)
     if training:

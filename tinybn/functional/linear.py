@@ -7,6 +7,9 @@ Forward, for x of shape (N, in) and weight W of shape (out, in)::
 Backward (docs/derivations.md, "Linear")::
 
     dx = dy W        dW = dyᵀ x        db = Σ_n dy[n]
+
+As in PyTorch, x may have more leading axes, (..., in): every row of every leading index is a sample,
+and dW, db sum over all of them.
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ def linear_forward(x, weight, bias=None):
 
 def linear_backward(dy, cache):
     dx = dy @ cache.weight
-    dweight = dy.T @ cache.x
-    dbias = dy.sum(axis=0) if cache.has_bias else None
+    rows_dy, rows_x = dy.reshape(-1, dy.shape[-1]), cache.x.reshape(-1, cache.x.shape[-1])   # (..., k) -> (rows, k)
+    dweight = rows_dy.T @ rows_x
+    dbias = rows_dy.sum(axis=0) if cache.has_bias else None
     return dx, dweight, dbias
 
 
@@ -32,5 +36,8 @@ ops.define("linear", linear_forward, linear_backward)
 
 
 def linear(x, weight, bias=None):
-    """``y = x @ weight.T + bias`` for x (N, in), weight (out, in), bias (out,)."""
+    """``y = x @ weight.T + bias`` for x (..., in), weight (out, in), bias (out,)."""
+    if len(x.shape) < 1 or len(weight.shape) != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear expects x of shape (..., in) and a weight of shape (out, in), got {tuple(x.shape)} "
+                         f"and {tuple(weight.shape)}")
     return apply("linear", x, weight, bias)

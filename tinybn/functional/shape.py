@@ -1,12 +1,15 @@
 """Flatten: (N, d1, d2, ...) -> (N, d1·d2·...). Its backward only restores the shape."""
 from __future__ import annotations
 
+import numpy
+
 from .. import ops
 from ..autograd import Cache, apply
 
 
 def flatten_forward(x):
-    return x.reshape(x.shape[0], -1), Cache(shape=x.shape)
+    features = int(numpy.prod(x.shape[1:]))       # not -1: an empty batch leaves nothing to infer it from
+    return x.reshape(x.shape[0], features), Cache(shape=x.shape)
 
 
 def flatten_backward(dy, cache):

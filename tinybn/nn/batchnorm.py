@@ -82,7 +82,7 @@ class _BatchNormBase(Module):
             momentum = 1.0 - 1.0 / (int(self.num_batches_tracked.item()) + 1)
         y, new_mean, new_var = F.batch_norm(x, self.gamma, self.beta, self.moving_mean, self.moving_var,
                                             training=self.training, momentum=momentum, eps=self.eps)
-        if self.training:
+        if self.training and data.size > 0:    # an empty batch has no statistics to count
             self.moving_mean.data, self.moving_var.data = new_mean.data, new_var.data
             self.num_batches_tracked.data = self.num_batches_tracked.data + 1
         return y

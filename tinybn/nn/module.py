@@ -78,14 +78,27 @@ class Module:
     def __setattr__(self, name, value):
         if "_parameters" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() before setting attributes")
-        for registry in (self._parameters, self._buffers, self._modules):
-            registry.pop(name, None)
-        if isinstance(value, Parameter):
-            self._parameters[name] = value
-        elif isinstance(value, Module):
-            self._modules[name] = value
+        # A registered name keeps its kind, as in PyTorch: a plain tensor assigned to a parameter's name would
+        # otherwise drop out of parameters() and state_dict() without a word, and never be trained again.
+        for registry, kind, what in ((self._parameters, Parameter, "a Parameter"), (self._modules, Module, "a Module"),
+                                     (self._buffers, Tensor, "a Tensor")):
+            if name in registry and value is not None and not isinstance(value, kind):
+                hint = " (nn.Parameter(array) makes one)" if kind is Parameter else ""
+                raise TypeError(f"cannot assign an object of type {type(value).__name__} to {type(self).__name__}.{name}, "
+                                f"which is registered as {what}: assign {what} or None{hint}")
+        if isinstance(value, Parameter) or (value is None and name in self._parameters):
+            home = self._parameters
+        elif isinstance(value, Module) or (value is None and name in self._modules):
+            home = self._modules
         elif name in self.__dict__.get("_buffer_names", ()):
-            self._buffers[name] = value
+            home = self._buffers
+        else:
+            home = None                             # a plain attribute
+        for registry in (self._parameters, self._buffers, self._modules):
+            if registry is not home:
+                registry.pop(name, None)
+        if home is not None:
+            home[name] = value                      # a name already there keeps its place in the order
         object.__setattr__(self, name, value)
 
     def register_buffer(self, name: str, value: Tensor | None):
@@ -169,11 +182,12 @@ class Module:
                 for tensor in registry.values():
                     if tensor is None or not is_materialized(tensor):  # a lazy layer takes _device/_dtype below
                         continue
-                    if name is not None and tensor.device != name:
+                    if name is not None and tensor.device != name:  # the gradient goes along, as in PyTorch
                         tensor.data = backend.to_device(tensor.data, name)
-                    if dtype is not None and tensor.dtype.kind == "f":
-                        tensor.data = tensor.data.astype(dtype, copy=False)
-                    tensor.grad = None
+                        tensor.grad = None if tensor.grad is None else backend.to_device(tensor.grad, name)
+                    if dtype is not None and tensor.dtype.kind == "f" and tensor.dtype != numpy.dtype(dtype):
+                        tensor.data = tensor.data.astype(dtype)
+                        tensor.grad = None if tensor.grad is None else tensor.grad.astype(dtype)
             if name is not None:
                 object.__setattr__(module, "_device", name)
             if dtype is not None:
@@ -219,17 +233,16 @@ class Module:
         unexpected = [name for name in state if name not in names]
         if missing or unexpected:
             raise KeyError(f"load_state_dict: missing entries {missing}, unexpected entries {unexpected}")
+        values = {name: _host_numbers(name, state[name]) for name, _, _ in entries}
         wrong = [f"{name}: expected {'a size that matches the other entries' if shape is None else shape}, "
-                 f"got {tuple(_data(state[name]).shape)}"
-                 for name, _, shape in entries if tuple(_data(state[name]).shape) != shape]
+                 f"got {values[name].shape}" for name, _, shape in entries if values[name].shape != shape]
         if wrong:
             raise ValueError("load_state_dict: shape mismatch for " + "; ".join(wrong))
         # everything checked: only now may a lazy layer take its size, and a value be copied
         for prefix, module in self.named_modules():
             module._materialize_for_loading(state, prefix)
         for name, tensor, _ in entries:
-            value = backend.to_numpy(_data(state[name])).astype(tensor.dtype, copy=True)
-            tensor.data = backend.to_device(value, tensor.device)
+            tensor.data = backend.to_device(values[name].astype(tensor.dtype, copy=True), tensor.device)
 
     def _shape_from_state(self, name: str, state, dotted_name: str):
         """The shape that ``state`` gives the not yet materialized tensor ``name`` (None if it gives none).
@@ -258,6 +271,17 @@ class Module:
 
 def _data(value):
     return value.data if isinstance(value, Tensor) else value
+
+
+def _host_numbers(name: str, value) -> numpy.ndarray:
+    """``value`` (an array, a tinybn tensor, or anything NumPy can read) as a host array of numbers."""
+    try:
+        array = numpy.asarray(backend.to_numpy(_data(value)))
+    except Exception as error:
+        raise ValueError(f"load_state_dict: {name} is not an array ({type(error).__name__}: {error})") from None
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"load_state_dict: {name} holds {array.dtype} values, not numbers")
+    return array
 
 
 class Sequential(Module):
