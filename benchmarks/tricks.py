@@ -48,12 +48,40 @@ def patched_worker(variant: str, spec: dict) -> dict:
     return bench.worker(spec)
 
 
-def run(variant: str, spec: dict) -> dict:
+# An older checkout (before tinybn.app existed) measured the same way, through its own bench module.
+BASELINE_WORKER = """
+import json, sys, time
+import numpy
+from tinybn import bench
+spec = json.loads(sys.argv[1])
+images, labels, _ = bench.sample_batch(spec["batch_size"])
+runner = bench.TinybnRunner(spec["model"], images, labels, "cpu", numpy.dtype(spec["dtype"]))
+for _ in range(spec["warmup"]):
+    runner.train_step(); runner.predict()
+result = {}
+for what in ("train", "predict"):
+    work = runner.train_step if what == "train" else runner.predict
+    best = float("inf")
+    for _ in range(spec["blocks"]):
+        start = time.perf_counter()
+        for _ in range(spec["steps"]):
+            work()
+        best = min(best, time.perf_counter() - start)
+    result[what] = spec["batch_size"] * spec["steps"] / best
+print(json.dumps(result))
+"""
+
+
+def run(variant: str, spec: dict, baseline_tree=None) -> dict:
     env = dict(os.environ, TINYBN_FAST="1")
     if variant == "no threads":
         env["TINYBN_NUM_THREADS"] = "1"
     command = [sys.executable, __file__, "--worker", variant, json.dumps(spec)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    if variant == "baseline":
+        env["PYTHONPATH"] = baseline_tree
+        command = [sys.executable, "-c", BASELINE_WORKER, json.dumps(spec)]
+    cwd = baseline_tree if variant == "baseline" else None          # `python -c` looks in its folder first
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800, cwd=cwd)
     if done.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.splitlines()[-1])
@@ -65,15 +93,18 @@ def main():
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from the list above")
+    parser.add_argument("--baseline-tree", default=None,
+                        help="also measure an older checkout at this path (one that has tinybn/bench.py)")
     args = parser.parse_args()
-    variants = args.variants.split(",")
+    variants = args.variants.split(",") + (["baseline"] if args.baseline_tree else [])
     spec = dict(model="lenet-bn", batch_size=args.batch_size, device="cpu", dtype="float32", threads=args.threads,
                 variant="builtin", fast=True, steps=10, blocks=3, warmup=3)
     ratios = {name: {"train": [], "predict": []} for name in variants}
     for round_ in range(args.rounds):
         order = ["torch"] + variants
         order = order[round_ % len(order):] + order[:round_ % len(order)]
-        results = {name: run(name, dict(spec, framework="torch" if name == "torch" else "tinybn")) for name in order}
+        results = {name: run(name, dict(spec, framework="torch" if name == "torch" else "tinybn"), args.baseline_tree)
+                   for name in order}
         for name in variants:
             for what in ("train", "predict"):
                 ratios[name][what].append(results[name][what] / results["torch"][what])

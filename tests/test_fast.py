@@ -99,6 +99,9 @@ CASES = [
     Case("sigmoid", "sigmoid", F.sigmoid, [(randn(3, 4, 2) * 4, True)]),
     Case("sigmoid channel-major", "sigmoid", F.sigmoid, [(channel_major(randn(2, 3, 2, 2)), True)]),
     Case("sigmoid batch-last", "sigmoid", F.sigmoid, [(batch_last(randn(2, 3, 2, 2)), True)]),
+    Case("linear", "linear", F.linear, [(randn(5, 4), True), (randn(3, 4), True), (randn(3), True)]),
+    Case("linear transposed input, no bias", "linear", F.linear, [(randn(4, 6).T, True), (randn(2, 4), True)]),
+    Case("linear data input (no dx)", "linear", F.linear, [(randn(5, 4), False), (randn(3, 4), True)]),
 ]
 
 
@@ -335,7 +338,7 @@ def test_aliasing_safe_workspace_keeps_stores_apart_from_loads(loaded):
 def test_which_code_runs_is_what_the_switch_says(model, use_fast):
     """Counted through the op registry: with the fast paths off, every forward and backward of a training step
     and a prediction is the readable code of tinybn/functional/ (or the engine's arithmetic); with them on, the
-    four ops that have a fast kernel run it, everything else the reference. Each layer's op runs once per
+    ops that have a fast kernel run it, everything else the reference. Each layer's op runs once per
     forward and once per backward."""
     from collections import Counter
 
@@ -353,7 +356,7 @@ def test_which_code_runs_is_what_the_switch_says(model, use_fast):
             isinstance(layer, tinybn.nn.BatchNorm) and layer.num_dims == 4)
         op = {tinybn.nn.Conv2d: "conv2d", tinybn.nn.Sigmoid: "sigmoid", tinybn.nn.MaxPool2d: "max_pool2d",
               tinybn.nn.Linear: "linear", tinybn.nn.Flatten: "flatten"}.get(type(layer), "batch_norm")
-        fast_kernel = op == "sigmoid" or (four_d and op in ("conv2d", "max_pool2d", "batch_norm"))
+        fast_kernel = op in ("sigmoid", "linear") or (four_d and op in ("conv2d", "max_pool2d", "batch_norm"))
         return op, "fast" if use_fast and fast_kernel else "reference"
 
     layers = Counter(op_and_label(layer) for layer in net)

@@ -59,8 +59,9 @@ ROWS = [
     Row("avg_pool2d k2 s2", lambda x: F.avg_pool2d(x, 2), [(randn(2, 3, 6, 4), True)]),
     Row("avg_pool2d k(3,2) s(2,1) p1", lambda x: F.avg_pool2d(x, (3, 2), (2, 1), 1), [(randn(2, 2, 7, 5), True)]),
     # dense and elementwise
-    Row("linear", F.linear, [(randn(3, 5), True), (randn(4, 5), True), (randn(4), True)]),
-    Row("linear no bias", F.linear, [(randn(2, 6), True), (randn(3, 6), True)]),
+    Row("linear", F.linear, [(randn(3, 5), True), (randn(4, 5), True), (randn(4), True)], fast=True),
+    Row("linear no bias", F.linear, [(randn(2, 6), True), (randn(3, 6), True)], fast=True),
+    Row("linear leading axes", F.linear, [(randn(2, 3, 5), True), (randn(4, 5), True), (randn(4), True)], fast=True),
     Row("sigmoid", F.sigmoid, [(randn(3, 4) * 3, True)], fast=True),
     Row("relu", F.relu, [(randn(3, 4) + 0.05, True)]),
     Row("flatten", F.flatten, [(randn(2, 3, 2, 2), True)]),

@@ -173,3 +173,18 @@ def test_fast_batch_norm_equals_reference(case, layout, dy_layout, dtype, pieces
 def test_fast_sigmoid_equals_reference(shape, layout, dy_layout, dtype, pieces, scale, seed):
     x = numpy.random.default_rng(seed).standard_normal(shape) * scale
     fast_equals_reference("sigmoid", F.sigmoid, [("x", x, layout, True)], dy_layout, dtype, seed, pieces)
+
+
+@budget(100)
+@given(leading=st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple), d_in=st.integers(1, 6),
+       d_out=st.integers(1, 5), bias=st.booleans(), x_needs=st.booleans(), x_layout=layouts, w_layout=layouts,
+       dy_layout=layouts, dtype=dtypes, pieces=pieces, seed=st.integers(0, 2**32 - 1))
+def test_fast_linear_equals_reference(leading, d_in, d_out, bias, x_needs, x_layout, w_layout, dy_layout, dtype,
+                                      pieces, seed):
+    rng = numpy.random.default_rng(seed)
+    inputs = [("x", rng.standard_normal((*leading, d_in)), x_layout, x_needs),
+              ("weight", rng.standard_normal((d_out, d_in)), w_layout, True)]
+    if bias:
+        inputs.append(("bias", rng.standard_normal(d_out), "contiguous", True))
+    fast_equals_reference("linear", F.linear, inputs, dy_layout, dtype, seed, pieces)
+

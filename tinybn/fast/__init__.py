@@ -23,7 +23,9 @@ Which ops have a fast path, and when (all on NumPy arrays; anything else runs th
 * ``conv2d``: stride 1, any padding;
 * ``max_pool2d``: stride equal to the kernel, no padding, height and width divisible by the kernel;
 * ``batch_norm``: 4-D input (per-channel statistics), both modes;
-* ``sigmoid``: any floating-point array.
+* ``sigmoid``: any floating-point array;
+* ``linear``: (..., in) input, float32 or float64 (its products then run on tinybn's threads, one OpenBLAS
+  thread each, instead of on OpenBLAS's own spinning threads).
 
 The fast paths share their work among ``TINYBN_NUM_THREADS`` threads (default: every core this
 process may use), the calling one included; see :mod:`tinybn.fast.parallel`.
@@ -129,11 +131,17 @@ def _sigmoid_applies(x):
     return _numpy_floats(x)
 
 
+def _linear_applies(x, weight, bias=None):
+    arrays = (x, weight) if bias is None else (x, weight, bias)
+    return _numpy_floats(*arrays) and x.ndim >= 2 and weight.ndim == 2 and x.shape[-1] == weight.shape[1]
+
+
 ops.register_kernel("conv2d", LABEL, cpu.conv2d_forward, cpu.conv2d_backward, applies=_conv2d_applies)
 ops.register_kernel("max_pool2d", LABEL, cpu.max_pool2d_forward, cpu.max_pool2d_backward,
                     applies=_max_pool2d_applies, wants_recording=True)
 ops.register_kernel("batch_norm", LABEL, cpu.batch_norm_forward, cpu.batch_norm_backward,
                     applies=_batch_norm_applies)
 ops.register_kernel("sigmoid", LABEL, cpu.sigmoid_forward, cpu.sigmoid_backward, applies=_sigmoid_applies)
+ops.register_kernel("linear", LABEL, cpu.linear_forward, cpu.linear_backward, applies=_linear_applies)
 
 set_enabled(os.environ.get("TINYBN_FAST", "1").strip().lower() not in _FALSE)

@@ -430,6 +430,47 @@ def sigmoid_backward(dy, cache):
     return (dx,)
 
 
+# ---------------------------------------------------------------------------------------------- linear
+
+
+def linear_forward(x, weight, bias=None):
+    """``y = x Wᵀ + b`` by ranges of rows; see :func:`tinybn.functional.linear.linear_forward`.
+
+    The products are pieces of :func:`parallel.map` like every other kernel's work, so OpenBLAS runs them on
+    one thread per piece: left to its own threads, it keeps them spinning for about 0.1 s after each
+    product, on the cores the fast kernels' threads need (the library's training step ran at half speed).
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    y = np.empty((rows.shape[0], weight.shape[0]), x.dtype)
+
+    def piece(r):
+        k = slice(r.start, r.stop)
+        np.dot(rows[k], weight.T, out=y[k])
+        if bias is not None:
+            y[k] += bias
+    parallel.map(piece, _channel_pieces(rows.shape[0], y.size + rows.size))
+    return y.reshape(*x.shape[:-1], weight.shape[0]), Cache(rows=rows, weight=weight, has_bias=bias is not None,
+                                                             x_shape=x.shape)
+
+
+def linear_backward(dy, cache):
+    """dx = dy W by ranges of rows; dW = dyᵀ x and db = Σ dy as partial sums over the same ranges, added in order."""
+    weight, rows = cache.weight, cache.rows
+    dy_rows = np.ascontiguousarray(dy.reshape(-1, dy.shape[-1]))
+    need_dx = cache.needs(0)
+    dx = np.empty(rows.shape, rows.dtype) if need_dx else None      # C order: np.dot writes rows of it
+
+    def piece(r):
+        k = slice(r.start, r.stop)
+        if need_dx:
+            np.dot(dy_rows[k], weight, out=dx[k])
+        return np.dot(dy_rows[k].T, rows[k]), dy_rows[k].sum(axis=0) if cache.has_bias else None
+    partial = parallel.map(piece, _channel_pieces(rows.shape[0], dy_rows.size + rows.size))
+    dweight = sum(dw for dw, _ in partial)
+    dbias = sum(db for _, db in partial) if cache.has_bias else None
+    return (dx.reshape(cache.x_shape) if need_dx else None), dweight, dbias
+
+
 # ------------------------------------------------------------------------------------------- helpers
 
 

@@ -243,7 +243,7 @@ def map(function, items) -> list:  # noqa: A001 - the name says what it does
     """
     items = list(items)
     running = _running_threads()
-    if len(items) <= 1 or running == 1 or _spin is None:
+    if running == 1 or _spin is None or not items:
         return [function(item) for item in items]
     token, job = object(), None
     try:
@@ -251,8 +251,10 @@ def map(function, items) -> list:  # noqa: A001 - the name says what it does
             with _claim: _take(token)  # noqa: E701 - one line: no interrupt between taking and releasing
             if _owner is not token:                # nested in a piece, or another thread's map is running
                 return [function(item) for item in items]
+            _blas_on_one_thread()                  # even for a single piece: the workers may still be spinning
+            if len(items) == 1:
+                return [function(items[0])]
             _ensure_watchdog()                     # before any worker spins for this job
-            _blas_on_one_thread()
             while len(_workers) < running - 1:
                 _workers.append(_Worker())
             job = _Job(function, items)
