@@ -175,7 +175,8 @@ def apply(name: str, *inputs, **params):
     the reference). A forward may return a tuple ``(y, *state)``: only ``y`` is differentiable, and the
     state (batch norm's batch statistics) comes back as plain tensors after it.
     """
-    implementation = ops.choose(ops.get(name), [_as_data(value) for value in inputs], params)
+    arrays = [_as_data(value) for value in inputs]
+    implementation = ops.choose(ops.get(name), arrays, params)
     forward, backward = implementation.forward, implementation.backward
     for observer in ops.observers():
         forward = observer.wrap(implementation, "forward", forward)
@@ -183,7 +184,7 @@ def apply(name: str, *inputs, **params):
     recording = is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
     if implementation.wants_recording:
         params = dict(params, recording=recording)
-    out, cache = forward(*map(_as_data, inputs), **params)
+    out, cache = forward(*arrays, **params)
     extras = ()
     if isinstance(out, tuple):  # (differentiable output, *state such as batch statistics)
         out, *extras = out

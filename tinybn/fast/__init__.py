@@ -42,7 +42,6 @@ import os
 import numpy
 
 from .. import ops
-from ..functional.conv import conv2d_geometry
 from ..functional._util import pair
 from . import blas, cpu, memory, parallel
 from .memory import keep_freed_memory
@@ -112,8 +111,8 @@ def _numpy_floats(*arrays):
 
 
 def _conv2d_applies(x, weight, bias=None, stride=1, padding=0):
-    arrays = (x, weight) if bias is None else (x, weight, bias)
-    return _numpy_floats(*arrays) and conv2d_geometry(x.shape, weight.shape, stride, padding)[0] == (1, 1)
+    arrays = (x, weight) if bias is None else (x, weight, bias)   # (tinybn.functional.conv2d checked the shapes)
+    return _numpy_floats(*arrays) and x.ndim == 4 and pair(stride, "stride") == (1, 1)
 
 
 def _max_pool2d_applies(x, kernel_size, stride=None, padding=0):
