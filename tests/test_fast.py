@@ -141,7 +141,7 @@ def test_fast_equals_reference(case, dtype, atol, rtol):
 def in_pieces(monkeypatch):
     """Even these small arrays cut into pieces (im2col and col2im one output row at a time) and shared
     among 3 threads, to test the threaded code."""
-    for name in ("PIECE_ELEMENTS", "CHUNK_BYTES", "COL2IM_BYTES"):
+    for name in ("PIECE_ELEMENTS", "CHUNK_BYTES", "COL2IM_BYTES", "PRODUCT_WORK"):
         monkeypatch.setattr(fast.cpu, name, 1)
     monkeypatch.setattr(fast.parallel, "_cores", lambda: 3)     # all 3 take pieces, even on 2 cores
     before = fast.parallel.threads()
@@ -268,7 +268,7 @@ def test_environment_variable_turns_fast_paths_off():
 def test_training_steps_fast_equal_reference(model, threads, monkeypatch):
     """Three SGD steps of a whole model: the same losses and the same weights, fast or not, and however
     many threads share the fast paths' work (cut into the smallest pieces)."""
-    for name in ("PIECE_ELEMENTS", "CHUNK_BYTES", "COL2IM_BYTES"):
+    for name in ("PIECE_ELEMENTS", "CHUNK_BYTES", "COL2IM_BYTES", "PRODUCT_WORK"):
         monkeypatch.setattr(fast.cpu, name, 1)
     monkeypatch.setattr(fast.parallel, "_threads", threads)
     monkeypatch.setattr(fast.parallel, "_cores", lambda: threads)

@@ -25,7 +25,7 @@ TOLERANCE = {"float64": dict(rtol=1e-10, atol=1e-10), "float32": dict(rtol=2e-4,
 def threads(count: int, smallest_pieces: bool):
     """``count`` threads all taking pieces; with ``smallest_pieces`` the work is cut as finely as it goes
     (im2col and col2im one output row at a time), so even these small arrays exercise the threaded code."""
-    saved = {name: getattr(fast.cpu, name) for name in ("PIECE_ELEMENTS", "CHUNK_BYTES", "COL2IM_BYTES")}
+    saved = {name: getattr(fast.cpu, name) for name in ("PIECE_ELEMENTS", "CHUNK_BYTES", "COL2IM_BYTES", "PRODUCT_WORK")}
     saved_threads, saved_cores = fast.parallel.threads(), fast.parallel._cores
     try:
         if smallest_pieces:

@@ -175,13 +175,19 @@ def apply(name: str, *inputs, **params):
     the reference). A forward may return a tuple ``(y, *state)``: only ``y`` is differentiable, and the
     state (batch norm's batch statistics) comes back as plain tensors after it.
     """
-    arrays = [_as_data(value) for value in inputs]
+    arrays, tensors = [], []
+    for value in inputs:
+        if isinstance(value, Tensor):
+            arrays.append(value.data)
+            tensors.append(value)
+        else:
+            arrays.append(value)
     implementation = ops.choose(ops.get(name), arrays, params)
     forward, backward = implementation.forward, implementation.backward
     for observer in ops.observers():
         forward = observer.wrap(implementation, "forward", forward)
         backward = observer.wrap(implementation, "backward", backward)
-    recording = is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
+    recording = any(t.requires_grad for t in tensors) and is_grad_enabled()
     if implementation.wants_recording:
         params = dict(params, recording=recording)
     out, cache = forward(*arrays, **params)
@@ -189,16 +195,18 @@ def apply(name: str, *inputs, **params):
     if isinstance(out, tuple):  # (differentiable output, *state such as batch statistics)
         out, *extras = out
     result = Tensor(out, requires_grad=recording)
-    for t in inputs:  # a view of an input (reshape, transpose, ...) is changed by what changes the input
-        if isinstance(t, Tensor) and _memory_owner(out) is _memory_owner(t.data):
+    owner = _memory_owner(out)
+    for t in tensors:  # a view of an input (reshape, transpose, ...) is changed by what changes the input
+        if _memory_owner(t.data) is owner:
             result._version = t._version
             break
     if recording:
-        cache.needs_input_grad = tuple(isinstance(t, Tensor) and t.requires_grad for t in inputs)
-        graph_inputs = tuple((t._node or t) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
-        shapes = tuple(t.shape if isinstance(t, Tensor) else None for t in inputs)
+        needs = tuple(isinstance(value, Tensor) and value.requires_grad for value in inputs)
+        cache.needs_input_grad = needs
+        graph_inputs = tuple((value._node or value) if need else None for value, need in zip(inputs, needs))
+        shapes = tuple(array.shape if isinstance(value, Tensor) else None for value, array in zip(inputs, arrays))
         # the inputs' arrays and the output's (exp, sigmoid and pow cache y) must not change before backward
-        versions = tuple((t._version, t._version[0]) for t in (*inputs, result) if isinstance(t, Tensor))
+        versions = tuple((t._version, t._version[0]) for t in (*tensors, result))
         result._node = Node(backward, cache, graph_inputs, name, shapes, versions)
     if extras:
         return (result, *(Tensor(extra) for extra in extras))

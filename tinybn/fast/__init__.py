@@ -104,10 +104,13 @@ def _numpy_floats(*arrays):
     """All NumPy arrays of one dtype, float32 or float64 (float16 statistics need more care than speed:
     the reference computes them in float32), none of them empty (the kernels cut their work into
     pieces of a positive size; the reference handles empty arrays)."""
-    if not all(type(a) is numpy.ndarray for a in arrays):
+    dtype = getattr(arrays[0], "dtype", None)
+    if dtype not in _FAST_DTYPES:
         return False
-    dtype = arrays[0].dtype
-    return dtype in _FAST_DTYPES and all(a.dtype == dtype and a.size > 0 for a in arrays)
+    for a in arrays:
+        if type(a) is not numpy.ndarray or a.dtype != dtype or a.size == 0:
+            return False
+    return True
 
 
 def _conv2d_applies(x, weight, bias=None, stride=1, padding=0):
