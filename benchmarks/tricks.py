@@ -26,6 +26,8 @@ VARIANTS = {
     "no BLAS control": "threads, but OpenBLAS never put on one thread",
     "no mallopt": "the CLI's configuration without the mallopt thresholds",
     "no aliasing placement": "the CLI's configuration with plain numpy.empty workspaces",
+    "lean (no tuning or aliasing placement)": "neither tune_process nor aliasing-safe placement: threads and OpenBLAS "
+                                        "on one thread while a map runs, nothing else",
 }
 
 
@@ -36,14 +38,14 @@ def patched_worker(variant: str, spec: dict) -> dict:
     from tinybn import fast
     from tinybn.app import bench
 
-    if variant in ("library default", "no threads", "no BLAS control"):
+    if variant in ("library default", "no threads", "no BLAS control", "lean (no tuning or aliasing placement)"):
         fast.tune_process = lambda: []                                        # nothing tuned process-wide
     if variant in ("no threads", "no BLAS control"):
         fast.parallel._blas_on_one_thread = lambda: None
     if variant == "no mallopt":
         fast.memory.keep_freed_memory = lambda: False
         fast.keep_freed_memory = fast.memory.keep_freed_memory
-    if variant == "no aliasing placement":
+    if variant in ("no aliasing placement", "lean (no tuning or aliasing placement)"):
         fast.cpu._aliasing_safe_empty = lambda size, dtype, *_: numpy.empty(size, dtype)
     return bench.worker(spec)
 
@@ -97,6 +99,9 @@ def main():
                         help="also measure an older checkout at this path (one that has tinybn/bench.py)")
     args = parser.parse_args()
     variants = args.variants.split(",") + (["baseline"] if args.baseline_tree else [])
+    unknown = [name for name in variants if name not in VARIANTS and name != "baseline"]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     spec = dict(model="lenet-bn", batch_size=args.batch_size, device="cpu", dtype="float32", threads=args.threads,
                 variant="builtin", fast=True, steps=10, blocks=3, warmup=3)
     ratios = {name: {"train": [], "predict": []} for name in variants}
