@@ -1,15 +1,17 @@
 """Does each fast-path trick earn its place? Every variant against PyTorch, each run in a fresh process.
 
-The fast kernels rest on a few tricks beyond their arithmetic: worker threads that spin through ctypes
-(tinybn/fast/parallel.py), control of OpenBLAS's thread count (while a map runs, and for the whole
-process in tune_process), glibc's mallopt thresholds (tinybn/fast/memory.py) and 4K-aliasing-safe
-placement of the im2col workspaces (tinybn/fast/cpu.py). Each variant below takes one of them away.
-Every round runs PyTorch and every variant once, each in its own fresh process (the order rotates from
-round to round), and each variant's ratio to the PyTorch run of the same round is recorded; the
-table gives the median ratio and its min-max over the rounds.
+The fast kernels rest on two tricks beyond their arithmetic: worker threads that spin through ctypes
+(tinybn/fast/parallel.py), and OpenBLAS kept on one thread while their pieces run. Each variant below
+takes some of that away. Every round runs PyTorch and every variant once, each in its own fresh process
+(the order rotates from round to round), and each variant's ratio to the PyTorch run of the same round is
+recorded; the table gives the median ratio and its min-max over the rounds.
 
     python3 benchmarks/tricks.py --rounds 7            # LeNet-BN, batch 256, float32, 2 threads
+    python3 benchmarks/tricks.py --baseline-tree DIR   # also an older checkout, measured the same way
 
+Three more tricks were measured this way and dropped, because none gained beyond the noise: glibc's
+mallopt thresholds, OpenBLAS on one thread for the whole process, and 4K-aliasing-safe placement of the
+im2col workspaces (the script and its outputs at that time: commit ced795d, docs/measurements/).
 The patches live here, in the measuring script, not in tinybn.
 """
 import argparse
@@ -20,33 +22,24 @@ import subprocess
 import sys
 
 VARIANTS = {
-    "shipped (CLI)": "the command line's configuration: threads, OpenBLAS on 1 thread, mallopt, aliasing-safe placement",
-    "library default": "no tune_process: threads, OpenBLAS on 1 thread only while a map runs, glibc's own malloc",
-    "no threads": "TINYBN_NUM_THREADS=1 and OpenBLAS left on its own threads (no ctypes spin locks, no BLAS control)",
-    "no BLAS control": "threads, but OpenBLAS never put on one thread",
-    "no mallopt": "the CLI's configuration without the mallopt thresholds",
-    "no aliasing placement": "the CLI's configuration with plain numpy.empty workspaces",
-    "lean (no tuning or aliasing placement)": "neither tune_process nor aliasing-safe placement: threads and OpenBLAS "
-                                        "on one thread while a map runs, nothing else",
+    "shipped": "tinybn as it is: its threads, OpenBLAS on one thread while their pieces run",
+    "one thread": "TINYBN_NUM_THREADS=1, OpenBLAS on one thread: no second core at all",
+    "no threads": "TINYBN_NUM_THREADS=1 and OpenBLAS on its own threads (no ctypes spin locks, no BLAS control)",
+    "no BLAS control": "tinybn's threads, but OpenBLAS left on its own threads",
 }
 
 
 def patched_worker(variant: str, spec: dict) -> dict:
     """Runs in the fresh process: take the trick away, then measure as ``tinybn bench`` does."""
-    import numpy
-
     from tinybn import fast
     from tinybn.app import bench
+    from tinybn.fast import blas
 
-    if variant in ("library default", "no threads", "no BLAS control", "lean (no tuning or aliasing placement)"):
-        fast.tune_process = lambda: []                                        # nothing tuned process-wide
     if variant in ("no threads", "no BLAS control"):
         fast.parallel._blas_on_one_thread = lambda: None
-    if variant == "no mallopt":
-        fast.memory.keep_freed_memory = lambda: False
-        fast.keep_freed_memory = fast.memory.keep_freed_memory
-    if variant in ("no aliasing placement", "lean (no tuning or aliasing placement)"):
-        fast.cpu._aliasing_safe_empty = lambda size, dtype, *_: numpy.empty(size, dtype)
+    if variant == "one thread":
+        spec = dict(spec, threads=None)        # tinybn's pool from TINYBN_NUM_THREADS=1; PyTorch keeps 2 below
+        blas.set_threads(1)
     return bench.worker(spec)
 
 
@@ -76,7 +69,7 @@ print(json.dumps(result))
 
 def run(variant: str, spec: dict, baseline_tree=None) -> dict:
     env = dict(os.environ, TINYBN_FAST="1")
-    if variant == "no threads":
+    if variant in ("no threads", "one thread"):
         env["TINYBN_NUM_THREADS"] = "1"
     command = [sys.executable, __file__, "--worker", variant, json.dumps(spec)]
     if variant == "baseline":

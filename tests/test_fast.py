@@ -301,15 +301,6 @@ def test_training_steps_fast_equal_reference(model, threads, monkeypatch):
 
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
-def test_allocator_thresholds_are_set_only_by_tune_process():
-    code = ("import numpy, tinybn; from tinybn import fast; "
-            "tinybn.functional.sigmoid(tinybn.tensor(numpy.ones((512, 512)))); untouched = fast.memory._outcome is None; "
-            "changes = fast.tune_process(); print(untouched, fast.memory._outcome, any('malloc' in c for c in changes))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["True", "True", "True"]
-
-
 def test_max_pool_backward_after_a_forward_without_graph():
     """The argmax is kept only while recording; called by hand after no_grad, backward recomputes it."""
     x = with_ties((2, 3, 4, 6))
@@ -320,17 +311,6 @@ def test_max_pool_backward_after_a_forward_without_graph():
     numpy.testing.assert_array_equal(fast.cpu.max_pool2d_backward(dy, unrecorded)[0],
                                      fast.cpu.max_pool2d_backward(dy, recorded)[0])
 
-
-@pytest.mark.parametrize("loaded", [False, True])
-def test_aliasing_safe_workspace_keeps_stores_apart_from_loads(loaded):
-    """Runs 1 KiB apart in the partner (N = 256 float32): every store must sit far from its load modulo 4 KiB."""
-    partner = numpy.empty(1 << 20, numpy.float32)
-    residues = (0, 1024, 2048, 3072)
-    workspace = fast.cpu._aliasing_safe_empty(1000, numpy.float32, partner.ctypes.data, residues, loaded)
-    assert workspace.shape == (1000,) and workspace.dtype == numpy.float32
-    store_minus_load = workspace.ctypes.data - partner.ctypes.data + numpy.array(residues)
-    gaps = (-store_minus_load if loaded else store_minus_load) % 4096
-    assert gaps.min() >= 512, gaps
 
 
 @pytest.mark.parametrize("model", ["lenet", "lenet-bn", "lenet-bn-concise"])

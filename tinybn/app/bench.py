@@ -14,8 +14,6 @@ PyTorch ran at 13,900 examples/sec beside tinybn and at 16,000-19,500 alone. ``-
 alternates the two frameworks, tinybn then PyTorch, ``--repeats`` times, with the same threads and the
 same batch, and reports each framework's median and the median of the per-pair ratios tinybn / PyTorch
 with their minimum and maximum: the spread says how much one number can be trusted.
-Each worker process is tuned as the ``tinybn`` command line tunes itself (:func:`tinybn.fast.tune_process`
-when tinybn's fast kernels are on; PyTorch's process is left as it starts).
 ``--profile`` prints forward and backward time per op and implementation, measured in this process.
 """
 from __future__ import annotations
@@ -304,11 +302,8 @@ def run(args) -> int:
 
 def profile(args, device) -> list[dict]:
     """Per-op times of ``args.steps`` training steps, in this process."""
-    from .cli import tune_process
-
     if args.threads:
         _set_threads(args.threads)
-    tune_process()
     images, labels, _ = sample_batch(args.batch_size)
     runner = TinybnRunner(args.model, images, labels, device, numpy.dtype(args.dtype))
     for _ in range(args.warmup):
@@ -335,8 +330,6 @@ def worker(spec: dict) -> dict:
     """One fresh process's measurement: warm up, then the fastest of ``blocks`` timed blocks of each kind."""
     if spec["threads"]:
         _set_threads(spec["threads"])
-    if spec["framework"] == "tinybn" and fast.enabled():
-        fast.tune_process()
     images, labels, source = sample_batch(spec["batch_size"])
     dtype = numpy.dtype(spec["dtype"])
     if spec["framework"] == "tinybn":
@@ -389,8 +382,6 @@ def _rss_probe(spec: str) -> None:
     rng = numpy.random.default_rng(0)
     images, labels = rng.random((batch_size, 1, 28, 28), numpy.float32), rng.integers(0, 10, batch_size)
     if framework == "tinybn":
-        if fast.enabled():
-            fast.tune_process()     # as in the timed run
         runner = TinybnRunner(model, images, labels, "cpu", numpy.dtype(dtype))
     else:
         import torch

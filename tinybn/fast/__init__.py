@@ -30,9 +30,9 @@ Which ops have a fast path, and when (all on NumPy arrays; anything else runs th
 The fast paths share their work among ``TINYBN_NUM_THREADS`` threads (default: every core this
 process may use), the calling one included; see :mod:`tinybn.fast.parallel`.
 
-Using tinybn changes nothing outside it: NumPy's OpenBLAS gets its thread count back after every
-fast op, and the allocator is left alone. A program that trains with tinybn and little else may ask
-for process-wide tuning on purpose with :func:`tune_process` (the ``tinybn`` command line does).
+Using tinybn changes nothing outside it: NumPy's OpenBLAS is put on one thread only while a fast kernel's
+pieces run (its own threads would spin on the cores the kernels' threads need) and gets its thread count
+back when they are done; the allocator and NumPy's settings are left alone.
 """
 from __future__ import annotations
 
@@ -43,10 +43,9 @@ import numpy
 
 from .. import ops
 from ..functional._util import pair
-from . import blas, cpu, memory, parallel
-from .memory import keep_freed_memory
+from . import cpu, parallel
 
-__all__ = ["disabled", "enabled", "set_enabled", "tune_process"]
+__all__ = ["disabled", "enabled", "set_enabled"]
 
 LABEL = "fast"
 _FALSE = ("0", "false", "no", "off")
@@ -71,28 +70,6 @@ def disabled():
         yield
     finally:
         set_enabled(previous)
-
-
-def tune_process() -> list[str]:
-    """Tune the whole process for tinybn's fast paths, on purpose; returns what was changed, one line each.
-
-    * NumPy's OpenBLAS is put on one thread for good (it otherwise gets one only while a fast op runs,
-      and its threads keep spinning for about 0.1 s after every other product, stealing the cores the
-      fast paths' threads need): every NumPy product in the process then runs on one core;
-    * glibc's ``malloc`` keeps freed blocks of up to 32 MiB for reuse (``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``)
-      instead of returning them to the kernel, so each step stops paying page faults for its big arrays
-      (see :mod:`tinybn.fast.memory`). This cannot be undone.
-
-    Library code never calls this; the ``tinybn`` command line does, and says so.
-    """
-    changes = []
-    before = blas.get_threads()
-    if before is not None and before > 1 and blas.set_threads(1):
-        changes.append(f"NumPy's OpenBLAS runs on 1 thread (was {before})")
-    if keep_freed_memory():
-        changes.append(f"glibc malloc keeps freed blocks up to {memory.MMAP_THRESHOLD >> 20} MiB "
-                       f"(mmap threshold) and {memory.TRIM_THRESHOLD >> 20} MiB at the heap top (trim threshold)")
-    return changes
 
 
 # ------------------------------------------------------------------ when each kernel applies

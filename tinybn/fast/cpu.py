@@ -27,8 +27,6 @@ docs/fast-paths.md walks through each of these with the index arithmetic.
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from ..functional._util import pair
@@ -117,7 +115,7 @@ def conv2d_backward(dy, cache):
         rows_per_block = max(1, COL2IM_BYTES // ((c1 - c0) * kh * kw * run * dy.itemsize))
         for start in range(0, out_h, rows_per_block):
             stop = min(start + rows_per_block, out_h)
-            dcols = im2col.workspace(start, stop, partner=dx_pad[c0:c1], loaded=True, channels=c1 - c0)
+            dcols = im2col.workspace(start, stop, channels=c1 - c0)
             dcols = dcols.reshape((c1 - c0) * kh * kw, (stop - start) * run)
             np.dot(weight_t, dy_rows[:, start * run:stop * run], out=dcols)
             dcols = dcols.reshape(c1 - c0, kh, kw, stop - start, run)
@@ -168,9 +166,8 @@ class _BatchLastIm2col:
         if not x_pad.flags.c_contiguous:
             raise ValueError("_BatchLastIm2col needs a C-contiguous (C, H, W, N) input")
         _, h, w, n = x_pad.shape
-        self.strides = tuple(x_pad.itemsize * step for step in (h * w * n, w * n, n, 1))
+        step_c, step_h, step_w, step_n = (x_pad.itemsize * step for step in (h * w * n, w * n, n, 1))
         # windows[c, i, j, r, q] = x_pad[c, r + i, j + q // N, q % N]: (W, N) is one contiguous axis
-        step_c, step_h, step_w, step_n = self.strides
         self.windows = np.lib.stride_tricks.as_strided(x_pad, (c_in, kh, kw, out_hw[0], self.run),
                                                        (step_c, step_h, step_w, step_h, step_n), writeable=False)
 
@@ -182,61 +179,14 @@ class _BatchLastIm2col:
     def columns(self, start, stop):
         """Output rows [start, stop) of the im2col matrix, (C_in·kH·kW, (stop − start)·W_out·N), freshly made."""
         _, c_in, kh, kw = self.weight_shape
-        cols = self.workspace(start, stop, partner=self.x_pad, loaded=False)
+        cols = self.workspace(start, stop)
         np.copyto(cols.reshape(c_in, kh, kw, stop - start, self.run), self.windows[:, :, :, start:stop])
         return cols.reshape(c_in * kh * kw, (stop - start) * self.run)
 
-    def workspace(self, start, stop, partner, loaded, channels=None):
-        """An empty chunk-sized matrix (for ``channels`` of the input channels, default all) placed so
-        that its runs do not 4K-alias with ``partner``'s.
-
-        im2col stores into the workspace while loading from x̃; col2im loads from it while storing
-        into dx̃ (``loaded=True``). Both arrays are page-aligned and their runs sit at multiples of
-        4 KiB, so without care a load often has the same low 12 address bits as a store issued just
-        before, and the CPU stalls it (measured: the LeNet im2col copy took 3.3 ms instead of 0.5 ms).
-        """
+    def workspace(self, start, stop, channels=None):
+        """An empty chunk-sized matrix, for ``channels`` of the input channels (default all)."""
         _, c_in, kh, kw = self.weight_shape
-        count, itemsize = stop - start, self.x_pad.itemsize
-        size = (channels or c_in) * kh * kw * count * self.run
-        if size * itemsize < _PAGE * 64:      # small enough for the stalls not to matter
-            return np.empty(size, self.x_pad.dtype)
-        residues = _run_residues(self.strides, self.weight_shape, count, self.run * itemsize)
-        partner_address = partner.ctypes.data + start * self.strides[1]
-        return _aliasing_safe_empty(size, self.x_pad.dtype, partner_address, residues, loaded)
-
-
-_PAGE = 4096
-
-
-@functools.lru_cache(maxsize=64)
-def _run_residues(strides, weight_shape, count, run_bytes):
-    """Byte offset of each im2col workspace run minus that of its run in x̃, modulo 4 KiB (distinct values)."""
-    _, c_in, kh, kw = weight_shape
-    step_c, step_h, step_w, _ = strides
-    c, i, j, r = np.ogrid[:c_in, :kh, :kw, :count]
-    mine = (((c * kh + i) * kw + j) * count + r) * run_bytes
-    theirs = c * step_c + (r + i) * step_h + j * step_w
-    return tuple(int(r) for r in np.unique((mine - theirs) % _PAGE))
-
-
-def _aliasing_safe_empty(size, dtype, partner_address, residues, loaded):
-    """``np.empty(size)``, shifted by a multiple of 64 bytes within a page so that every store address
-    stays as far as possible (modulo 4 KiB) behind the load it could be confused with."""
-    itemsize = np.dtype(dtype).itemsize
-    raw = np.empty(size + _PAGE // itemsize, dtype)
-    best = _best_shift((raw.ctypes.data - partner_address) % _PAGE, residues, loaded, itemsize) // itemsize
-    return raw[best:best + size]
-
-
-@functools.lru_cache(maxsize=1024)
-def _best_shift(offset, residues, loaded, itemsize):
-    """The byte shift for :func:`_aliasing_safe_empty`, given the raw block's offset from the partner
-    (modulo 4 KiB): the same few offsets come back every step, so the search runs once for each."""
-    shifts = np.arange(0, _PAGE, max(64, itemsize))
-    gaps = offset + shifts[:, None] + np.asarray(residues)[None, :]   # store − load, bytes
-    if loaded:
-        gaps = -gaps
-    return int(shifts[np.argmax((gaps % _PAGE).min(axis=1))])
+        return np.empty((channels or c_in) * kh * kw * (stop - start) * self.run, self.x_pad.dtype)
 
 
 # ------------------------------------------------------------------------------------------ max_pool2d

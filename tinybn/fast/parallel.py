@@ -13,9 +13,8 @@ Two details make this pay off on small machines, where one hand-off can cost mor
   to sleep, so an idle program does not keep a core busy; :func:`rest` does it at once.
 * **OpenBLAS runs on one thread while the pieces run**, and gets its thread count back when
   :func:`map` returns: its own workers would otherwise spin on the same cores after every product
-  and stall ours, and the pieces already spread the products over the cores. Between maps it spins
-  all the same after the program's other products; :func:`tinybn.fast.tune_process` (which the
-  ``tinybn`` command line calls) keeps it on one thread for the whole process instead.
+  and stall ours, and the pieces already spread the products over the cores. Every product of the
+  fast kernels (conv2d's, linear's) runs inside a map, so OpenBLAS's own threads never wake for them.
 
 ``TINYBN_NUM_THREADS`` (or :func:`set_threads`) sets the number of threads, the caller included;
 the default is the number of cores this process may run on. More threads than cores cut the work
