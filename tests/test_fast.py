@@ -301,6 +301,22 @@ def test_training_steps_fast_equal_reference(model, threads, monkeypatch):
 
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_allocator_thresholds_are_set_only_by_tune_process():
+    code = ("import numpy, tinybn; from tinybn import fast; "
+            "tinybn.functional.sigmoid(tinybn.tensor(numpy.ones((512, 512)))); untouched = fast.memory._outcome is None; "
+            "changes = fast.tune_process(); print(untouched, fast.memory._outcome, any('malloc' in c for c in changes))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "True"]
+
+
+def test_the_command_line_says_what_it_tunes(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tinybn", "eval", str(tmp_path / "missing.npz")], capture_output=True,
+                         text=True, timeout=120)
+    if sys.platform.startswith("linux"):
+        assert "tinybn: tuned this process: glibc malloc keeps freed blocks" in out.stderr
+
+
 def test_max_pool_backward_after_a_forward_without_graph():
     """The argmax is kept only while recording; called by hand after no_grad, backward recomputes it."""
     x = with_ties((2, 3, 4, 6))

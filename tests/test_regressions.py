@@ -467,7 +467,8 @@ print("unchanged", found[0])
 def test_using_tinybn_from_python_leaves_blas_numpy_allocator_and_matplotlib_as_found():
     """The first fast op put NumPy's OpenBLAS on one thread for the whole process and changed glibc's mallopt
     thresholds; train() changed NumPy's print options and matplotlib's backend. Now OpenBLAS is on one thread
-    only while a kernel's pieces run, and nothing else outside tinybn changes."""
+    only while a kernel's pieces run, and nothing else outside tinybn changes; only tinybn.fast.tune_process()
+    (which the command line calls, and reports) sets the allocator's thresholds."""
     pytest.importorskip("threadpoolctl")
     pytest.importorskip("matplotlib")
     import os

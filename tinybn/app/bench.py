@@ -14,6 +14,8 @@ PyTorch ran at 13,900 examples/sec beside tinybn and at 16,000-19,500 alone. ``-
 alternates the two frameworks, tinybn then PyTorch, ``--repeats`` times, with the same threads and the
 same batch, and reports each framework's median and the median of the per-pair ratios tinybn / PyTorch
 with their minimum and maximum: the spread says how much one number can be trusted.
+Each tinybn process sets glibc's allocator thresholds as the ``tinybn`` command line does
+(:func:`tinybn.fast.tune_process`); PyTorch's process is left as it starts.
 ``--profile`` prints forward and backward time per op and implementation, measured in this process.
 """
 from __future__ import annotations
@@ -302,8 +304,11 @@ def run(args) -> int:
 
 def profile(args, device) -> list[dict]:
     """Per-op times of ``args.steps`` training steps, in this process."""
+    from .cli import tune_process
+
     if args.threads:
         _set_threads(args.threads)
+    tune_process()
     images, labels, _ = sample_batch(args.batch_size)
     runner = TinybnRunner(args.model, images, labels, device, numpy.dtype(args.dtype))
     for _ in range(args.warmup):
@@ -330,6 +335,8 @@ def worker(spec: dict) -> dict:
     """One fresh process's measurement: warm up, then the fastest of ``blocks`` timed blocks of each kind."""
     if spec["threads"]:
         _set_threads(spec["threads"])
+    if spec["framework"] == "tinybn" and fast.enabled():
+        fast.tune_process()                   # as the command line tunes itself
     images, labels, source = sample_batch(spec["batch_size"])
     dtype = numpy.dtype(spec["dtype"])
     if spec["framework"] == "tinybn":
@@ -382,6 +389,8 @@ def _rss_probe(spec: str) -> None:
     rng = numpy.random.default_rng(0)
     images, labels = rng.random((batch_size, 1, 28, 28), numpy.float32), rng.integers(0, 10, batch_size)
     if framework == "tinybn":
+        if fast.enabled():
+            fast.tune_process()                   # as in the timed run
         runner = TinybnRunner(model, images, labels, "cpu", numpy.dtype(dtype))
     else:
         import torch

@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tune_process() -> None:
+    """The command line owns its process: set the allocator thresholds the fast kernels want, and say so."""
+    from .. import fast
+
+    if fast.enabled():
+        for change in fast.tune_process():
+            print(f"tinybn: tuned this process: {change}", file=sys.stderr)
+
+
 def run_train(args) -> int:
     from .train import Diverged, TrainConfig, train
 
@@ -72,6 +81,7 @@ def run_train(args) -> int:
                          weight_decay=args.weight_decay, train_subset=args.train_subset,
                          progress=not args.no_progress, plot=not args.no_plot)
     checkpoint_path = f"{config.out}/checkpoint.npz"
+    tune_process()
     try:
         with numpy.errstate(all="ignore"):  # a diverging run overflows; the divergence guard says so in one line
             train(config)
@@ -90,6 +100,7 @@ def run_train(args) -> int:
 def run_eval(args) -> int:
     from .train import evaluate_checkpoint
 
+    tune_process()
     accuracy, meta = evaluate_checkpoint(args.checkpoint, args.data, args.device, args.download)
     print(f"{args.checkpoint}: {meta['config']['model']} after {meta['epoch']} epochs, test acc {accuracy:.4f}")
     return 0

@@ -32,7 +32,9 @@ process may use), the calling one included; see :mod:`tinybn.fast.parallel`.
 
 Using tinybn changes nothing outside it: NumPy's OpenBLAS is put on one thread only while a fast kernel's
 pieces run (its own threads would spin on the cores the kernels' threads need) and gets its thread count
-back when they are done; the allocator and NumPy's settings are left alone.
+back when they are done; the allocator and NumPy's settings are left alone. A program may ask, on purpose,
+for the one process-wide setting that helps, glibc's allocator thresholds, with :func:`tune_process` (the
+``tinybn`` command line does, and says so).
 """
 from __future__ import annotations
 
@@ -43,9 +45,9 @@ import numpy
 
 from .. import ops
 from ..functional._util import pair
-from . import cpu, parallel
+from . import cpu, memory, parallel
 
-__all__ = ["disabled", "enabled", "set_enabled"]
+__all__ = ["disabled", "enabled", "set_enabled", "tune_process"]
 
 LABEL = "fast"
 _FALSE = ("0", "false", "no", "off")
@@ -70,6 +72,20 @@ def disabled():
         yield
     finally:
         set_enabled(previous)
+
+
+def tune_process() -> list[str]:
+    """Set glibc's allocator thresholds for the whole process, on purpose; returns what changed, one line each.
+
+    ``malloc`` then keeps freed blocks of up to 32 MiB for reuse (``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``)
+    instead of returning them to the kernel, so a training step stops paying page faults for its big arrays
+    whatever the process did before (see :mod:`tinybn.fast.memory`). It cannot be undone. Library code never
+    calls this; the ``tinybn`` command line does, and says so.
+    """
+    if memory.keep_freed_memory():
+        return [f"glibc malloc keeps freed blocks up to {memory.MMAP_THRESHOLD >> 20} MiB (mmap threshold) and "
+                f"{memory.TRIM_THRESHOLD >> 20} MiB at the top of its heap (trim threshold) for reuse"]
+    return []
 
 
 # ------------------------------------------------------------------ when each kernel applies
