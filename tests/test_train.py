@@ -68,6 +68,7 @@ def test_checkpoint_round_trip_and_validation(tmp_path, fashion):
 
 
 @needs_data
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow is the point
 def test_divergence_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path, fashion):
     first = train(config(tmp_path), log=quiet, data=fashion)
     saved = first["checkpoint"].read_bytes()
@@ -77,6 +78,7 @@ def test_divergence_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path, fas
 
 
 @needs_data
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow is the point
 def test_divergence_in_an_epochs_last_step_writes_no_checkpoint(tmp_path, fashion):
     """Regression (issue "No silent wrong answers", 12): with one step per epoch, the loss of that step was
     finite but its update was not, and the checkpoint kept 18 non-finite parameter arrays."""
