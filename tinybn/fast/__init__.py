@@ -18,12 +18,13 @@ reference (a student who edits ``tinybn/functional/`` must, to see the edit run)
 ``tinybn.ops.Recorder`` lists which implementation of which op ran, and ``python -m tinybn bench
 --profile`` names it per op.
 
-Which ops have a fast path, and when (all on NumPy arrays; anything else runs the reference):
+Which ops have a fast path, and when (all on non-empty NumPy float32 or float64 arrays; anything else runs
+the reference):
 
 * ``conv2d``: stride 1, any padding;
 * ``max_pool2d``: stride equal to the kernel, no padding, height and width divisible by the kernel;
 * ``batch_norm``: 4-D input (per-channel statistics), both modes;
-* ``sigmoid``: any floating-point array;
+* ``sigmoid``: any shape;
 * ``linear``: (..., in) input, float32 or float64 (its products then run on tinybn's threads, one OpenBLAS
   thread each, instead of on OpenBLAS's own spinning threads).
 
