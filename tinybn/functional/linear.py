@@ -10,6 +10,11 @@ Backward (docs/derivations.md, "Linear")::
 
 As in PyTorch, x may have more leading axes, (..., in): every row of every leading index is a sample,
 and dW, db sum over all of them.
+
+On NumPy float32/float64 arrays, a faster kernel of this op runs instead of this code (``tinybn/fast/cpu.py``,
+tested equal to it: the same products, run on tinybn's threads). To run this code, switch the kernels off:
+``with tinybn.fast.disabled(): ...``, ``tinybn.fast.set_enabled(False)`` or ``TINYBN_FAST=0``;
+``tinybn.ops.Recorder`` shows which implementation ran.
 """
 from __future__ import annotations
 
