@@ -695,3 +695,88 @@ def test_module_to_keeps_gradients():
     assert lin.weight.grad is not None
     lin.to(dtype=numpy.float64)
     assert lin.weight.grad.dtype == numpy.float64
+
+
+def test_predictions_made_in_several_threads_equal_a_serial_one():
+    """A thread whose map ran serially while another thread's map had the workers used OpenBLAS on its own
+    threads, whose other summation order changed float32 results in the last bits."""
+    net = build_model("lenet-bn")
+    net(tinybn.tensor(rng.random((8, 1, 28, 28)).astype(numpy.float32)))
+    net.eval()
+    x = tinybn.tensor(rng.random((32, 1, 28, 28)).astype(numpy.float32))
+    with tinybn.no_grad():
+        serial = net(x).numpy()
+    other, stop, outputs = build_model("lenet-bn"), threading.Event(), []
+    batch, labels = tinybn.tensor(rng.random((64, 1, 28, 28)).astype(numpy.float32)), tinybn.tensor(numpy.arange(64) % 10)
+
+    def train():
+        while not stop.is_set():
+            F.cross_entropy(other(batch), labels).backward()
+
+    def predict():
+        for _ in range(8):
+            with tinybn.no_grad():
+                outputs.append(net(x).numpy())
+
+    trainer, predictors = threading.Thread(target=train), [threading.Thread(target=predict) for _ in range(2)]
+    trainer.start()
+    for thread in predictors:
+        thread.start()
+    for thread in predictors:
+        thread.join()
+    stop.set()
+    trainer.join()
+    assert len(outputs) == 16
+    for output in outputs:
+        numpy.testing.assert_array_equal(output, serial)
+
+
+def test_disabling_the_fast_paths_in_one_thread_leaves_the_others_alone():
+    """fast.disabled() was process-wide: two threads whose blocks overlapped left the kernels off for good."""
+    entered, second_inside, first_left = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with tinybn.fast.disabled():
+            entered.set()
+            second_inside.wait(10)
+        first_left.set()
+
+    def second():
+        entered.wait(10)
+        with tinybn.fast.disabled():
+            second_inside.set()
+            first_left.wait(10)
+            seen["second, inside"] = tinybn.fast.enabled()
+        seen["second, after"] = tinybn.fast.enabled()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    seen["main, meanwhile"] = tinybn.fast.enabled()
+    for thread in threads:
+        thread.join()
+    assert seen == {"second, inside": False, "second, after": True, "main, meanwhile": True}
+    assert tinybn.fast.enabled()
+
+
+def test_a_float64_loss_reaches_float32_fast_kernels_as_float32():
+    """The upstream gradient of a float64 loss (a float32 net against float64 targets) crashed the fast linear
+    and conv2d backward (np.dot's out= takes only its own dtype); PyTorch casts a gradient to its tensor's dtype."""
+    for net, shape in [(nn.Sequential(nn.Linear(5, 8), nn.Sigmoid(), nn.Linear(8, 1)), (4, 5)),
+                       (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(18, 1)), (4, 1, 5, 5))]:
+        x = tinybn.tensor(rng.random(shape).astype(numpy.float32))
+        ((net(x) - rng.random((4, 1))) ** 2).mean().backward()
+        assert all(p.grad.dtype == numpy.float32 for p in net.parameters())
+
+
+def test_a_backward_must_return_one_gradient_per_input():
+    from tinybn import ops
+    from tinybn.autograd import Cache, apply
+
+    if "tests.forgets_a_gradient" not in ops.names():
+        ops.define("tests.forgets_a_gradient", lambda a, b: (a * b, Cache(a=a, b=b)), lambda dy, cache: (dy * cache.b,))
+    a, b = tinybn.tensor(numpy.ones(3), requires_grad=True), tinybn.tensor(numpy.full(3, 5.0), requires_grad=True)
+    with pytest.raises(RuntimeError, match="returned 1 gradient.*for 2 input"):
+        apply("tests.forgets_a_gradient", a, b).sum().backward()
+    assert a.grad is None and b.grad is None

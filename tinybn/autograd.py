@@ -138,11 +138,11 @@ class Node:
     After ``backward()`` the node is freed (``backward`` is None) unless the graph was retained.
     """
 
-    __slots__ = ("backward", "cache", "inputs", "name", "shapes", "versions")
+    __slots__ = ("backward", "cache", "inputs", "name", "shapes", "versions", "dtype")
 
-    def __init__(self, backward, cache, inputs, name, shapes, versions):
+    def __init__(self, backward, cache, inputs, name, shapes, versions, dtype):
         self.backward, self.cache, self.inputs, self.name = backward, cache, inputs, name
-        self.shapes, self.versions = shapes, versions
+        self.shapes, self.versions, self.dtype = shapes, versions, dtype
 
     def free(self):
         self.backward = self.cache = None
@@ -207,7 +207,7 @@ def apply(name: str, *inputs, **params):
         shapes = tuple(array.shape if isinstance(value, Tensor) else None for value, array in zip(inputs, arrays))
         # the inputs' arrays and the output's (exp, sigmoid and pow cache y) must not change before backward
         versions = tuple((t._version, t._version[0]) for t in (*tensors, result))
-        result._node = Node(backward, cache, graph_inputs, name, shapes, versions)
+        result._node = Node(backward, cache, graph_inputs, name, shapes, versions, out.dtype)
     if extras:
         return (result, *(Tensor(extra) for extra in extras))
     return result
@@ -578,7 +578,13 @@ class Tensor:
         for node in order:
             dy = pending.pop(id(node), None)
             if dy is not None:
+                if dy.dtype != node.dtype:  # a gradient has its tensor's dtype, as in PyTorch (float64 loss, float32 net)
+                    dy = dy.astype(node.dtype)
                 input_grads = node.backward(dy, node.cache)
+                if len(input_grads) != len(node.inputs):
+                    raise RuntimeError(f"the backward rule of {node.name} returned {len(input_grads)} gradient(s) for "
+                                       f"{len(node.inputs)} input(s): it must return one per input, None where none "
+                                       f"is needed")
                 for parent, shape, d_parent in zip(node.inputs, node.shapes, input_grads):
                     if parent is None or d_parent is None:
                         continue

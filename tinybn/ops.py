@@ -27,11 +27,12 @@ What the engine hands an op, so that no op works it out itself:
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Implementation", "Op", "Recorder", "choose", "define", "enable", "enabled", "get", "names", "observe",
-           "register_kernel"]
+__all__ = ["Implementation", "Op", "Recorder", "choose", "define", "enable", "enabled", "enabled_in_thread", "get",
+           "names", "observe", "register_kernel"]
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,8 @@ class Op:
 
 
 _ops: dict[str, Op] = {}
-_disabled: set[str] = set()               # kernel labels switched off
-_observers: list = []
+_disabled: set[str] = set()               # kernel labels switched off for the whole process
+_thread = threading.local()               # .overrides: label -> bool for this thread; .observers: this thread's
 
 
 def define(name: str, forward: Callable, backward: Callable) -> Op:
@@ -97,12 +98,31 @@ def names() -> list[str]:
 
 
 def enable(label: str, flag: bool = True) -> None:
-    """Use (True) or skip (False) every kernel with this label; the reference is always available."""
+    """Use (True) or skip (False) every kernel with this label, in every thread that does not say otherwise
+    (:func:`enabled_in_thread`); the reference is always available."""
     (_disabled.discard if flag else _disabled.add)(label)
 
 
 def enabled(label: str) -> bool:
-    return label not in _disabled
+    """Whether kernels with this label run in the calling thread."""
+    override = getattr(_thread, "overrides", {}).get(label)
+    return label not in _disabled if override is None else override
+
+
+@contextlib.contextmanager
+def enabled_in_thread(label: str, flag: bool):
+    """Within the block, and in the calling thread only, use (True) or skip (False) the kernels with this label;
+    on leaving, the thread gets back exactly what it had, however blocks of several threads interleave."""
+    overrides = _thread.__dict__.setdefault("overrides", {})
+    found = overrides.get(label)
+    overrides[label] = bool(flag)
+    try:
+        yield
+    finally:
+        if found is None:
+            overrides.pop(label, None)
+        else:
+            overrides[label] = found
 
 
 def choose(op: Op, arrays, params) -> Implementation:
@@ -112,7 +132,7 @@ def choose(op: Op, arrays, params) -> Implementation:
     runs and raises its own, clearer error.
     """
     for kernel in op.kernels:
-        if kernel.label not in _disabled:
+        if enabled(kernel.label):
             try:
                 if kernel.applies(*arrays, **params):
                     return kernel
@@ -122,19 +142,22 @@ def choose(op: Op, arrays, params) -> Implementation:
 
 
 def observers() -> list:
-    return _observers
+    """The calling thread's observers."""
+    return _thread.__dict__.setdefault("observers", [])
 
 
 @contextlib.contextmanager
 def observe(observer):
-    """Within the block, ``observer.wrap(implementation, phase, function)`` is asked for the function to run
-    for each forward (``phase="forward"``) and each recorded backward (``"backward"``); it may return the
+    """Within the block, in the calling thread, ``observer.wrap(implementation, phase, function)`` is asked for
+    the function to run for each forward (``phase="forward"``) and for the backward that forward records
+    (``"backward"``, which runs when ``backward()`` does, inside the block or after it); it may return the
     function itself or a wrapper (a profiler times it, a recorder counts it)."""
-    _observers.append(observer)
+    mine = observers()
+    mine.append(observer)
     try:
         yield observer
     finally:
-        _observers.remove(observer)
+        mine.remove(observer)
 
 
 class Recorder:

@@ -39,7 +39,6 @@ for the one process-wide setting that helps, glibc's allocator thresholds, with 
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy
@@ -55,24 +54,20 @@ _FALSE = ("0", "false", "no", "off")
 
 
 def enabled() -> bool:
-    """Whether fast kernels are used (default yes; ``TINYBN_FAST=0`` turns them off)."""
+    """Whether fast kernels are used in the calling thread (default yes; ``TINYBN_FAST=0`` turns them off)."""
     return ops.enabled(LABEL)
 
 
 def set_enabled(flag: bool) -> None:
-    """Use the fast kernels (True) or only the readable reference (False)."""
+    """Use the fast kernels (True) or only the readable reference (False), in every thread from now on
+    (a thread inside :func:`disabled` keeps the reference until it leaves)."""
     ops.enable(LABEL, bool(flag))
 
 
-@contextlib.contextmanager
 def disabled():
-    """Run a block on the readable reference implementations only."""
-    previous = enabled()
-    set_enabled(False)
-    try:
-        yield
-    finally:
-        set_enabled(previous)
+    """Run a block on the readable reference implementations only, in the calling thread (as ``no_grad()`` does
+    for grad mode: other threads keep their own choice)."""
+    return ops.enabled_in_thread(LABEL, False)
 
 
 def tune_process() -> list[str]:

@@ -32,6 +32,8 @@ import sys
 import threading
 import time
 
+import numpy
+
 from . import blas
 
 __all__ = ["map", "pieces", "rest", "set_threads", "threads"]
@@ -98,6 +100,7 @@ class _Job:
 
     def __init__(self, function, items):
         self.function, self.items = function, items
+        self.errstate = numpy.geterr()             # NumPy's error settings are per thread: the workers take the caller's
         self.results = [None] * len(items)
         self.counter = itertools.count()            # next(...) is atomic under the GIL
         self.lock = threading.Lock()               # guards closed and joined
@@ -121,7 +124,8 @@ class _Job:
                 return
             self.joined += 1
         try:
-            self.take_pieces()
+            with numpy.errstate(**self.errstate):
+                self.take_pieces()
         finally:
             with self.lock:
                 self.joined -= 1
@@ -194,8 +198,9 @@ class _Worker:
 # longer; and a worker spins only while a watchdog runs.
 _threads = None                                    # read from TINYBN_NUM_THREADS on first use
 _workers: list[_Worker] = []
-_claim = threading.Lock()                          # held only to test-and-set _owner, and by the watchdog
+_claim = threading.Lock()                          # held briefly: to enter or leave a map, and by the watchdog
 _owner = None                                      # the token of the map sharing its pieces; others run serially
+_active: set = set()                               # the tokens of every map running, in any thread
 _last_used = 0.0
 _watchdog = None
 _blas_before = None                                # OpenBLAS's thread count while a map has it on one
@@ -236,9 +241,10 @@ def pieces(count: int, smallest: int = 1) -> list[range]:
 def map(function, items) -> list:  # noqa: A001 - the name says what it does
     """``[function(item) for item in items]``, the items shared out among the threads; results in order.
 
-    While the pieces run, NumPy's OpenBLAS runs on one thread (each piece is already one thread's work,
-    and OpenBLAS's own spinning threads would take the cores); its thread count is restored before
-    this returns or raises.
+    While any map runs, in any thread, NumPy's OpenBLAS runs on one thread (each piece is already one
+    thread's work, and OpenBLAS's own spinning threads would take the cores); its thread count is back once
+    the last of them returns or raises. A map nested in a piece, or started while another thread's map has
+    the workers, runs its pieces in its own thread.
     """
     items = list(items)
     running = _running_threads()
@@ -247,12 +253,9 @@ def map(function, items) -> list:  # noqa: A001 - the name says what it does
     token, job = object(), None
     try:
         try:
-            with _claim: _take(token)  # noqa: E701 - one line: no interrupt between taking and releasing
-            if _owner is not token:                # nested in a piece, or another thread's map is running
+            with _claim: _enter(token)  # noqa: E701 - one line: no interrupt between taking the lock and leaving it
+            if _owner is not token or len(items) == 1:
                 return [function(item) for item in items]
-            _blas_on_one_thread()                  # even for a single piece: the workers may still be spinning
-            if len(items) == 1:
-                return [function(items[0])]
             _ensure_watchdog()                     # before any worker spins for this job
             while len(_workers) < running - 1:
                 _workers.append(_Worker())
@@ -265,31 +268,42 @@ def map(function, items) -> list:  # noqa: A001 - the name says what it does
                 raise job.error
             return job.results
         finally:
-            if _owner is token:
-                _give_back(job)
+            if token in _active or _owner is token:
+                _leave(token, job)
     finally:
-        if _owner is token:                        # the cleanup above was itself interrupted: once more
-            _give_back(job)
+        if token in _active or _owner is token:   # the cleanup above was itself interrupted: once more
+            _leave(token, job)
 
 
-def _take(token) -> None:
+def _enter(token) -> None:
+    """Called under _claim: count the map as running, give it the workers if they are free, and put
+    OpenBLAS on one thread. Registered first, so that _leave undoes whatever part of this happened."""
     global _owner
-    if _owner is None: _owner = token  # noqa: E701 - one statement, so it is taken entirely or not at all
+    _active.add(token)
+    if _owner is None: _owner = token  # noqa: E701 - one statement, so the pool is taken entirely or not at all
+    _blas_on_one_thread()
 
 
-def _give_back(job) -> None:
-    """End the map that owns the pool (idempotent): its workers leave the job, OpenBLAS gets its
-    threads back, and the pool is free. Each step runs even when the one before it raised."""
+def _leave(token, job) -> None:
+    """End a map (idempotent): its workers leave its job, the pool is free if it had it, and OpenBLAS gets its
+    threads back if no other map runs. Each step runs even when the one before it raised."""
+    try:
+        if _owner is token and job is not None:
+            job.finish()
+    finally:
+        with _claim: _release(token)  # noqa: E701 - one line, as in map
+
+
+def _release(token) -> None:
     global _owner, _last_used
     try:
-        try:
-            if job is not None:
-                job.finish()
-        finally:
-            _blas_restore()
+        if _owner is token:
+            _last_used = time.perf_counter()
+            _owner = None
     finally:
-        _last_used = time.perf_counter()
-        _owner = None
+        _active.discard(token)
+        if not _active:
+            _blas_restore()
 
 
 def rest() -> None:
@@ -299,7 +313,11 @@ def rest() -> None:
     """
     for worker in list(_workers):
         worker.rest()
-    if _owner is None:
+    with _claim: _restore_if_idle()  # noqa: E701
+
+
+def _restore_if_idle() -> None:
+    if not _active:
         _blas_restore()
 
 
@@ -322,6 +340,7 @@ def _watch():
             if _owner is None and time.perf_counter() - _last_used > IDLE_SPIN_SECONDS:
                 for worker in list(_workers):
                     worker.rest()
+                _restore_if_idle()                 # (after an interrupt left OpenBLAS on one thread)
                 if _watchdog is threading.current_thread():
                     _watchdog = None
                 return
@@ -345,12 +364,15 @@ def _blas_restore() -> None:
 
 
 def _forget_workers():
-    """In a forked child the workers' threads do not exist: start afresh."""
-    global _watchdog, _claim, _owner
+    """In a forked child the workers' threads do not exist, nor the map that may have had OpenBLAS on one
+    thread when another thread forked: start afresh, with OpenBLAS's thread count given back."""
+    global _watchdog, _claim, _owner, _active
+    _blas_restore()
     _workers.clear()
     _watchdog = None
     _claim = threading.Lock()
     _owner = None
+    _active = set()
 
 
 if hasattr(os, "register_at_fork"):
