@@ -159,7 +159,22 @@ def test_eval_names_a_damaged_checkpoint(tmp_path):
     assert out.returncode == 2 and "metadata is damaged" in out.stderr and "Traceback" not in out.stderr
     state = {f"model/{k}": v for k, v in model.state_dict().items()}
     state["model/0.bias"] = numpy.full(6, "x")
-    numpy.savez(path, meta=numpy.frombuffer(json.dumps({"epoch": 1, "config": {"model": "lenet-bn"}}).encode(),
-                                            dtype=numpy.uint8), **state)
+    meta = {"epoch": 1, "config": {"model": "lenet-bn"}, "history": [{}]}
+
+    def write(meta, state):
+        numpy.savez(path, meta=numpy.frombuffer(json.dumps(meta).encode(), dtype=numpy.uint8), **state)
+
+    write(meta, state)
     out = run_cli("eval", str(path))
     assert out.returncode == 2 and "0.bias" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    state["model/0.bias"] = numpy.full(6, numpy.nan, dtype=numpy.float32)
+    write(meta, state)
+    out = run_cli("eval", str(path))
+    assert out.returncode == 2 and "0.bias is not finite" in out.stderr, out.stderr
+    state["model/0.bias"] = numpy.zeros(6, dtype=numpy.float32)
+    for damaged, words in [({**meta, "epoch": -1}, "epoch -1"), ({**meta, "epoch": "1"}, "epoch '1'"),
+                           ({**meta, "history": []}, "history does not list"), ({"epoch": 1}, "no config"),
+                           ([1, 2], "not a JSON object")]:
+        write(damaged, state)
+        out = run_cli("eval", str(path))
+        assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, (damaged, out.stderr)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy
+
 from . import backend
 
 
@@ -13,10 +15,12 @@ class SGD:
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
-        if lr <= 0:
-            raise ValueError(f"learning rate must be positive, got {lr}")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"learning rate must be a positive finite number, got {lr}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+            raise ValueError(f"weight decay must be a finite number of at least 0, got {weight_decay}")
         self.params = list(params)
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
         self.velocity = [None] * len(self.params)
@@ -45,10 +49,18 @@ class SGD:
         return {f"velocity.{i}": backend.to_numpy(v) for i, v in enumerate(self.velocity) if v is not None}
 
     def load_state_dict(self, state: dict) -> None:
-        self.velocity = [None] * len(self.params)
+        """Load velocities saved by :meth:`state_dict`; every entry is checked before any is taken."""
+        velocity = [None] * len(self.params)
         for key, value in state.items():
-            i = int(key.split(".")[1])
-            self.velocity[i] = backend.to_device(value.astype(self.params[i].dtype), self.params[i].device)
+            kind, _, index = key.partition(".")
+            if kind != "velocity" or not index.isdigit() or int(index) >= len(self.params):
+                raise ValueError(f"optimizer state: unexpected entry {key!r} (this optimizer has {len(self.params)} "
+                                 f"parameters, velocity.0 to velocity.{len(self.params) - 1})")
+            param = self.params[int(index)]
+            if tuple(value.shape) != param.shape:
+                raise ValueError(f"optimizer state: {key} has shape {tuple(value.shape)}, its parameter {param.shape}")
+            velocity[int(index)] = backend.to_device(numpy.asarray(value).astype(param.dtype), param.device)
+        self.velocity = velocity
 
 
 def learning_rate(schedule: str, base_lr: float, step: int, total_steps: int, warmup_steps: int = 0) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy
@@ -29,6 +30,9 @@ def save(path, model, optimizer, meta: dict) -> Path:
     try:
         with os.fdopen(handle, "wb") as out:
             numpy.savez(out, **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes it 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -37,10 +41,16 @@ def save(path, model, optimizer, meta: dict) -> Path:
 
 
 def load(path) -> tuple[dict, dict, dict]:
-    """Return ``(model_state, optimizer_state, meta)``; raises ValueError for a file that is not a checkpoint."""
+    """Return ``(model_state, optimizer_state, meta)``.
+
+    Raises ValueError, naming the file and what is wrong, for anything that is not a checkpoint as
+    :func:`save` writes it: not an ``.npz`` archive, damaged metadata, or arrays that are not finite numbers.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a readable tinybn checkpoint (not an .npz archive)")
     try:
         with numpy.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
@@ -50,10 +60,33 @@ def load(path) -> tuple[dict, dict, dict]:
         raise ValueError(f"{path} is not a tinybn checkpoint (no 'meta' entry)")
     try:
         meta = json.loads(arrays.pop("meta").tobytes().decode())
-        meta["epoch"], meta["config"]["model"]  # noqa: B018 - what every reader of a checkpoint needs
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a readable tinybn checkpoint: its metadata is damaged "
-                         f"({type(error).__name__}: {error})") from None
+        problem = _meta_problem(meta)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        problem = f"{type(error).__name__}: {error}"
+    if problem:
+        raise ValueError(f"{path} is not a readable tinybn checkpoint: its metadata is damaged ({problem})")
+    bad = [key for key, value in arrays.items()
+           if value.dtype.kind not in "biuf" or (value.dtype.kind == "f" and not numpy.isfinite(value).all())]
+    if bad:
+        raise ValueError(f"{path} is damaged: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite numbers")
     model = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
     optim = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
     return model, optim, meta
+
+
+def _meta_problem(meta) -> str | None:
+    """What is wrong with a checkpoint's metadata (as train() writes it), or None."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    epoch = meta.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        return f"epoch {epoch!r} is not a whole number of epochs"
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta["config"].get("model"), str):
+        return "no config with a model name"
+    history = meta.get("history", [])
+    if not isinstance(history, list) or len(history) != epoch:
+        return f"the history does not list the {epoch} epoch(s) done"
+    for key in ("loader_rng", "tinybn_rng"):
+        if key in meta and not isinstance(meta[key], dict):
+            return f"{key} is not a generator state"
+    return None

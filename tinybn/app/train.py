@@ -206,8 +206,12 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
         model_state, optim_state, meta = checkpoint.load(ckpt_path)
         if meta["config"]["model"] != config.model:
             raise ValueError(f"--resume: {ckpt_path} holds a {meta['config']['model']!r} model, not {config.model!r}")
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
+        try:
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(optim_state)
+        except (KeyError, ValueError) as error:
+            message = error.args[0] if error.args else error
+            raise ValueError(f"--resume: {ckpt_path} does not fit this run: {message}") from None
         train_loader.set_state(meta["loader_rng"])
         tb_random.generator(numpy).bit_generator.state = meta["tinybn_rng"]
         history, start_epoch = meta["history"], meta["epoch"]
