@@ -178,3 +178,49 @@ def test_eval_names_a_damaged_checkpoint(tmp_path):
         write(damaged, state)
         out = run_cli("eval", str(path))
         assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, (damaged, out.stderr)
+
+
+def test_cli_reports_bad_arguments_alone_before_any_work(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for args, words in [(["--out", str(afile)], "is a file"), (["--out", str(afile / "sub")], "cannot write"),
+                        (["--seed", "-1"], "at least 0"), (["--device", "tpu"], "tpu")]:
+        out = run_cli("train", "--epochs", "1", "--no-progress", *(["--out", str(tmp_path / "o")] * ("--out" not in args)),
+                      *args)
+        assert out.returncode == 2 and words in out.stderr, (args, out.stderr)
+        assert "Traceback" not in out.stderr and "tuned this process" not in out.stderr, (args, out.stderr)
+        assert out.stdout == "", (args, out.stdout)
+    assert afile.read_text() == ""
+    bench = run_cli("bench", "--batch-size", "0")
+    assert bench.returncode == 2 and "at least 1" in bench.stderr and "Traceback" not in bench.stderr
+
+
+def interrupt_cli_after(line_start, *args):
+    """Run ``tinybn train *args``, press Ctrl-C once a stdout line starts with ``line_start``; return (rc, stderr)."""
+    import signal
+    process = subprocess.Popen([sys.executable, "-m", "tinybn", "train", "--no-progress", "--no-plot", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith(line_start):
+                process.send_signal(signal.SIGINT)
+                break
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    return process.returncode, stderr
+
+
+@needs_data
+def test_ctrl_c_says_truthfully_what_the_run_leaves(tmp_path):
+    run = ["--epochs", "5", "--train-subset", "20000", "--out", str(tmp_path / "r")]
+    rc, stderr = interrupt_cli_after("training", *run)
+    assert rc == 130 and "No epoch finished in this run, so it wrote no checkpoint" in stderr, stderr
+    assert "Traceback" not in stderr and not (tmp_path / "r" / "checkpoint.npz").exists()
+    rc, stderr = interrupt_cli_after("epoch  1/5", *run)
+    assert rc == 130 and "The checkpoint of the last complete epoch is" in stderr and "Traceback" not in stderr, stderr
+    assert checkpoint.load(tmp_path / "r" / "checkpoint.npz")[2]["epoch"] >= 1
+    rc, stderr = interrupt_cli_after("resuming", *run, "--resume")
+    assert rc == 130 and "is unchanged, and --resume continues from it" in stderr, stderr
+    rc, stderr = interrupt_cli_after("training", *run)
+    assert rc == 130 and "is from an earlier run" in stderr, stderr

@@ -39,7 +39,7 @@ from .models import MODELS, build_model
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", choices=MODELS, default="lenet-bn")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=_positive, default=256)
     parser.add_argument("--device", default=None, help="cpu, gpu, cuda:N (default: $TINYBN_DEVICE or cpu)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--repeats", type=_positive, default=7,

@@ -5,10 +5,12 @@ import argparse
 import math
 import os
 import sys
+import time
 
 import numpy
 
 from ..backend import DeviceUnavailableError
+from . import checkpoint
 from .data import DataError
 from .models import MODELS
 
@@ -17,6 +19,13 @@ def positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, got {text}")
     return value
 
 
@@ -38,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=positive_float, default=1.0, help="learning rate")
     train.add_argument("--batch-size", type=positive_int, default=256)
     train.add_argument("--device", default=None, help="cpu, gpu, cuda or cuda:N (default: $TINYBN_DEVICE or cpu)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=non_negative_int, default=0)
     train.add_argument("--out", default=None, help="output folder (default: runs/MODEL)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     train.add_argument("--data", default=None, help="folder with the Fashion-MNIST files (default: $TINYBN_DATA, "
@@ -73,33 +82,51 @@ def tune_process() -> None:
 
 
 def run_train(args) -> int:
-    from .train import Diverged, TrainConfig, train
+    from ..backend import resolve_device
+    from .data import load_fashion_mnist
+    from .train import Diverged, TrainConfig, prepare_output, train
 
     config = TrainConfig(model=args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          device=args.device, seed=args.seed, out=args.out or f"runs/{args.model}", resume=args.resume,
                          data=args.data, download=args.download, schedule=args.schedule, momentum=args.momentum,
                          weight_decay=args.weight_decay, train_subset=args.train_subset,
                          progress=not args.no_progress, plot=not args.no_plot)
-    checkpoint_path = f"{config.out}/checkpoint.npz"
+    # everything that can be wrong with the arguments is reported before the process is tuned or a step is run
+    resolve_device(config.device)
+    checkpoint_path = prepare_output(config.out) / "checkpoint.npz"
+    data = load_fashion_mnist(config.data, allow_download=config.download)
     tune_process()
+    started = time.time()
     try:
         with numpy.errstate(all="ignore"):  # a diverging run overflows; the divergence guard says so in one line
-            train(config)
+            train(config, data=data)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the last complete checkpoint (if an epoch finished) is {checkpoint_path}; "
-              f"continue with the same command plus --resume", file=sys.stderr)
+        print(f"\ninterrupted. {checkpoint_words(checkpoint_path, started, config.resume)}", file=sys.stderr)
         return 130
     except Diverged as error:
-        kept = (f"The last good checkpoint is kept at {checkpoint_path} (--resume continues from it)."
-                if os.path.exists(checkpoint_path) else "No epoch finished with a finite model, so no checkpoint was written.")
-        print(f"\nerror: {error}. {kept}", file=sys.stderr)
+        print(f"\nerror: {error}. {checkpoint_words(checkpoint_path, started, config.resume)}", file=sys.stderr)
         return 3
     return 0
+
+
+def checkpoint_words(path, started: float, resumed: bool) -> str:
+    """What a stopped run leaves behind to continue from, said truthfully."""
+    try:
+        written = os.path.getmtime(path) >= started
+    except OSError:
+        return "No epoch finished in this run, so it wrote no checkpoint."
+    if written:
+        return f"The checkpoint of the last complete epoch is {path}; the same command plus --resume continues from it."
+    if resumed:
+        return f"No epoch finished in this run; {path} is unchanged, and --resume continues from it again."
+    return (f"No epoch finished in this run; {path} is from an earlier run (--resume continues that run, "
+            f"and a run without it starts afresh).")
 
 
 def run_eval(args) -> int:
     from .train import evaluate_checkpoint
 
+    checkpoint.load(args.checkpoint)   # a file that is not a checkpoint is reported before the process is tuned
     tune_process()
     accuracy, meta = evaluate_checkpoint(args.checkpoint, args.data, args.device, args.download)
     print(f"{args.checkpoint}: {meta['config']['model']} after {meta['epoch']} epochs, test acc {accuracy:.4f}")
@@ -121,3 +148,9 @@ def main(argv=None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except OSError as error:       # a full disk, a folder that became unwritable: one line, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130

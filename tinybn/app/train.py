@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -166,6 +167,20 @@ def plot_history(path: Path, history: list[dict], title: str = "", log=print) ->
     return True
 
 
+def prepare_output(out) -> Path:
+    """Create the output folder now, so that one that cannot be written is reported before any training."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the output folder {out} is a file; name a folder for the checkpoint and metrics (--out)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as error:
+        raise ValueError(f"cannot write to the output folder {out} ({error.strerror or error}); "
+                         f"name a folder you can write to (--out)") from None
+    return out
+
+
 def first_batch_norm(model):
     from ..nn import BatchNorm, BatchNorm1d, is_materialized
 
@@ -182,7 +197,7 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
     ``config.model`` (the examples do both to compare variants).
     """
     device = backend.resolve_device(config.device)[0]
-    out = Path(config.out)
+    out = prepare_output(config.out)
     ckpt_path = out / "checkpoint.npz"
     train_x, train_y, test_x, test_y = data or load_fashion_mnist(config.data, allow_download=config.download)
     if config.train_subset:
@@ -237,12 +252,13 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
                "test_acc": round(test_acc, 6), "examples_per_sec": round(stats["examples_per_sec"], 1),
                "lr": round(optimizer.lr, 6), "seconds": round(time.perf_counter() - started, 2)}
         history.append(row)
-        log(f"epoch {epoch:2d}/{config.epochs}: train loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, "
-            f"test acc {row['test_acc']:.4f}, {row['examples_per_sec']:.0f} examples/sec")
         meta = {"epoch": epoch, "config": dataclasses.asdict(config), "history": history,
                 "loader_rng": train_loader.get_state(), "tinybn_rng": tb_random.generator(numpy).bit_generator.state}
         checkpoint.save(ckpt_path, model, optimizer, meta)
         write_metrics(out, config, history)
+        # said once the epoch is saved: a run stopped after this line continues from this epoch with --resume
+        log(f"epoch {epoch:2d}/{config.epochs}: train loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, "
+            f"test acc {row['test_acc']:.4f}, {row['examples_per_sec']:.0f} examples/sec")
 
     if history:
         last = history[-1]
