@@ -780,3 +780,19 @@ def test_a_backward_must_return_one_gradient_per_input():
     with pytest.raises(RuntimeError, match="returned 1 gradient.*for 2 input"):
         apply("tests.forgets_a_gradient", a, b).sum().backward()
     assert a.grad is None and b.grad is None
+
+
+def test_gradcheck_of_one_array_given_twice_checks_each_input_alone():
+    x = tinybn.tensor(numpy.random.default_rng(0).standard_normal((3, 4)), requires_grad=True)
+    y = tinybn.Tensor(x.data[1:], requires_grad=True)       # a view overlapping x
+    assert tinybn.gradcheck(lambda a, b: a * b, [x, x])["ok"]
+    assert tinybn.gradcheck(lambda a, b: a[1:] * b, [x, y])["ok"]
+    assert tinybn.gradcheck(lambda a, b: a[1:] * b, [x, y], raise_on_failure=False)["worst_abs"] < 1e-6
+
+
+def test_assert_same_compares_dtypes_and_requires_grad():
+    x = tinybn.tensor(numpy.ones((2, 3), dtype=numpy.float32), requires_grad=True)
+    with pytest.raises(AssertionError, match="dtype float64"):
+        tinybn.assert_same(lambda a: a * 2, lambda a: (a * 2).astype(numpy.float64), [x])
+    with pytest.raises(AssertionError, match="requires_grad False"):
+        tinybn.assert_same(lambda a: a * 2, lambda a: (a * 2).detach(), [x])

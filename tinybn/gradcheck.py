@@ -25,14 +25,21 @@ class GradcheckError(AssertionError):
 
 def _to_float64_inputs(inputs):
     """Fresh tensors over float64 arrays: the caller's own arrays when they are float64 already (so their
-    memory layout reaches ``fn``; gradcheck perturbs them in place and puts every value back), else copies."""
-    converted = []
+    memory layout reaches ``fn``; gradcheck perturbs them in place and puts every value back), else copies.
+
+    An input whose memory overlaps an earlier one's (``[x, x]``, or two views of one array) is copied:
+    perturbing one input must not move another, or the finite difference would mix their gradients.
+    """
+    converted, seen = [], []
     for value in inputs:
         if isinstance(value, Tensor):
             data = value.data
             if data.dtype.kind == "f":
+                xp = backend.get_array_module(data)
                 writeable = getattr(getattr(data, "flags", None), "writeable", True)
-                data = data.astype(numpy.float64, copy=not writeable)
+                aliased = any(xp.may_share_memory(data, other) for other in seen)
+                seen.append(data)
+                data = data.astype(numpy.float64, copy=not writeable or aliased)
             converted.append(Tensor(data, requires_grad=value.requires_grad))
         else:
             converted.append(value)
@@ -131,6 +138,9 @@ def assert_same(fn_fast, fn_reference, inputs, *, atol: float = 1e-6, rtol: floa
 
     fast_inputs, fast_out = run(fn_fast)
     ref_inputs, ref_out = run(fn_reference)
+    if fast_out.dtype != ref_out.dtype or fast_out.requires_grad != ref_out.requires_grad:
+        raise AssertionError(f"output: dtype {fast_out.dtype}, requires_grad {fast_out.requires_grad}; the reference's: "
+                             f"dtype {ref_out.dtype}, requires_grad {ref_out.requires_grad}")
     _assert_close("output", fast_out.data, ref_out.data, atol, rtol)
     if check_grad and ref_out.requires_grad:
         _assert_same_gradients(fast_inputs, fast_out, ref_inputs, ref_out, atol, rtol, seed)
