@@ -341,8 +341,11 @@ def _row_dot(a, b):
 
 
 def sigmoid_forward(x):
-    """y = 1 / (1 + e^(−x)), one piece of memory per thread; e^(−x) = inf for x < −88 (float32) gives
-    exactly 0, the right limit."""
+    """y = 1 / (1 + e^(−x)), one piece of memory per thread.
+
+    Below x ≈ −88.7 (float32; −709.8 in float64) e^(−x) overflows to inf and y is exactly 0, as in PyTorch,
+    where the reference computes e^x / (1 + e^x) and returns the subnormal e^x down to x ≈ −103.3: the two
+    differ by less than the smallest normal number (1.2e−38 in float32), far inside the tests' tolerance."""
     y = np.empty_like(x)                                  # the same memory order as x
     y_flat = _flat(y)
     x_flat = _flat(x) if x.strides == y.strides else None

@@ -11,6 +11,8 @@ Max pooling::
     Tie rule: when several elements of a window share the maximum, only the first one in
     row-major order inside the window (smallest p, then smallest q) receives the gradient.
     Where windows overlap, an element that is the maximum of several windows receives the sum.
+    NaN wins: a window holding a NaN gives y = NaN, and its first NaN in the same order receives the
+    gradient (PyTorch's CPU kernel picks the last NaN; either way the output says the input was NaN).
 
 Average pooling (padding counts as zeros in the average, as in PyTorch's default)::
 
