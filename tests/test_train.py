@@ -224,3 +224,35 @@ def test_ctrl_c_says_truthfully_what_the_run_leaves(tmp_path):
     assert rc == 130 and "is unchanged, and --resume continues from it" in stderr, stderr
     rc, stderr = interrupt_cli_after("training", *run)
     assert rc == 130 and "is from an earlier run" in stderr, stderr
+
+
+def test_sgd_refuses_unusable_settings_and_foreign_states():
+    net = models.build_model("lenet")
+    for kwargs, words in [({"lr": float("inf")}, "positive finite"), ({"lr": float("nan")}, "positive finite"),
+                          ({"lr": 0.1, "weight_decay": -1.0}, "weight decay"),
+                          ({"lr": 0.1, "weight_decay": float("nan")}, "weight decay")]:
+        with pytest.raises(ValueError, match=words):
+            optim.SGD(net.parameters(), **kwargs)
+    sgd = optim.SGD(net.parameters(), 0.1, momentum=0.9)
+    params = list(net.parameters())
+    good = {"velocity.0": numpy.ones(params[0].shape, numpy.float32)}
+    for state, words in [({"velocity.99": good["velocity.0"]}, "velocity.99"),
+                         ({"momentum.0": good["velocity.0"]}, "momentum.0"),
+                         ({**good, "velocity.1": numpy.ones((3,), numpy.float32)}, "has shape")]:
+        with pytest.raises(ValueError, match=words):
+            sgd.load_state_dict(state)
+        assert sgd.velocity == [None] * len(params)        # nothing was taken from a refused state
+    sgd.load_state_dict(good)
+    assert sgd.velocity[0].dtype == params[0].dtype and sgd.velocity[0].shape == params[0].shape
+
+
+@needs_data
+def test_resume_names_a_checkpoint_that_does_not_fit(tmp_path, fashion):
+    train(config(tmp_path), log=quiet, data=fashion)
+    path = tmp_path / "run" / "checkpoint.npz"
+    with numpy.load(path) as archive:
+        arrays = dict(archive)
+    arrays["optim/velocity.0"] = numpy.zeros((1, 2), numpy.float32)
+    numpy.savez(path, **arrays)
+    with pytest.raises(ValueError, match="does not fit this run.*velocity.0 has shape"):
+        train(config(tmp_path, epochs=2, resume=True, momentum=0.9), log=quiet, data=fashion)
