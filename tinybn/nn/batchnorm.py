@@ -13,16 +13,23 @@ current batch and folds them into ``moving_mean``/``moving_var``; in prediction 
 The moving-average convention (``momentum`` weighs the OLD average, default 0.9 = PyTorch's
 0.1) is documented once, in :mod:`tinybn.functional.batchnorm`. ``momentum=None`` keeps an exact
 cumulative average instead: after k training batches the moving statistics are the plain mean of
-the k batch statistics, which is how to estimate population statistics with a frozen network.
+the k batch statistics.
+
+Moving averages lag behind the weights: at a large learning rate they average batches seen by
+several older versions of the network, and prediction mode suffers. The chapter's remedy, "after
+training, use the entire dataset to compute stable estimates of the statistics and fix them at
+prediction time", is :func:`recompute_batch_norm_statistics` ("precise BN").
 """
 from __future__ import annotations
+
+import itertools
 
 import numpy
 
 from .. import backend
 from .. import functional as F
 from ..functional.batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM
-from ..autograd import Tensor
+from ..autograd import Tensor, no_grad
 from .layers import check_input
 from .module import Module, UninitializedBuffer, UninitializedParameter, is_materialized
 
@@ -77,6 +84,9 @@ class _BatchNormBase(Module):
             object.__setattr__(self, "_device", backend.device_of(data))
             self._materialize(data.shape[1])
         check_input(self, x, self.num_dims, layout, self.num_features)
+        sink = self.__dict__.get("_statistics_sink")
+        if sink is not None and self.training:   # recompute_batch_norm_statistics: hand over the batch's statistics
+            return self._forward_into(sink, x, data)
         momentum = self.momentum
         if momentum is None:  # cumulative average: the k-th batch gets weight 1/k
             momentum = 1.0 - 1.0 / (int(self.num_batches_tracked.item()) + 1)
@@ -85,6 +95,18 @@ class _BatchNormBase(Module):
         if self.training and data.size > 0:    # an empty batch has no statistics to count
             self.moving_mean.data, self.moving_var.data = new_mean.data, new_var.data
             self.num_batches_tracked.data = self.num_batches_tracked.data + 1
+        return y
+
+    def _forward_into(self, sink, x, data):
+        """Normalize with the batch's statistics, give them and the number of values per channel to ``sink``,
+        and leave the layer's buffers alone. (Starting from zeros and ones with momentum 0 makes the "new
+        moving averages" exactly the batch's mean and variance, whatever the buffers hold.)"""
+        xp = backend.get_array_module(data)
+        zeros = xp.zeros(self.moving_mean.shape, self.moving_mean.dtype)
+        y, mean, var = F.batch_norm(x, self.gamma, self.beta, zeros, xp.ones_like(zeros), training=True,
+                                    momentum=0.0, eps=self.eps)
+        if data.size > 0:
+            sink(self, mean.data, var.data, data.size // self.num_features)
         return y
 
     def extra_repr(self):
@@ -127,3 +149,72 @@ class BatchNorm1d(_BatchNormBase):
 class BatchNorm2d(BatchNorm1d):
     """Concise batch norm for (N, C, H, W) input, per channel; ``num_features`` inferred when omitted."""
     num_dims = 4
+
+
+def recompute_batch_norm_statistics(model, batches, num_batches: int | None = None) -> int:
+    """Replace every batch-norm layer's moving mean and variance by the exact statistics of ``batches``.
+
+    "Precise BN": with the weights frozen and no graph recorded, the model runs over ``batches``
+    (any iterable of inputs, tensors or arrays, or of ``(inputs, labels)`` pairs as a DataLoader
+    yields them; only the first ``num_batches`` when given). Each BN layer normalizes with each batch's
+    own statistics, as in training, and its new moving statistics are the mean and the (biased)
+    variance of every value it saw, over all the batches together:
+
+        μ = (1/M) Σ_values x,        σ² = (1/M) Σ_values (x − μ)²,        M = values per channel
+
+    combined batch by batch (Chan's pairwise update, in float64), so they do not depend on how the data
+    was cut into batches and include the spread between the batches' means, which an average of
+    per-batch variances would miss. The layers other than batch norm run in prediction mode (no
+    dropout), as they will when these statistics are used. ``num_batches_tracked`` is left as it is.
+
+    Every layer's and the model's mode is restored, and nothing changes unless the whole pass
+    succeeds. A layer that no batch reached keeps its statistics. Returns the number of batches used.
+    """
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                    or num_batches < 1):
+        raise ValueError(f"num_batches must be a whole number of at least 1 or None (all), got {num_batches!r}")
+    layers = [module for module in model.modules() if isinstance(module, _BatchNormBase)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no batch-norm layer whose statistics could be recomputed")
+    totals = {}          # id(layer) -> [count, mean, M2] per channel, float64
+
+    def sink(layer, mean, var, count):
+        xp = backend.get_array_module(mean)
+        mean = mean.astype(numpy.float64).reshape(-1)
+        m2 = var.astype(numpy.float64).reshape(-1) * count
+        if id(layer) not in totals:
+            totals[id(layer)] = [count, mean, m2]
+            return
+        total = totals[id(layer)]
+        n = total[0] + count
+        delta = mean - total[1]
+        total[1] = total[1] + delta * (count / n)
+        total[2] = total[2] + m2 + xp.square(delta) * (total[0] * count / n)
+        total[0] = n
+
+    modes = [(module, module.training) for module in model.modules()]
+    used = 0
+    try:
+        model.eval()
+        for layer in layers:
+            object.__setattr__(layer, "training", True)
+            object.__setattr__(layer, "_statistics_sink", sink)
+        with no_grad():
+            for batch in (batches if num_batches is None else itertools.islice(batches, num_batches)):
+                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(inputs if isinstance(inputs, Tensor) else Tensor(inputs))
+                used += 1
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("_statistics_sink", None)
+        for module, mode in modes:
+            object.__setattr__(module, "training", mode)
+    if used == 0:
+        raise ValueError("recompute_batch_norm_statistics: no batch was given, so there is nothing to average")
+    for layer in layers:
+        if id(layer) in totals:
+            count, mean, m2 = totals[id(layer)]
+            shape, dtype = layer.moving_mean.shape, layer.moving_mean.dtype
+            layer.moving_mean.data = mean.reshape(shape).astype(dtype)
+            layer.moving_var.data = (m2 / count).reshape(shape).astype(dtype)
+    return used

@@ -1,0 +1,158 @@
+"""Precise BN: tinybn.nn.recompute_batch_norm_statistics against statistics computed directly.
+
+The oracle for a layer's population statistics is NumPy's mean and variance over the concatenation of
+everything the layer saw, in float64; for the first BN layer that is just its input over the whole data,
+so the result must not depend on how the data was cut into batches.
+"""
+import numpy
+import pytest
+from hypothesis import given, strategies as st
+
+import tinybn
+from tinybn import functional as F, nn
+from tinybn.nn import recompute_batch_norm_statistics as recompute
+
+from props import budget
+
+
+def dense_model():
+    tinybn.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4, dtype=numpy.float64), nn.BatchNorm1d(dtype=numpy.float64), nn.Sigmoid(),
+                         nn.Dropout(0.5), nn.Linear(4, 3, dtype=numpy.float64), nn.BatchNorm(3, 2, dtype=numpy.float64))
+
+
+def conv_model():
+    tinybn.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, dtype=numpy.float64), nn.BatchNorm2d(dtype=numpy.float64), nn.ReLU(),
+                         nn.Conv2d(3, 2, 2, stride=2, dtype=numpy.float64), nn.BatchNorm(2, 4, dtype=numpy.float64))
+
+
+def cut(data, sizes):
+    """``data`` cut into consecutive batches of the given sizes (the rest in a last batch)."""
+    edges = numpy.cumsum([0, *sizes])
+    pieces = [data[a:b] for a, b in zip(edges[:-1], edges[1:])]
+    if edges[-1] < len(data):
+        pieces.append(data[edges[-1]:])
+    return [p for p in pieces if len(p)]
+
+
+def population(values, layer):
+    axes = (0,) if values.ndim == 2 else (0, 2, 3)
+    shape = layer.moving_mean.shape
+    return values.mean(axis=axes).reshape(shape), values.var(axis=axes).reshape(shape)
+
+
+def bn_inputs(model, batches):
+    """What each BN layer of ``model`` sees when it normalizes every batch with its own statistics (the
+    functional ops, layer by layer, without the layers' own forward), concatenated over the batches."""
+    seen = {}
+    for batch in batches:
+        h = tinybn.tensor(batch)
+        for i, layer in enumerate(model):
+            if isinstance(layer, (nn.BatchNorm, nn.BatchNorm1d)):
+                seen.setdefault(i, []).append(h.numpy())
+                h = F.batch_norm(h, layer.gamma, layer.beta, layer.moving_mean, layer.moving_var, training=True,
+                                 eps=layer.eps)[0]
+            elif isinstance(layer, nn.Dropout):
+                continue                      # prediction mode
+            else:
+                h = layer(h)
+    return {i: numpy.concatenate(values) for i, values in seen.items()}
+
+
+@budget(40)
+@given(n=st.integers(2, 40), sizes=st.lists(st.integers(2, 13), min_size=1, max_size=6), seed=st.integers(0, 2**31),
+       conv=st.booleans())
+def test_statistics_are_those_of_all_the_values_seen(n, sizes, seed, conv):
+    rng = numpy.random.default_rng(seed)
+    model = conv_model() if conv else dense_model()
+    data = rng.standard_normal((n, 2, 6, 5) if conv else (n, 5)) * rng.uniform(0.1, 10) + rng.uniform(-5, 5)
+    batches = [b for b in cut(data, sizes) if len(b) >= 2 or conv]
+    model(tinybn.tensor(batches[0]))          # materialize the lazy layer
+    expected = bn_inputs(model, batches)
+    used = recompute(model, batches)
+    assert used == len(batches)
+    for i, values in expected.items():
+        mean, var = population(values, model[i])
+        numpy.testing.assert_allclose(model[i].moving_mean.numpy(), mean, rtol=1e-9, atol=1e-12)
+        numpy.testing.assert_allclose(model[i].moving_var.numpy(), var, rtol=1e-9, atol=1e-12)
+    # the first layer's statistics are its input's over the whole data, however it was cut
+    first = 1
+    whole = bn_inputs(model, [numpy.concatenate(batches)])[first]
+    numpy.testing.assert_allclose(model[first].moving_mean.numpy(), population(whole, model[first])[0], rtol=1e-9,
+                                  atol=1e-12)
+
+
+def test_prediction_uses_the_recomputed_statistics_and_nothing_else_changes():
+    model = dense_model()
+    model(tinybn.tensor(numpy.ones((2, 5))))
+    model.train()
+    model[3].eval()                            # a mixed mode, to be given back as found
+    params = [p.numpy().copy() for p in model.parameters()]
+    tracked = model[1].num_batches_tracked.numpy().copy()
+    state = tinybn.random.generator(numpy).bit_generator.state
+    data = numpy.random.default_rng(1).standard_normal((64, 5))
+    recompute(model, ((tinybn.tensor(data[i:i + 16]), None) for i in range(0, 64, 16)))
+    assert [m.training for m in model] == [True, True, True, False, True, True] and model.training
+    for before, p in zip(params, model.parameters()):
+        numpy.testing.assert_array_equal(before, p.numpy())
+        assert p.grad is None
+    numpy.testing.assert_array_equal(model[1].num_batches_tracked.numpy(), tracked)
+    assert tinybn.random.generator(numpy).bit_generator.state == state     # no dropout mask was drawn
+    model.eval()
+    h = model[0](tinybn.tensor(data))
+    y = model[1](h).numpy()
+    mean, var = h.numpy().mean(0), h.numpy().var(0)
+    numpy.testing.assert_allclose(y, (h.numpy() - mean) / numpy.sqrt(var + model[1].eps), rtol=1e-9, atol=1e-9)
+
+
+def test_a_failing_pass_changes_nothing():
+    model = dense_model()
+    model(tinybn.tensor(numpy.ones((2, 5))))
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    good = numpy.random.default_rng(2).standard_normal((8, 5))
+    with pytest.raises(ValueError, match="expects 5 channels"):
+        recompute(model, [good, numpy.ones((8, 7)), good])
+    for key, value in model.state_dict().items():
+        numpy.testing.assert_array_equal(value, before[key])
+    assert all(m.training for m in model.modules())
+    assert all("_statistics_sink" not in m.__dict__ for m in model.modules())
+    model.eval()
+    recompute(model, [good])                   # the layers are usable afterwards, and eval mode comes back
+    assert not any(m.training for m in model.modules())
+
+
+def test_arguments_are_checked():
+    model = dense_model()
+    data = numpy.ones((4, 5))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_batches"):
+            recompute(model, [data], bad)
+    with pytest.raises(ValueError, match="no batch"):
+        recompute(model, [])
+    with pytest.raises(ValueError, match="no batch-norm layer"):
+        recompute(nn.Sequential(nn.Linear(5, 2)), [data])
+    assert recompute(model, iter([data] * 5), num_batches=2) == 2
+
+
+def test_a_layer_used_twice_counts_both_calls():
+    tinybn.manual_seed(0)
+    bn = nn.BatchNorm1d(3, dtype=numpy.float64)
+    model = nn.Sequential(bn, nn.Linear(3, 3, dtype=numpy.float64), bn)
+    x = numpy.random.default_rng(3).standard_normal((10, 3)) * 4 + 1
+    recompute(model, [x])
+    middle = model[1](F.batch_norm(tinybn.tensor(x), bn.gamma, bn.beta, numpy.zeros(3), numpy.ones(3),
+                                   training=True)[0]).numpy()
+    both = numpy.concatenate([x, middle])
+    numpy.testing.assert_allclose(bn.moving_mean.numpy(), both.mean(0), rtol=1e-9)
+    numpy.testing.assert_allclose(bn.moving_var.numpy(), both.var(0), rtol=1e-9)
+
+
+def test_float32_model_on_fashion_mnist_sized_values():
+    """float32 layers with a large offset: the float64 combination keeps the variance exact."""
+    tinybn.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(2))
+    x = (numpy.random.default_rng(4).standard_normal((4096, 2)) * 0.01 + 1000).astype(numpy.float32)
+    recompute(model, [x[i:i + 256] for i in range(0, 4096, 256)])
+    numpy.testing.assert_allclose(model[0].moving_mean.numpy(), x.astype(numpy.float64).mean(0), rtol=1e-6)
+    numpy.testing.assert_allclose(model[0].moving_var.numpy(), x.astype(numpy.float64).var(0), rtol=2e-2)
