@@ -796,3 +796,98 @@ def test_assert_same_compares_dtypes_and_requires_grad():
         tinybn.assert_same(lambda a: a * 2, lambda a: (a * 2).astype(numpy.float64), [x])
     with pytest.raises(AssertionError, match="requires_grad False"):
         tinybn.assert_same(lambda a: a * 2, lambda a: (a * 2).detach(), [x])
+
+
+# third outside test ----------------------------------------------------------------------------------------
+
+
+def test_assert_same_tells_an_infinity_from_a_finite_value_and_from_its_opposite():
+    """inf <= atol + rtol·inf held, so a finite value passed for +inf, and −inf for +inf."""
+    x = tinybn.tensor(numpy.array([1.0, 2.0, 3.0]), requires_grad=True)
+    plus, minus = numpy.array([numpy.inf, 1, 1]), numpy.array([-numpy.inf, 1, 1])
+    for fast, reference in [(numpy.ones(3), plus), (minus, plus)]:
+        with pytest.raises(AssertionError, match=r"output differs from the reference at \(0,\)"):
+            tinybn.assert_same(lambda a, f=fast: a * tinybn.tensor(f), lambda a, r=reference: a * tinybn.tensor(r), [x],
+                               check_grad=False)
+    tinybn.assert_same(lambda a: a * tinybn.tensor(plus), lambda a: a * tinybn.tensor(plus), [x], check_grad=False)
+
+
+def test_gradcheck_fails_where_the_difference_quotient_is_infinite_or_nan():
+    from tinybn import ops
+    from tinybn.autograd import Cache, apply
+
+    if "tests.jumps_to_inf" not in ops.names():
+        ops.define("tests.jumps_to_inf", lambda a: (numpy.where(a > 1.0, numpy.inf, a), Cache()), lambda dy, cache: (dy,))
+    x = tinybn.tensor(numpy.array([0.0, 1.0]), requires_grad=True)
+    with pytest.raises(AssertionError, match=r"index \(1,\).*numeric -?inf"):
+        tinybn.gradcheck(lambda a: apply("tests.jumps_to_inf", a), [x])
+    report = tinybn.gradcheck(lambda a: a * numpy.nan, [x], raise_on_failure=False)
+    assert not report["ok"] and report["where"] == "input 0, index (0,)"
+
+
+def test_backward_takes_numbers_and_lists_as_the_upstream_gradient():
+    x = tinybn.tensor(numpy.array([1.0, 2.0, 3.0]), requires_grad=True)
+    (x * 2).backward([1.0, 0.5, 0.0])
+    numpy.testing.assert_array_equal(x.grad, [2.0, 1.0, 0.0])
+    x.grad = None
+    (x * 2).sum().backward(3.0)
+    numpy.testing.assert_array_equal(x.grad, [6.0, 6.0, 6.0])
+    with pytest.raises(ValueError, match="shape"):
+        (x * 2).backward([1.0, 2.0])
+    with pytest.raises(TypeError, match="a gradient must be"):
+        (x * 2).backward([object(), 1, 2])
+
+
+def test_a_backward_rule_that_returns_a_bare_array_is_told_to_return_a_tuple():
+    from tinybn import ops
+    from tinybn.autograd import Cache, apply
+
+    if "tests.bare" not in ops.names():
+        ops.define("tests.bare", lambda a: (-a, Cache()), lambda dy, cache: -dy)
+    for shape in [(3,), (1, 3), (2, 3), ()]:
+        x = tinybn.tensor(numpy.ones(shape), requires_grad=True)
+        with pytest.raises(RuntimeError, match="returned a (ndarray|float64); it must return a tuple"):
+            apply("tests.bare", x).sum().backward()
+
+
+def test_no_grad_and_enable_grad_decorate_with_or_without_parentheses():
+    @tinybn.no_grad
+    def off():
+        return tinybn.is_grad_enabled()
+
+    @tinybn.enable_grad
+    def on():
+        return tinybn.is_grad_enabled()
+
+    assert off() is False and tinybn.is_grad_enabled()
+    with tinybn.no_grad():
+        assert on() is True and not tinybn.is_grad_enabled()
+
+
+def test_a_lazy_batch_norm_loads_a_state_given_as_lists():
+    bn = nn.BatchNorm1d()
+    bn.load_state_dict({"gamma": [1.0, 2.0], "beta": [0.0, 0.5], "moving_mean": [0.0, 0.0], "moving_var": [1.0, 1.0],
+                        "num_batches_tracked": 3})
+    numpy.testing.assert_array_equal(bn.gamma.numpy(), [1.0, 2.0])
+    assert bn.num_features == 2
+
+
+def test_functional_batch_norm_checks_its_momentum():
+    x = tinybn.tensor(numpy.random.default_rng(0).random((4, 3)))
+    for momentum in (5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="momentum must be in"):
+            F.batch_norm(x, numpy.ones(3), numpy.zeros(3), numpy.zeros(3), numpy.ones(3), training=True,
+                         momentum=momentum)
+
+
+@pytest.mark.parametrize("build, words", [
+    (lambda: nn.Linear(0, 3), "Linear: in_features"), (lambda: nn.Linear(3, 0), "Linear: out_features"),
+    (lambda: nn.Linear(2.5, 3), "in_features"), (lambda: nn.Conv2d(1, 1, 2, stride=0), "Conv2d: stride"),
+    (lambda: nn.Conv2d(1, 1, 2, padding=-1), "Conv2d: padding"), (lambda: nn.Conv2d(1, 1, (2, 0)), "kernel_size"),
+    (lambda: nn.Conv2d(0, 1, 2), "in_channels"), (lambda: nn.MaxPool2d(2, stride=0), "MaxPool2d: stride"),
+    (lambda: nn.AvgPool2d(0), "AvgPool2d: kernel_size"), (lambda: nn.MaxPool2d(2, padding=-1), "padding"),
+    (lambda: nn.BatchNorm2d(0), "BatchNorm2d: num_features"), (lambda: nn.BatchNorm(-1, 2), "num_features"),
+])
+def test_layers_check_their_sizes_when_built(build, words):
+    with pytest.raises(ValueError, match=words):
+        build()

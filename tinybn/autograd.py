@@ -114,14 +114,18 @@ class _GradMode:
         return call
 
 
-def no_grad():
-    """Context manager (or decorator) inside which operations of this thread record no graph."""
-    return _GradMode(False)
+def no_grad(function=None):
+    """Context manager (or decorator, ``@no_grad()`` or ``@no_grad``) inside which operations of this thread
+    record no graph."""
+    mode = _GradMode(False)
+    return mode if function is None else mode(function)
 
 
-def enable_grad():
-    """Context manager (or decorator) that turns graph recording back on in this thread."""
-    return _GradMode(True)
+def enable_grad(function=None):
+    """Context manager (or decorator, ``@enable_grad()`` or ``@enable_grad``) that turns graph recording back
+    on in this thread."""
+    mode = _GradMode(True)
+    return mode if function is None else mode(function)
 
 
 class Node:
@@ -565,6 +569,12 @@ class Tensor:
             grad = xp.ones_like(self.data)
         else:
             grad = _as_data(grad)
+            if not hasattr(grad, "shape"):      # a number or a nested list, as the output's dtype
+                try:
+                    grad = xp.asarray(grad, dtype=self.dtype)
+                except (TypeError, ValueError) as error:
+                    raise TypeError(f"backward(grad): a gradient must be a tensor, an array or numbers, got "
+                                    f"{type(grad).__name__} ({error})") from None
             if tuple(grad.shape) != self.shape:
                 raise ValueError(f"backward(grad) got a gradient of shape {tuple(grad.shape)} for a tensor of shape {self.shape}")
         if self._node is None:  # a leaf: its own gradient
@@ -581,6 +591,10 @@ class Tensor:
                 if dy.dtype != node.dtype:  # a gradient has its tensor's dtype, as in PyTorch (float64 loss, float32 net)
                     dy = dy.astype(node.dtype)
                 input_grads = node.backward(dy, node.cache)
+                if not isinstance(input_grads, (tuple, list)):
+                    raise RuntimeError(f"the backward rule of {node.name} returned a {type(input_grads).__name__}; "
+                                       f"it must return a tuple with one gradient per input, None where none is "
+                                       f"needed, e.g. (dx,) for one input")
                 if len(input_grads) != len(node.inputs):
                     raise RuntimeError(f"the backward rule of {node.name} returned {len(input_grads)} gradient(s) for "
                                        f"{len(node.inputs)} input(s): it must return one per input, None where none "

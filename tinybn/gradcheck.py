@@ -106,10 +106,13 @@ def gradcheck(fn, inputs, *, eps: float = 1e-6, atol: float = 1e-6, rtol: float 
         rel_err = abs_err / max(float(abs(numeric[worst])), 1e-12)
         if abs_err >= report["worst_abs"]:
             report.update(worst_abs=abs_err, worst_rel=rel_err, where=f"input {i}, index {tuple(map(int, worst))}")
-        bad = ~(error <= atol + rtol * numpy.abs(numeric))     # a NaN on either side is a failure
+        # a NaN or an infinity on either side is a failure (an infinite difference quotient checks nothing)
+        bad = ~((error <= atol + rtol * numpy.abs(numeric)) & numpy.isfinite(numeric) & numpy.isfinite(analytic))
         if bad.any():
             k = int(numpy.argmax(numpy.where(bad, error, -1.0)))
             idx = tuple(map(int, numpy.unravel_index(k, x.shape))) if x.shape else ()
+            if report["where"] is None or not numpy.isfinite(abs_err):
+                report["where"] = f"input {i}, index {idx}"
             failures.append(f"input {i} (shape {x.shape}) at index {idx}: analytic {analytic.reshape(-1)[k]:.8g}, "
                             f"numeric {numeric.reshape(-1)[k]:.8g}, |diff| {error.reshape(-1)[k]:.3g} "
                             f"({int(bad.sum())} of {bad.size} elements out of tolerance)")
@@ -168,8 +171,10 @@ def _assert_close(what, actual, expected, atol, rtol):
     actual, expected = actual.astype(numpy.float64), expected.astype(numpy.float64)
     with numpy.errstate(invalid="ignore"):   # inf − inf
         error = numpy.abs(actual - expected)
-    # equal where equal (infinities too) or NaN on both sides; a NaN on one side only is a difference
-    same = (actual == expected) | (numpy.isnan(actual) & numpy.isnan(expected)) | (error <= atol + rtol * numpy.abs(expected))
+    # equal where equal (the same infinity too) or NaN on both sides; else within tolerance, which only finite
+    # values can be (inf <= inf would let a finite value pass for an infinity, or −inf for +inf)
+    close = numpy.isfinite(actual) & numpy.isfinite(expected) & (error <= atol + rtol * numpy.abs(expected))
+    same = (actual == expected) | (numpy.isnan(actual) & numpy.isnan(expected)) | close
     bad = ~same
     if bad.any():
         k = int(numpy.argmax(numpy.where(bad, error, -1.0)))

@@ -1,12 +1,17 @@
 """Small helpers shared by the functional ops."""
 from __future__ import annotations
 
+import numpy
+
 
 def pair(value, name: str) -> tuple[int, int]:
     """Accept an int or a pair of ints (for kernel size, stride, padding)."""
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+    def whole(v):
+        return isinstance(v, (int, numpy.integer)) and not isinstance(v, bool)
+
+    if whole(value):
+        return int(value), int(value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(whole(v) for v in value):
         return int(value[0]), int(value[1])
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 

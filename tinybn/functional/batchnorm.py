@@ -215,6 +215,8 @@ def batch_norm(x, gamma, beta, moving_mean, moving_var, *, training, momentum=DE
     equal has σ² = 0, and 1/√(σ² + 0) would turn its outputs into NaN.
     """
     check_arguments(x, (gamma, beta, moving_mean, moving_var), training, eps)
+    if training and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"batch_norm: momentum must be in [0, 1] (the weight of the old moving average), got {momentum}")
     # An empty batch has no statistics: it is normalized (into nothing) with the moving averages, which it
     # leaves as they are, as in PyTorch; averaging over no values would make them NaN for good.
     training = training and x.size > 0

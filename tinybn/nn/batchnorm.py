@@ -30,7 +30,7 @@ from .. import backend
 from .. import functional as F
 from ..functional.batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM
 from ..autograd import Tensor, no_grad
-from .layers import check_input
+from .layers import check_input, check_size
 from .module import Module, UninitializedBuffer, UninitializedParameter, is_materialized
 
 
@@ -39,6 +39,8 @@ class _BatchNormBase(Module):
 
     def __init__(self, num_features, momentum, eps, device, dtype):
         super().__init__()
+        if num_features is not None:
+            check_size(type(self).__name__, "num_features", num_features)
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] (the weight of the old moving average) or None, got {momentum}")
         if not eps > 0:
@@ -70,11 +72,11 @@ class _BatchNormBase(Module):
         gamma = state.get(dotted_name[:len(dotted_name) - len(name)] + "gamma")
         if gamma is None:
             return None
-        return () if name == "num_batches_tracked" else self._param_shape(int(numpy.prod(gamma.shape)))
+        return () if name == "num_batches_tracked" else self._param_shape(int(numpy.prod(numpy.shape(gamma))))
 
     def _materialize_for_loading(self, state, prefix):
         if not is_materialized(self.gamma):
-            self._materialize(int(numpy.prod(state[f"{prefix}.gamma" if prefix else "gamma"].shape)))
+            self._materialize(int(numpy.prod(numpy.shape(state[f"{prefix}.gamma" if prefix else "gamma"]))))
 
     def forward(self, x):
         data = x.data if isinstance(x, Tensor) else x

@@ -28,6 +28,18 @@ def check_input(layer: Module, x, ndim: int, layout: str, channels: int | None =
                          f"convert it first, e.g. x.astype('float32')")
 
 
+def check_size(layer: str, name: str, value, minimum: int = 1, allow_pair: bool = False):
+    """Raise a ValueError naming the layer and the argument unless ``value`` is a whole number of at least
+    ``minimum`` (or, with ``allow_pair``, a pair of them); checked when the layer is built, not at its first call."""
+    values = (value,)
+    if isinstance(value, (tuple, list)):
+        values = tuple(value) if allow_pair and len(value) == 2 else (None,)
+    if not all(isinstance(v, (int, numpy.integer)) and not isinstance(v, bool) and v >= minimum for v in values):
+        what = "a whole number" + (" (or a pair of them)" if allow_pair else "") + f" of at least {minimum}"
+        raise ValueError(f"{layer}: {name} must be {what}, got {value!r}")
+    return value
+
+
 def _new_parameter(value: numpy.ndarray, device) -> Parameter:
     return Parameter(backend.to_device(value, device))
 
@@ -37,6 +49,8 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=numpy.float32):
         super().__init__()
+        check_size("Linear", "in_features", in_features)
+        check_size("Linear", "out_features", out_features)
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(in_features)
         self.weight = _new_parameter(init.uniform((out_features, in_features), bound, dtype), device)
@@ -56,6 +70,10 @@ class Conv2d(Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True,
                  device=None, dtype=numpy.float32):
         super().__init__()
+        for name, value, minimum in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1)):
+            check_size("Conv2d", name, value, minimum)
+        for name, value, minimum in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
+            check_size("Conv2d", name, value, minimum, allow_pair=True)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = pair(kernel_size, "kernel_size"), stride, padding
         shape = (out_channels, in_channels, *self.kernel_size)
@@ -77,6 +95,11 @@ class _Pool2d(Module):
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
+        layer = type(self).__name__
+        check_size(layer, "kernel_size", kernel_size, 1, allow_pair=True)
+        if stride is not None:
+            check_size(layer, "stride", stride, 1, allow_pair=True)
+        check_size(layer, "padding", padding, 0, allow_pair=True)
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
 
     def forward(self, x):
