@@ -38,7 +38,7 @@ def run_variant(args, data, out, label: str, build, lr: float | None = None, pro
     model = build()
     config = TrainConfig(model=label, epochs=args.epochs, lr=lr or args.lr, device=args.device, seed=args.seed,
                          out=str(out / label.replace(" ", "_")), train_subset=args.train_subset, progress=progress,
-                         plot=False)
+                         plot=False, overwrite=True)       # an example re-run replaces its own earlier run
     print(f"-- {label} (lr {config.lr:g})")
     try:
         return train(config, log=lambda line: print("   ", line) if line.startswith("epoch") else None,

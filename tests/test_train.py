@@ -73,7 +73,7 @@ def test_divergence_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path, fas
     first = train(config(tmp_path), log=quiet, data=fashion)
     saved = first["checkpoint"].read_bytes()
     with pytest.raises(Diverged, match=r"became nan at epoch 2, step \d+ .*smaller learning rate"):
-        train(config(tmp_path, epochs=2, resume=True, lr=1e39), log=quiet, data=fashion)
+        train(config(tmp_path, epochs=2, resume=True, lr=1e39, override_config=True), log=quiet, data=fashion)
     assert first["checkpoint"].read_bytes() == saved, "the last checkpoint must survive a divergence"
 
 
@@ -222,8 +222,9 @@ def test_ctrl_c_says_truthfully_what_the_run_leaves(tmp_path):
     assert checkpoint.load(tmp_path / "r" / "checkpoint.npz")[2]["epoch"] >= 1
     rc, stderr = interrupt_cli_after("resuming", *run, "--resume")
     assert rc == 130 and "is unchanged, and --resume continues from it" in stderr, stderr
-    rc, stderr = interrupt_cli_after("training", *run)
-    assert rc == 130 and "is from an earlier run" in stderr, stderr
+    rc, stderr = interrupt_cli_after("training", *run, "--overwrite")   # the earlier run is replaced at the start
+    assert rc == 130 and "No epoch finished in this run, so it wrote no checkpoint" in stderr, stderr
+    assert not (tmp_path / "r" / "checkpoint.npz").exists()
 
 
 def test_sgd_refuses_unusable_settings_and_foreign_states():
@@ -255,4 +256,162 @@ def test_resume_names_a_checkpoint_that_does_not_fit(tmp_path, fashion):
     arrays["optim/velocity.0"] = numpy.zeros((1, 2), numpy.float32)
     numpy.savez(path, **arrays)
     with pytest.raises(ValueError, match="does not fit this run.*velocity.0 has shape"):
-        train(config(tmp_path, epochs=2, resume=True, momentum=0.9), log=quiet, data=fashion)
+        train(config(tmp_path, epochs=2, resume=True), log=quiet, data=fashion)
+
+
+# the run folder, resuming, and what the command line checks before any work ----------------------------------
+
+
+def test_a_new_run_refuses_a_folder_that_holds_one(tmp_path, fashion):
+    train(config(tmp_path), log=quiet, data=fashion)
+    saved = (tmp_path / "run" / "checkpoint.npz").read_bytes()
+    with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
+        train(config(tmp_path), log=quiet, data=fashion)
+    with pytest.raises(ValueError, match="give one"):
+        train(config(tmp_path, resume=True, overwrite=True), log=quiet, data=fashion)
+    assert (tmp_path / "run" / "checkpoint.npz").read_bytes() == saved
+    (tmp_path / "run" / "best.npz").write_bytes(b"an earlier run's")
+    train(config(tmp_path, overwrite=True, seed=1), log=quiet, data=fashion)
+    assert not (tmp_path / "run" / "best.npz").exists()
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.npz")[2]["config"]["seed"] == 1
+
+
+def test_resume_names_changed_settings_and_takes_them_only_when_told(tmp_path, fashion):
+    train(config(tmp_path), log=quiet, data=fashion)
+    with pytest.raises(ValueError, match=r"--batch-size 256 -> 128; --lr 1.0 -> 0.5\).*--override-config"):
+        train(config(tmp_path, epochs=2, resume=True, lr=0.5, batch_size=128), log=quiet, data=fashion)
+    lines = []
+    train(config(tmp_path, epochs=2, resume=True, lr=0.5, override_config=True), log=lines.append, data=fashion)
+    assert any("resuming with changed settings: --lr 1.0 -> 0.5" in line for line in lines)
+    train(config(tmp_path, epochs=3, resume=True, lr=0.5), log=quiet, data=fashion)   # more epochs need no override
+
+
+@needs_data
+def test_cli_checks_everything_before_any_work_and_creates_nothing(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    out = tmp_path / "new" / "run"
+    for args, words in [(["--momentum", "1.5"], "--momentum"), (["--momentum", "nan"], "--momentum"),
+                        (["--weight-decay", "-1"], "--weight-decay"), (["--weight-decay", "inf"], "--weight-decay"),
+                        (["--train-subset", "1"], "at least 2 images"), (["--resume"], "no checkpoint"),
+                        (["--data", str(afile)], "is a file"), (["--data", str(tmp_path / "none")], "not found"),
+                        (["--precise-bn", "-1"], "--precise-bn"), (["--val-size", "-5"], "--val-size")]:
+        result = run_cli("train", "--epochs", "1", "--no-progress", "--out", str(out), *args)
+        assert result.returncode == 2 and words in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr and "tuned this process" not in result.stderr, (args, result.stderr)
+        assert not (tmp_path / "new").exists(), args
+    for args, words in [([str(tmp_path)], "is a folder"), ([str(tmp_path / "x.npz"), "--device", "tpu"], "exist"),
+                        ([str(afile), "--device", "tpu"], "not a readable")]:
+        result = run_cli("eval", *args)
+        assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+        assert "tuned this process" not in result.stderr
+
+
+def test_cli_help_says_each_default_once_and_explains_every_option():
+    import argparse
+    from tinybn.app.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in commands.choices.items():
+        for action in parser._actions:
+            assert action.help, (name, action.dest)
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            for flag in action.option_strings:
+                described = text.split(flag + " ", 2)[-1].split(" --", 1)[0]
+                assert described.count("(default") <= 1, (name, flag, described)
+    assert "(default: 0)" in " ".join(commands.choices["train"].format_help().split())     # a 0 default is shown
+
+
+def test_damaged_checkpoint_arrays_and_histories_are_named(tmp_path, fashion):
+    train(config(tmp_path), log=quiet, data=fashion)
+    path = tmp_path / "run" / "checkpoint.npz"
+    with numpy.load(path) as archive:
+        good = dict(archive)
+    meta = json.loads(good["meta"].tobytes().decode())
+
+    def damaged(**changes):
+        arrays = dict(good)
+        for key, value in changes.items():
+            arrays[key.replace("__", "/")] = value
+        numpy.savez(path, **arrays)
+
+    for change, words in [({"model__1.moving_var": -good["model/1.moving_var"] - 1}, "1.moving_var holds negative"),
+                          ({"model__1.num_batches_tracked": numpy.array(1.5)}, "holds float64 values"),
+                          ({"model__0.weight": good["model/0.weight"].astype(numpy.int8)}, "holds int8 values"),
+                          ({"meta": numpy.frombuffer(json.dumps({**meta, "history": [5]}).encode(), numpy.uint8)},
+                           "history's row for epoch 1")]:
+        damaged(**change)
+        result = run_cli("eval", str(path))
+        assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
+    bad_rng = {**meta, "tinybn_rng": {"bit_generator": "PCG64", "state": {"state": "x", "inc": 1}}}
+    damaged(meta=numpy.frombuffer(json.dumps(bad_rng).encode(), numpy.uint8))
+    with pytest.raises(ValueError, match="random generators' states cannot be restored"):
+        train(config(tmp_path, epochs=2, resume=True), log=quiet, data=fashion)
+
+
+# precise BN, validation, best epoch ---------------------------------------------------------------------------
+
+
+def test_precise_bn_changes_no_weight_and_reports_both_accuracies(tmp_path, fashion):
+    plain = train(config(tmp_path, out=str(tmp_path / "plain"), epochs=2), log=quiet, data=fashion)
+    lines = []
+    precise = train(config(tmp_path, out=str(tmp_path / "precise"), epochs=2, precise_bn=4), log=lines.append,
+                    data=fashion)
+    for (name, a), b in zip(plain["model"].named_parameters(), precise["model"].parameters()):
+        numpy.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
+    for a, b in zip(plain["history"], precise["history"]):
+        assert a["test_acc"] == b["test_acc"] and "test_acc_precise" in b and "test_acc_precise" not in a
+    assert any("test acc" in line and "(moving averages) /" in line and "(precise BN)" in line for line in lines)
+    # the model returned and the checkpoint hold the precise statistics; prediction with them gives the reported figure
+    saved = checkpoint.load_precise(precise["checkpoint"])
+    assert sorted(saved) == sorted(k for k in precise["model"].state_dict() if k.endswith(("moving_mean", "moving_var")))
+    for name, value in saved.items():
+        numpy.testing.assert_array_equal(precise["model"].state_dict()[name], value)
+    from tinybn.app.train import evaluate
+    test = data.DataLoader(fashion[2][:1000], fashion[3][:1000], 1000)
+    assert round(evaluate(precise["model"], test), 6) == precise["history"][-1]["test_acc_precise"]
+    moving = checkpoint.load(precise["checkpoint"])[0]
+    numpy.testing.assert_array_equal(moving["1.moving_mean"], plain["model"].state_dict()["1.moving_mean"])
+
+
+@needs_data
+def test_eval_reports_moving_and_precise_accuracies(tmp_path):
+    run = run_cli("train", "--epochs", "1", "--train-subset", "2000", "--precise-bn", "3", "--no-progress",
+                  "--no-plot", "--out", str(tmp_path / "r"))
+    assert run.returncode == 0, run.stderr
+    path = str(tmp_path / "r" / "checkpoint.npz")
+    saved = run_cli("eval", path)
+    assert saved.returncode == 0 and "(moving averages) /" in saved.stdout and "(precise BN)" in saved.stdout
+    fresh = run_cli("eval", path, "--precise-bn", "2")
+    assert fresh.returncode == 0 and "(precise BN)" in fresh.stdout, fresh.stderr
+    plain = run_cli("train", "--model", "lenet", "--epochs", "1", "--train-subset", "500", "--no-progress",
+                    "--no-plot", "--out", str(tmp_path / "p"))
+    assert plain.returncode == 0 and "no batch norm" in plain.stdout
+    refused = run_cli("eval", str(tmp_path / "p" / "checkpoint.npz"), "--precise-bn", "2")
+    assert refused.returncode == 2 and "no batch norm" in refused.stderr
+
+
+def test_validation_split_and_best_epoch(tmp_path, fashion):
+    lines = []
+    result = train(config(tmp_path, epochs=3, val_size=500, keep_best=True, precise_bn=2), log=lines.append,
+                   data=fashion)
+    assert any("best validation accuracy (precise BN)" in line for line in lines)
+    history = result["history"]
+    assert all("val_acc" in row and "val_acc_precise" in row for row in history)
+    best_epoch = max(history, key=lambda row: (row["val_acc_precise"], row["epoch"]))["epoch"]
+    best = checkpoint.load(tmp_path / "run" / "best.npz")[2]
+    assert best["epoch"] == best_epoch and best["best_by"] == "val_acc_precise"
+    lines.clear()
+    train(config(tmp_path, out=str(tmp_path / "t"), keep_best=True), log=lines.append, data=fashion)
+    assert any("for demonstration only" in line and "--val-size" in line for line in lines)
+    with pytest.raises(ValueError, match="--val-size 2999 leaves fewer than 2"):
+        train(config(tmp_path, out=str(tmp_path / "v"), val_size=2999), log=quiet, data=fashion)
+
+
+def test_metrics_of_a_resumed_run_keep_every_column_and_leave_no_temporary_file(tmp_path, fashion):
+    train(config(tmp_path), log=quiet, data=fashion)
+    train(config(tmp_path, epochs=2, resume=True, precise_bn=2), log=quiet, data=fashion)
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert "test_acc_precise" in rows[0] and len(rows) == 3
+    assert not list((tmp_path / "run").glob("*.tmp"))

@@ -38,10 +38,10 @@ from ..optim import SGD
 from .models import MODELS, build_model
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", choices=MODELS, default="lenet-bn")
-    parser.add_argument("--batch-size", type=_positive, default=256)
+    parser.add_argument("--model", choices=MODELS, default="lenet-bn", help="the model to time")
+    parser.add_argument("--batch-size", type=_positive, default=256, help="images per step")
     parser.add_argument("--device", default=None, help="cpu, gpu, cuda:N (default: $TINYBN_DEVICE or cpu)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the dtype of the weights and images")
     parser.add_argument("--repeats", type=_positive, default=7,
                         help="fresh processes per framework (pairs with --compare); the median is reported")
     parser.add_argument("--steps", type=_positive, default=10, help="steps per timed block")
@@ -233,6 +233,9 @@ def run(args) -> int:
     if args.no_fast:
         fast.set_enabled(False)
     device = backend.resolve_device(args.device)[0]
+    if args.batch_size < 2 and args.model != "lenet":
+        raise ValueError(f"--batch-size {args.batch_size}: {args.model} trains with batch norm, which needs at least "
+                         f"2 images per batch")
     frameworks = ["tinybn"]
     if args.compare == "torch":
         try:

@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy
 
 
-def save(path, model, optimizer, meta: dict) -> Path:
-    """Write ``model.state_dict()``, ``optimizer.state_dict()`` and JSON-able ``meta`` to ``path``.
+def save(path, model, optimizer, meta: dict, precise: dict | None = None) -> Path:
+    """Write ``model.state_dict()``, ``optimizer.state_dict()`` and JSON-able ``meta`` to ``path``, and
+    ``precise``, BN statistics recomputed over training batches (state-dict names to arrays), when given.
 
     Refuses (ValueError, nothing written) when any of those arrays holds a NaN or an infinity."""
     path = Path(path)
     arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
     arrays.update({f"optim/{k}": v for k, v in optimizer.state_dict().items()})
+    arrays.update({f"precise/{k}": numpy.asarray(v) for k, v in (precise or {}).items()})
     bad = [name for name, value in arrays.items() if value.dtype.kind == "f" and not numpy.isfinite(value).all()]
     if bad:  # a checkpoint is what one resumes from: it must never hold a diverged model
         raise ValueError(f"not saving a checkpoint to {path}: {', '.join(bad)} hold NaN or infinite values")
@@ -46,7 +48,22 @@ def load(path) -> tuple[dict, dict, dict]:
     Raises ValueError, naming the file and what is wrong, for anything that is not a checkpoint as
     :func:`save` writes it: not an ``.npz`` archive, damaged metadata, or arrays that are not finite numbers.
     """
+    arrays, meta = _read(path)
+    model = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+    optim = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
+    return model, optim, meta
+
+
+def load_precise(path) -> dict:
+    """The precise-BN statistics saved with a checkpoint (state-dict names to arrays); empty if it has none."""
+    arrays, _ = _read(path)
+    return {k[len("precise/"):]: v for k, v in arrays.items() if k.startswith("precise/")}
+
+
+def _read(path) -> tuple[dict, dict]:
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; name the checkpoint file in it (checkpoint.npz or best.npz)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not zipfile.is_zipfile(path):
@@ -69,9 +86,14 @@ def load(path) -> tuple[dict, dict, dict]:
            if value.dtype.kind not in "biuf" or (value.dtype.kind == "f" and not numpy.isfinite(value).all())]
     if bad:
         raise ValueError(f"{path} is damaged: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite numbers")
-    model = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
-    optim = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
-    return model, optim, meta
+    for key, value in arrays.items():        # what save() writes: counters are integers, everything else floats
+        counter = key.endswith("num_batches_tracked")
+        if value.dtype.kind != ("iu" if counter else "f") and not (counter and value.dtype.kind in "iu"):
+            raise ValueError(f"{path} is damaged: {key} holds {value.dtype} values, where tinybn writes "
+                             f"{'integers' if counter else 'floating-point numbers'}")
+        if (key.endswith("moving_var") and (value < 0).any()) or (counter and (value < 0).any()):
+            raise ValueError(f"{path} is damaged: {key} holds negative values")
+    return arrays, meta
 
 
 def _meta_problem(meta) -> str | None:
@@ -86,6 +108,10 @@ def _meta_problem(meta) -> str | None:
     history = meta.get("history", [])
     if not isinstance(history, list) or len(history) != epoch:
         return f"the history does not list the {epoch} epoch(s) done"
+    for number, row in enumerate(history, start=1):
+        if not isinstance(row, dict) or row.get("epoch", number) != number or not all(
+                isinstance(value, (int, float)) and not isinstance(value, bool) for value in row.values()):
+            return f"the history's row for epoch {number} is not that epoch's numbers"
     for key in ("loader_rng", "tinybn_rng"):
         if key in meta and not isinstance(meta[key], dict):
             return f"{key} is not a generator state"

@@ -29,6 +29,27 @@ def non_negative_int(text):
     return value
 
 
+def momentum_value(text):
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text}")
+    return value
+
+
+def at_least_two(text):
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 images (batch norm needs 2 per batch), got {text}")
+    return value
+
+
 def positive_float(text):
     value = float(text)
     if not (value > 0 and math.isfinite(value)):
@@ -36,39 +57,64 @@ def positive_float(text):
     return value
 
 
+class Help(argparse.HelpFormatter):
+    """Each option's default, said once: appended where the help text does not already say it; not for flags."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" not in text and not unset and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinybn", description="tinybn: batch normalization on NumPy and CuPy")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train LeNet or LeNet-BN on Fashion-MNIST (the chapter's recipe)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--model", choices=MODELS, default="lenet-bn")
-    train.add_argument("--epochs", type=positive_int, default=10)
+                                formatter_class=Help)
+    train.add_argument("--model", choices=MODELS, default="lenet-bn", help="the chapter's LeNet, with BN layers from scratch, or with the concise BN layers")
+    train.add_argument("--epochs", type=positive_int, default=10, help="passes over the training images")
     train.add_argument("--lr", type=positive_float, default=1.0, help="learning rate")
-    train.add_argument("--batch-size", type=positive_int, default=256)
+    train.add_argument("--batch-size", type=positive_int, default=256, help="images per training step")
     train.add_argument("--device", default=None, help="cpu, gpu, cuda or cuda:N (default: $TINYBN_DEVICE or cpu)")
-    train.add_argument("--seed", type=non_negative_int, default=0)
+    train.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initial weights, the shuffling and dropout")
     train.add_argument("--out", default=None, help="output folder (default: runs/MODEL)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    train.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
+    train.add_argument("--override-config", action="store_true",
+                       help="with --resume: continue with settings (lr, batch size, ...) other than the checkpoint's")
     train.add_argument("--data", default=None, help="folder with the Fashion-MNIST files (default: $TINYBN_DATA, "
                                                     "the cache, then /usr/share/datasets/fashion-mnist)")
     train.add_argument("--download", action="store_true", help="download Fashion-MNIST if it is not found")
     train.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="learning-rate schedule")
-    train.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--train-subset", type=positive_int, default=None, help="use only the first N training images")
+    train.add_argument("--momentum", type=momentum_value, default=0.0, help="SGD momentum")
+    train.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="L2 penalty added to every gradient, times the weight")
+    train.add_argument("--train-subset", type=at_least_two, default=None, help="use only the first N training images")
+    train.add_argument("--precise-bn", type=non_negative_int, default=50, metavar="N",
+                       help="after every epoch, also report the accuracy with BN statistics recomputed over N "
+                            "training batches (precise BN; 0: off); the final model and checkpoint keep them")
+    train.add_argument("--val-size", type=non_negative_int, default=0, metavar="N",
+                       help="hold out N random training images for validation")
+    train.add_argument("--keep-best", action="store_true",
+                       help="also keep OUT/best.npz, the epoch with the best validation accuracy (with --val-size), "
+                            "else the best test accuracy (for demonstration only)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--no-plot", action="store_true", help="do not write metrics.png")
 
-    evaluate = commands.add_parser("eval", help="report the test accuracy of a checkpoint")
-    evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--device", default=None)
-    evaluate.add_argument("--data", default=None)
-    evaluate.add_argument("--download", action="store_true")
+    evaluate = commands.add_parser("eval", help="report the test accuracy of a checkpoint", formatter_class=Help)
+    evaluate.add_argument("checkpoint", help="a checkpoint.npz or best.npz written by train")
+    evaluate.add_argument("--device", default=None, help="cpu, gpu, cuda or cuda:N (default: $TINYBN_DEVICE or cpu)")
+    evaluate.add_argument("--data", default=None, help="folder with the Fashion-MNIST files (default: as for train)")
+    evaluate.add_argument("--download", action="store_true", help="download Fashion-MNIST if it is not found")
+    evaluate.add_argument("--precise-bn", type=non_negative_int, default=0, metavar="N",
+                          help="also report the accuracy with BN statistics recomputed over N training batches "
+                               "(default: the precise statistics saved with the checkpoint, if any)")
 
     from .bench import add_arguments as add_bench_arguments
     add_bench_arguments(commands.add_parser("bench", help="measure training and prediction throughput",
-                                            formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+                                            formatter_class=Help))
     return parser
 
 
@@ -90,10 +136,12 @@ def run_train(args) -> int:
                          device=args.device, seed=args.seed, out=args.out or f"runs/{args.model}", resume=args.resume,
                          data=args.data, download=args.download, schedule=args.schedule, momentum=args.momentum,
                          weight_decay=args.weight_decay, train_subset=args.train_subset,
-                         progress=not args.no_progress, plot=not args.no_plot)
+                         progress=not args.no_progress, plot=not args.no_plot, precise_bn=args.precise_bn,
+                         val_size=args.val_size, keep_best=args.keep_best, overwrite=args.overwrite,
+                         override_config=args.override_config)
     # everything that can be wrong with the arguments is reported before the process is tuned or a step is run
     resolve_device(config.device)
-    checkpoint_path = prepare_output(config.out) / "checkpoint.npz"
+    checkpoint_path = prepare_output(config.out, config.resume, config.overwrite) / "checkpoint.npz"
     data = load_fashion_mnist(config.data, allow_download=config.download)
     tune_process()
     started = time.time()
@@ -124,12 +172,16 @@ def checkpoint_words(path, started: float, resumed: bool) -> str:
 
 
 def run_eval(args) -> int:
-    from .train import evaluate_checkpoint
+    from .train import accuracies, evaluate_checkpoint
 
-    checkpoint.load(args.checkpoint)   # a file that is not a checkpoint is reported before the process is tuned
+    from ..backend import resolve_device
+
+    checkpoint.load(args.checkpoint)   # a file that is not a checkpoint, or a device that is not there, is
+    resolve_device(args.device)        # reported before the process is tuned
     tune_process()
-    accuracy, meta = evaluate_checkpoint(args.checkpoint, args.data, args.device, args.download)
-    print(f"{args.checkpoint}: {meta['config']['model']} after {meta['epoch']} epochs, test acc {accuracy:.4f}")
+    result, meta = evaluate_checkpoint(args.checkpoint, args.data, args.device, args.download,
+                                       precise_bn=args.precise_bn)
+    print(f"{args.checkpoint}: {meta['config']['model']} after {meta['epoch']} epochs, {accuracies(result)}")
     return 0
 
 

@@ -174,6 +174,9 @@ def load_fashion_mnist(data_dir=None, allow_download: bool = False, verify: bool
     """
     explicit = data_dir or os.environ.get("TINYBN_DATA")
     dirs = [Path(explicit)] if explicit else candidate_dirs()  # an explicit folder is the only place looked at
+    if explicit and Path(explicit).exists() and not Path(explicit).is_dir():
+        raise DataError(f"the Fashion-MNIST location {explicit} is a file; name the folder that holds the four "
+                        f"*-ubyte(.gz) files (--data or TINYBN_DATA)")
     paths = {key: _find(key, dirs) for key in FILES}
     if any(path is None for path in paths.values()):
         if not allow_download:

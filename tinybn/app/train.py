@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from .. import backend
 from .. import functional as F
 from .. import random as tb_random
 from ..autograd import no_grad
+from ..nn import BatchNorm, BatchNorm1d, recompute_batch_norm_statistics
 from ..optim import SGD, learning_rate
 from . import checkpoint
 from .data import DataLoader, load_fashion_mnist
@@ -41,6 +43,17 @@ class TrainConfig:
     test_subset: int | None = None
     progress: bool = True
     plot: bool = True
+    precise_bn: int = 0        # after every epoch, BN statistics recomputed over this many training batches (0: off)
+    keep_best: bool = False    # also keep best.npz, the epoch with the best validation (else test) accuracy
+    val_size: int = 0          # training images held out for validation
+    overwrite: bool = False    # replace a run already in ``out`` (else only resume may use that folder)
+    override_config: bool = False   # resume with settings that differ from the checkpoint's
+
+
+# What a run writes into its folder; a new run refuses a folder that holds any of them (unless told to overwrite).
+RUN_FILES = ("checkpoint.npz", "best.npz", "metrics.csv", "metrics.json", "metrics.png")
+# Settings that shape the training trajectory: resuming with other values needs override_config.
+TRAJECTORY = ("batch_size", "lr", "momentum", "weight_decay", "schedule", "train_subset", "val_size", "seed")
 
 
 class Diverged(RuntimeError):
@@ -134,51 +147,153 @@ def train_epoch(model, optimizer, loader, epoch: int, lr_at, step0: int, progres
             "examples_per_sec": count / step_time, "steps": len(loader)}
 
 
+def config_changes(saved: dict, config: TrainConfig) -> list[str]:
+    """The trajectory settings in which ``config`` differs from a checkpoint's, as "--lr 1 -> 0.5"."""
+    defaults = TrainConfig()
+    changes = []
+    for name in TRAJECTORY:
+        before, now = saved.get(name, getattr(defaults, name)), getattr(config, name)
+        if before != now:
+            changes.append(f"--{name.replace('_', '-')} {before} -> {now}")
+    return changes
+
+
+def replace_atomically(path: Path, write, mode: str = "w") -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, then move it into place: a reader, or a run
+    stopped halfway, sees the old file or the new one, never half of one."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with open(handle, mode, **({"newline": ""} if "b" not in mode else {})) as out:
+            write(out)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_metrics(out: Path, config: TrainConfig, history: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "metrics.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+    fields = list(dict.fromkeys(key for row in history for key in row))   # a resumed run may add columns
+
+    def write_csv(handle):
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(history)
-    (out / "metrics.json").write_text(json.dumps({"config": dataclasses.asdict(config), "history": history}, indent=2))
+
+    replace_atomically(out / "metrics.csv", write_csv)
+    document = json.dumps({"config": dataclasses.asdict(config), "history": history}, indent=2)
+    replace_atomically(out / "metrics.json", lambda handle: handle.write(document))
 
 
 def plot_history(path: Path, history: list[dict], title: str = "", log=print) -> bool:
-    """Loss, train accuracy and test accuracy against epoch, as the chapter's animated plot shows."""
+    """Loss and accuracies against epoch, as the chapter's animated plot shows; the prediction-mode accuracies
+    with the moving averages and, where recorded, with precise BN statistics."""
     try:
         from matplotlib.figure import Figure  # not pyplot: the caller's matplotlib backend and state stay as they are
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         log("matplotlib is not installed, so no plot was written; `pip install 'tinybn[plot]'` adds it")
         return False
     epochs = [row["epoch"] for row in history]
-    fig = Figure(figsize=(4.5, 3.2), dpi=120)
+    fig = Figure(figsize=(5.6, 3.6), dpi=120)
     ax = fig.subplots()
-    ax.plot(epochs, [row["train_loss"] for row in history], label="train loss")
-    ax.plot(epochs, [row["train_acc"] for row in history], "--", label="train acc")
-    ax.plot(epochs, [row["test_acc"] for row in history], "-.", label="test acc")
+    lines = [("train_loss", "train loss", "-", None), ("train_acc", "train acc (training mode)", "--", None),
+             ("test_acc", "test acc, moving averages", "-.", None), ("test_acc_precise", "test acc, precise BN", "-", "o"),
+             ("val_acc", "val acc, moving averages", ":", None), ("val_acc_precise", "val acc, precise BN", ":", "s")]
+    for key, label, style, marker in lines:
+        if any(key in row for row in history):
+            ax.plot(epochs, [row.get(key, float("nan")) for row in history], style, marker=marker, markersize=3,
+                    label=label)
     ax.set_xlabel("epoch")
     ax.set_xlim(1, max(epochs[-1], 2))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, loc="center right")
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    replace_atomically(path, fig.savefig, mode="wb")
     return True
 
 
-def prepare_output(out) -> Path:
-    """Create the output folder now, so that one that cannot be written is reported before any training."""
+def prepare_output(out, resume: bool = False, overwrite: bool = False) -> Path:
+    """Check the output folder before any work, so that one that cannot be written, that holds another
+    run, or that has no checkpoint to resume is reported at once. Nothing is created or removed here: the
+    folder is made, and an overwritten run's files removed, when training starts."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"the output folder {out} is a file; name a folder for the checkpoint and metrics (--out)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as error:
-        raise ValueError(f"cannot write to the output folder {out} ({error.strerror or error}); "
-                         f"name a folder you can write to (--out)") from None
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in the output folder and --overwrite replaces it: give one")
+    if resume and not (out / "checkpoint.npz").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {out / 'checkpoint.npz'}; run without --resume to "
+                                f"start afresh")
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not (resume or overwrite):
+        raise ValueError(f"{out} already holds a run ({', '.join(existing)}); add --resume to continue it, "
+                         f"--overwrite to replace it, or name another folder with --out")
+    ancestor = out.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to the output folder {out} ({ancestor} is "
+                         f"{'not a folder' if not ancestor.is_dir() else 'not writable'}); "
+                         f"name a folder you can write to (--out)")
     return out
+
+
+def split_validation(train_x, train_y, val_size: int, seed: int):
+    """``val_size`` training images, drawn at random (seeded), held out: ``(train_x, train_y, val_x, val_y)``."""
+    if not val_size:
+        return train_x, train_y, None, None
+    if val_size >= len(train_y) - 1:
+        raise ValueError(f"--val-size {val_size} leaves fewer than 2 of the {len(train_y)} training images to train on")
+    order = numpy.random.default_rng([seed, 1]).permutation(len(train_y))
+    held, kept = numpy.sort(order[:val_size]), numpy.sort(order[val_size:])
+    return train_x[kept], train_y[kept], train_x[held], train_y[held]
+
+
+def precise_batches(train_x, train_y, num_batches: int, batch_size: int, seed: int, device) -> DataLoader:
+    """The training batches that precise BN averages over: the same ``num_batches`` random batches every epoch
+    (seeded, and apart from the training loader's generator, so switching precise BN on changes no weight)."""
+    count = min(len(train_y), num_batches * batch_size)
+    chosen = numpy.sort(numpy.random.default_rng([seed, 2]).permutation(len(train_y))[:count])
+    return DataLoader(train_x[chosen], train_y[chosen], batch_size, device=device, min_batch=2)
+
+
+def bn_statistics(model) -> dict:
+    """Copies of every batch-norm layer's moving statistics, by state-dict name."""
+    return {name: tensor.data.copy() for name, tensor in model.named_buffers()
+            if name.rsplit(".", 1)[-1] in ("moving_mean", "moving_var")}
+
+
+def set_bn_statistics(model, statistics: dict) -> None:
+    """Put BN statistics (as :func:`bn_statistics` returns them) into ``model``; checks them all first."""
+    buffers = dict(model.named_buffers())
+    for name, value in statistics.items():
+        if name not in buffers or name.rsplit(".", 1)[-1] not in ("moving_mean", "moving_var"):
+            raise ValueError(f"precise BN statistics: {name} is not a moving mean or variance of this model")
+        if tuple(value.shape) != buffers[name].shape:
+            raise ValueError(f"precise BN statistics: {name} has shape {tuple(value.shape)}, "
+                             f"the model's {buffers[name].shape}")
+    for name, value in statistics.items():
+        buffers[name].data = backend.to_device(value, backend.device_of(buffers[name].data)).astype(buffers[name].dtype)
+
+
+def with_precise_bn(model, batches, evaluations: dict) -> tuple[dict, dict]:
+    """Recompute the BN statistics over ``batches``, run each of ``evaluations`` (name -> function of the
+    model) with them, and put the moving averages back; returns (results, the precise statistics)."""
+    moving = bn_statistics(model)
+    try:
+        recompute_batch_norm_statistics(model, batches)
+        results = {name: run(model) for name, run in evaluations.items()}
+        precise = bn_statistics(model)
+    finally:
+        set_bn_statistics(model, moving)
+    return results, precise
 
 
 def first_batch_norm(model):
@@ -197,13 +312,14 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
     ``config.model`` (the examples do both to compare variants).
     """
     device = backend.resolve_device(config.device)[0]
-    out = prepare_output(config.out)
+    out = prepare_output(config.out, config.resume, config.overwrite)
     ckpt_path = out / "checkpoint.npz"
     train_x, train_y, test_x, test_y = data or load_fashion_mnist(config.data, allow_download=config.download)
     if config.train_subset:
         train_x, train_y = train_x[:config.train_subset], train_y[:config.train_subset]
     if config.test_subset:
         test_x, test_y = test_x[:config.test_subset], test_y[:config.test_subset]
+    train_x, train_y, val_x, val_y = split_validation(train_x, train_y, config.val_size, config.seed)
 
     tb_random.manual_seed(config.seed)
     model = build_model(config.model, device=device) if model is None else model.to(device)
@@ -211,29 +327,58 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
     train_loader = DataLoader(train_x, train_y, config.batch_size, shuffle=True, seed=config.seed, device=device,
                               min_batch=2)
     test_loader = DataLoader(test_x, test_y, max(config.batch_size, 1000), device=device)
+    evaluations = {"test_acc": lambda m: evaluate(m, test_loader)}
+    if val_x is not None:
+        val_loader = DataLoader(val_x, val_y, max(config.batch_size, 1000), device=device)
+        evaluations["val_acc"] = lambda m: evaluate(m, val_loader)
+    has_bn = any(isinstance(m, (BatchNorm, BatchNorm1d)) for m in model.modules())
+    precise = None
+    if config.precise_bn and has_bn:
+        precise = precise_batches(train_x, train_y, config.precise_bn, config.batch_size, config.seed, device)
+    elif config.precise_bn:
+        log(f"{config.model} has no batch norm, so --precise-bn has nothing to recompute")
+    best_by = ("val_acc" if val_x is not None else "test_acc") + ("_precise" if precise else "")
+    best_path = out / "best.npz"
+    if config.keep_best:
+        criterion = ("validation" if val_x is not None else "test") + " accuracy" + (" (precise BN)" if precise else "")
+        log(f"--keep-best keeps the epoch with the best {criterion} in {best_path}"
+            + ("" if val_x is not None else "; choosing by test accuracy is for demonstration only: "
+               "--val-size N chooses on held-out training images, which is the honest way"))
     if len(train_loader) == 0:
         raise ValueError(f"no training batch: {len(train_y)} training image(s) with batch size {config.batch_size}, "
                          f"and batch norm needs at least 2 images in a batch; use more (--train-subset)")
     history, start_epoch = [], 0
     if config.resume:
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
         model_state, optim_state, meta = checkpoint.load(ckpt_path)
         if meta["config"]["model"] != config.model:
             raise ValueError(f"--resume: {ckpt_path} holds a {meta['config']['model']!r} model, not {config.model!r}")
+        changed = config_changes(meta["config"], config)
+        if changed and not config.override_config:
+            raise ValueError(f"--resume: {ckpt_path} was trained with other settings ({'; '.join(changed)}); "
+                             f"give the same ones, or add --override-config to continue with the new ones")
+        if changed:
+            log(f"resuming with changed settings: {'; '.join(changed)}")
         try:
             model.load_state_dict(model_state)
             optimizer.load_state_dict(optim_state)
         except (KeyError, ValueError) as error:
             message = error.args[0] if error.args else error
             raise ValueError(f"--resume: {ckpt_path} does not fit this run: {message}") from None
-        train_loader.set_state(meta["loader_rng"])
-        tb_random.generator(numpy).bit_generator.state = meta["tinybn_rng"]
+        try:
+            train_loader.set_state(meta["loader_rng"])
+            tb_random.generator(numpy).bit_generator.state = meta["tinybn_rng"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"--resume: {ckpt_path} is damaged: its random generators' states cannot be restored "
+                             f"({type(error).__name__}: {error})") from None
         history, start_epoch = meta["history"], meta["epoch"]
         log(f"resuming from {ckpt_path} after epoch {start_epoch}")
         if start_epoch >= config.epochs:
             log(f"the checkpoint already has {start_epoch} epochs; ask for more with --epochs")
 
+    out.mkdir(parents=True, exist_ok=True)
+    if not config.resume:             # a new run: what an earlier run left in the folder goes now, not later
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
     total_steps = config.epochs * len(train_loader)
     lr_at = lambda step: learning_rate(config.schedule, config.lr, step, total_steps)  # noqa: E731
     log(f"training {config.model} on {device}: {len(train_y)} train / {len(test_y)} test examples, "
@@ -247,23 +392,36 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
         if bad:
             raise Diverged(epoch, len(train_loader), f"{len(bad)} of the model's parameters and buffers became NaN "
                            f"or infinite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})", optimizer.lr)
-        test_acc = evaluate(model, test_loader)
-        row = {"epoch": epoch, "train_loss": round(stats["train_loss"], 6), "train_acc": round(stats["train_acc"], 6),
-               "test_acc": round(test_acc, 6), "examples_per_sec": round(stats["examples_per_sec"], 1),
-               "lr": round(optimizer.lr, 6), "seconds": round(time.perf_counter() - started, 2)}
+        row = {"epoch": epoch, "train_loss": round(stats["train_loss"], 6), "train_acc": round(stats["train_acc"], 6)}
+        row.update({name: round(run(model), 6) for name, run in evaluations.items()})
+        statistics = None
+        if precise:
+            results, statistics = with_precise_bn(model, precise, evaluations)
+            row.update({f"{name}_precise": round(value, 6) for name, value in results.items()})
+            statistics = {name: backend.to_numpy(value) for name, value in statistics.items()}
+        row.update({"examples_per_sec": round(stats["examples_per_sec"], 1), "lr": round(optimizer.lr, 6),
+                    "seconds": round(time.perf_counter() - started, 2)})
         history.append(row)
         meta = {"epoch": epoch, "config": dataclasses.asdict(config), "history": history,
                 "loader_rng": train_loader.get_state(), "tinybn_rng": tb_random.generator(numpy).bit_generator.state}
-        checkpoint.save(ckpt_path, model, optimizer, meta)
+        checkpoint.save(ckpt_path, model, optimizer, meta, statistics)
+        best = config.keep_best and row[best_by] >= max(r.get(best_by, -1.0) for r in history)
+        if best:
+            checkpoint.save(best_path, model, optimizer, {**meta, "best_by": best_by}, statistics)
         write_metrics(out, config, history)
         # said once the epoch is saved: a run stopped after this line continues from this epoch with --resume
         log(f"epoch {epoch:2d}/{config.epochs}: train loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, "
-            f"test acc {row['test_acc']:.4f}, {row['examples_per_sec']:.0f} examples/sec")
+            f"{accuracies(row)}, {row['examples_per_sec']:.0f} examples/sec" + (" (best so far)" if best else ""))
 
     if history:
         last = history[-1]
-        log(f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, test acc {last['test_acc']:.3f}")
+        log(f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, {accuracies(last, 3)}")
         log(f"{last['examples_per_sec']:.1f} examples/sec on {device}")
+        statistics = checkpoint.load_precise(ckpt_path) if precise else None
+        if statistics:  # the model returned predicts with the precise statistics, as its checkpoint does
+            set_bn_statistics(model, statistics)
+            log(f"the model now predicts with BN statistics recomputed over {len(precise)} training batches "
+                f"(precise BN); the checkpoint keeps them next to the moving averages")
         bn = first_batch_norm(model)
         if bn is not None:
             with numpy.printoptions(precision=4, suppress=True):  # NumPy's global options stay the caller's
@@ -274,15 +432,52 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
     return {"history": history, "checkpoint": ckpt_path, "model": model}
 
 
-def evaluate_checkpoint(path, data_dir=None, device=None, download=False, batch_size=1000) -> tuple[float, dict]:
-    """Test accuracy of a saved checkpoint (prediction mode)."""
+def accuracies(row: dict, digits: int = 4) -> str:
+    """"test acc 0.7750 (moving averages) / 0.8712 (precise BN)", and the same for validation when present."""
+    words = []
+    for name in ("val_acc", "test_acc"):
+        if name in row:
+            text = f"{name.replace('_', ' ')} {row[name]:.{digits}f}"
+            if f"{name}_precise" in row:
+                text += f" (moving averages) / {row[name + '_precise']:.{digits}f} (precise BN)"
+            words.append(text)
+    return ", ".join(words)
+
+
+def evaluate_checkpoint(path, data_dir=None, device=None, download=False, batch_size=1000,
+                        precise_bn: int = 0) -> tuple[dict, dict]:
+    """Test accuracy of a saved checkpoint (prediction mode): ``({"test_acc": ..., maybe "test_acc_precise"}, meta)``.
+
+    ``test_acc`` uses the moving averages. ``test_acc_precise`` uses BN statistics recomputed over ``precise_bn``
+    training batches when that is given, else the precise statistics saved with the checkpoint, if any.
+    """
     model_state, _, meta = checkpoint.load(path)
+    precise = checkpoint.load_precise(path)
     device = backend.resolve_device(device)[0]
-    model = build_model(meta["config"]["model"], device=device)
+    name = meta["config"]["model"]
+    model = build_model(name, device=device)
     try:
         model.load_state_dict(model_state)
+        moving = bn_statistics(model)
+        if precise:
+            set_bn_statistics(model, precise)   # checks them
+            set_bn_statistics(model, moving)
     except (KeyError, ValueError) as error:
         message = error.args[0] if error.args else error
-        raise ValueError(f"{path} does not hold a usable {meta['config']['model']} model: {message}") from None
-    _, _, test_x, test_y = load_fashion_mnist(data_dir, allow_download=download)
-    return evaluate(model, DataLoader(test_x, test_y, batch_size, device=device)), meta
+        raise ValueError(f"{path} does not hold a usable {name} model: {message}") from None
+    has_bn = bool(moving)
+    if precise_bn and not has_bn:
+        raise ValueError(f"{path} holds a {name} model, which has no batch norm: --precise-bn has nothing to recompute")
+    train_x, train_y, test_x, test_y = load_fashion_mnist(data_dir, allow_download=download)
+    test_loader = DataLoader(test_x, test_y, batch_size, device=device)
+    result = {"test_acc": evaluate(model, test_loader)}
+    if precise_bn:
+        config = meta["config"]
+        train_x, train_y, _, _ = split_validation(train_x, train_y, config.get("val_size", 0), config.get("seed", 0))
+        batches = precise_batches(train_x, train_y, precise_bn, config.get("batch_size", 256), config.get("seed", 0),
+                                  device)
+        result["test_acc_precise"] = with_precise_bn(model, batches, {"acc": lambda m: evaluate(m, test_loader)})[0]["acc"]
+    elif precise:
+        set_bn_statistics(model, precise)
+        result["test_acc_precise"] = evaluate(model, test_loader)
+    return result, meta
