@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--keep-best", action="store_true",
                        help="also keep OUT/best.npz, the epoch with the best validation accuracy (with --val-size), "
                             "else the best test accuracy (for demonstration only)")
+    train.add_argument("--bn-stats", action="store_true",
+                       help="record each step's batch statistics next to the moving averages, gamma and beta per "
+                            "epoch and the sigmoids' saturation: OUT/bn_stats.png and OUT/bn_stats.json")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--no-plot", action="store_true", help="do not write metrics.png")
 
@@ -138,7 +141,7 @@ def run_train(args) -> int:
                          weight_decay=args.weight_decay, train_subset=args.train_subset,
                          progress=not args.no_progress, plot=not args.no_plot, precise_bn=args.precise_bn,
                          val_size=args.val_size, keep_best=args.keep_best, overwrite=args.overwrite,
-                         override_config=args.override_config)
+                         override_config=args.override_config, bn_stats=args.bn_stats)
     # everything that can be wrong with the arguments is reported before the process is tuned or a step is run
     resolve_device(config.device)
     checkpoint_path = prepare_output(config.out, config.resume, config.overwrite) / "checkpoint.npz"

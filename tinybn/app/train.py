@@ -19,6 +19,7 @@ from ..autograd import no_grad
 from ..nn import BatchNorm, BatchNorm1d, recompute_batch_norm_statistics
 from ..optim import SGD, learning_rate
 from . import checkpoint
+from .bnstats import BNStatsRecorder, write as write_bn_stats
 from .data import DataLoader, load_fashion_mnist
 from .models import build_model
 from .progress import Progress
@@ -46,12 +47,13 @@ class TrainConfig:
     precise_bn: int = 0        # after every epoch, BN statistics recomputed over this many training batches (0: off)
     keep_best: bool = False    # also keep best.npz, the epoch with the best validation (else test) accuracy
     val_size: int = 0          # training images held out for validation
+    bn_stats: bool = False     # record what every BN layer and sigmoid sees (bn_stats.json and bn_stats.png)
     overwrite: bool = False    # replace a run already in ``out`` (else only resume may use that folder)
     override_config: bool = False   # resume with settings that differ from the checkpoint's
 
 
 # What a run writes into its folder; a new run refuses a folder that holds any of them (unless told to overwrite).
-RUN_FILES = ("checkpoint.npz", "best.npz", "metrics.csv", "metrics.json", "metrics.png")
+RUN_FILES = ("checkpoint.npz", "best.npz", "metrics.csv", "metrics.json", "metrics.png", "bn_stats.json", "bn_stats.png")
 # Settings that shape the training trajectory: resuming with other values needs override_config.
 TRAJECTORY = ("batch_size", "lr", "momentum", "weight_decay", "schedule", "train_subset", "val_size", "seed")
 
@@ -379,57 +381,74 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
     if not config.resume:             # a new run: what an earlier run left in the folder goes now, not later
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
-    total_steps = config.epochs * len(train_loader)
-    lr_at = lambda step: learning_rate(config.schedule, config.lr, step, total_steps)  # noqa: E731
-    log(f"training {config.model} on {device}: {len(train_y)} train / {len(test_y)} test examples, "
-        f"batch {config.batch_size}, lr {config.lr:g} ({config.schedule}), {config.epochs} epochs")
-    check_every = 1 if device == "cpu" else 25
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        started = time.perf_counter()
-        stats = train_epoch(model, optimizer, train_loader, epoch, lr_at, (epoch - 1) * len(train_loader),
-                            config.progress, check_every)
-        bad = non_finite_entries(model)  # the last step's update is after its loss was checked
-        if bad:
-            raise Diverged(epoch, len(train_loader), f"{len(bad)} of the model's parameters and buffers became NaN "
-                           f"or infinite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})", optimizer.lr)
-        row = {"epoch": epoch, "train_loss": round(stats["train_loss"], 6), "train_acc": round(stats["train_acc"], 6)}
-        row.update({name: round(run(model), 6) for name, run in evaluations.items()})
-        statistics = None
-        if precise:
-            results, statistics = with_precise_bn(model, precise, evaluations)
-            row.update({f"{name}_precise": round(value, 6) for name, value in results.items()})
-            statistics = {name: backend.to_numpy(value) for name, value in statistics.items()}
-        row.update({"examples_per_sec": round(stats["examples_per_sec"], 1), "lr": round(optimizer.lr, 6),
-                    "seconds": round(time.perf_counter() - started, 2)})
-        history.append(row)
-        meta = {"epoch": epoch, "config": dataclasses.asdict(config), "history": history,
-                "loader_rng": train_loader.get_state(), "tinybn_rng": tb_random.generator(numpy).bit_generator.state}
-        checkpoint.save(ckpt_path, model, optimizer, meta, statistics)
-        best = config.keep_best and row[best_by] >= max(r.get(best_by, -1.0) for r in history)
-        if best:
-            checkpoint.save(best_path, model, optimizer, {**meta, "best_by": best_by}, statistics)
-        write_metrics(out, config, history)
-        # said once the epoch is saved: a run stopped after this line continues from this epoch with --resume
-        log(f"epoch {epoch:2d}/{config.epochs}: train loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, "
-            f"{accuracies(row)}, {row['examples_per_sec']:.0f} examples/sec" + (" (best so far)" if best else ""))
+    recorder = BNStatsRecorder(model) if config.bn_stats else None
+    if recorder and config.resume and (out / "bn_stats.json").is_file():
+        try:
+            earlier = json.loads((out / "bn_stats.json").read_text())
+        except ValueError:
+            earlier = {}
+        if not recorder.load(earlier):
+            log(f"{out / 'bn_stats.json'} does not describe this model: its records start again from here")
+    try:
+        total_steps = config.epochs * len(train_loader)
+        lr_at = lambda step: learning_rate(config.schedule, config.lr, step, total_steps)  # noqa: E731
+        log(f"training {config.model} on {device}: {len(train_y)} train / {len(test_y)} test examples, "
+            f"batch {config.batch_size}, lr {config.lr:g} ({config.schedule}), {config.epochs} epochs")
+        check_every = 1 if device == "cpu" else 25
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            started = time.perf_counter()
+            stats = train_epoch(model, optimizer, train_loader, epoch, lr_at, (epoch - 1) * len(train_loader),
+                                config.progress, check_every)
+            if recorder:
+                recorder.end_epoch()
+            bad = non_finite_entries(model)  # the last step's update is after its loss was checked
+            if bad:
+                raise Diverged(epoch, len(train_loader), f"{len(bad)} of the model's parameters and buffers became NaN "
+                               f"or infinite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})", optimizer.lr)
+            row = {"epoch": epoch, "train_loss": round(stats["train_loss"], 6), "train_acc": round(stats["train_acc"], 6)}
+            row.update({name: round(run(model), 6) for name, run in evaluations.items()})
+            statistics = None
+            if precise:
+                results, statistics = with_precise_bn(model, precise, evaluations)
+                row.update({f"{name}_precise": round(value, 6) for name, value in results.items()})
+                statistics = {name: backend.to_numpy(value) for name, value in statistics.items()}
+            row.update({"examples_per_sec": round(stats["examples_per_sec"], 1), "lr": round(optimizer.lr, 6),
+                        "seconds": round(time.perf_counter() - started, 2)})
+            history.append(row)
+            meta = {"epoch": epoch, "config": dataclasses.asdict(config), "history": history,
+                    "loader_rng": train_loader.get_state(), "tinybn_rng": tb_random.generator(numpy).bit_generator.state}
+            checkpoint.save(ckpt_path, model, optimizer, meta, statistics)
+            best = config.keep_best and row[best_by] >= max(r.get(best_by, -1.0) for r in history)
+            if best:
+                checkpoint.save(best_path, model, optimizer, {**meta, "best_by": best_by}, statistics)
+            write_metrics(out, config, history)
+            if recorder:
+                write_bn_stats(recorder, out, f"{config.model}, lr {config.lr:g}: batch statistics and moving averages")
+            # said once the epoch is saved: a run stopped after this line continues from this epoch with --resume
+            log(f"epoch {epoch:2d}/{config.epochs}: train loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, "
+                f"{accuracies(row)}, {row['examples_per_sec']:.0f} examples/sec" + (" (best so far)" if best else ""))
 
-    if history:
-        last = history[-1]
-        log(f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, {accuracies(last, 3)}")
-        log(f"{last['examples_per_sec']:.1f} examples/sec on {device}")
-        statistics = checkpoint.load_precise(ckpt_path) if precise else None
-        if statistics:  # the model returned predicts with the precise statistics, as its checkpoint does
-            set_bn_statistics(model, statistics)
-            log(f"the model now predicts with BN statistics recomputed over {len(precise)} training batches "
-                f"(precise BN); the checkpoint keeps them next to the moving averages")
-        bn = first_batch_norm(model)
-        if bn is not None:
-            with numpy.printoptions(precision=4, suppress=True):  # NumPy's global options stay the caller's
-                log(f"first BN layer gamma: {bn.gamma.numpy().reshape(-1)}")
-                log(f"first BN layer beta:  {bn.beta.numpy().reshape(-1)}")
-        if config.plot and plot_history(out / "metrics.png", history, f"{config.model}, lr {config.lr:g}", log):
-            log(f"wrote {out / 'metrics.png'}, {out / 'metrics.csv'}, {out / 'metrics.json'}, {ckpt_path}")
-    return {"history": history, "checkpoint": ckpt_path, "model": model}
+        if history:
+            last = history[-1]
+            log(f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, {accuracies(last, 3)}")
+            log(f"{last['examples_per_sec']:.1f} examples/sec on {device}")
+            statistics = checkpoint.load_precise(ckpt_path) if precise else None
+            if statistics:  # the model returned predicts with the precise statistics, as its checkpoint does
+                set_bn_statistics(model, statistics)
+                log(f"the model now predicts with BN statistics recomputed over {len(precise)} training batches "
+                    f"(precise BN); the checkpoint keeps them next to the moving averages")
+            bn = first_batch_norm(model)
+            if bn is not None:
+                with numpy.printoptions(precision=4, suppress=True):  # NumPy's global options stay the caller's
+                    log(f"first BN layer gamma: {bn.gamma.numpy().reshape(-1)}")
+                    log(f"first BN layer beta:  {bn.beta.numpy().reshape(-1)}")
+            if config.plot and plot_history(out / "metrics.png", history, f"{config.model}, lr {config.lr:g}", log):
+                log(f"wrote {out / 'metrics.png'}, {out / 'metrics.csv'}, {out / 'metrics.json'}, {ckpt_path}"
+                    + (f", {out / 'bn_stats.png'}, {out / 'bn_stats.json'}" if recorder else ""))
+        return {"history": history, "checkpoint": ckpt_path, "model": model}
+    finally:
+        if recorder:
+            recorder.close()
 
 
 def accuracies(row: dict, digits: int = 4) -> str:

@@ -254,7 +254,20 @@ class Module:
 
     # -- calling
     def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+        out = self.forward(*args, **kwargs)
+        for hook in list(self.__dict__.get("_forward_hooks", {}).values()):
+            replaced = hook(self, args, out)
+            if replaced is not None:
+                out = replaced
+        return out
+
+    def register_forward_hook(self, hook) -> "HookHandle":
+        """Call ``hook(module, inputs, output)`` after every forward of this module (as in PyTorch); a hook that
+        returns something other than None replaces the output. Returns a handle whose ``remove()`` detaches it."""
+        hooks = self.__dict__.setdefault("_forward_hooks", {})
+        handle = HookHandle(hooks)
+        hooks[handle.id] = hook
+        return handle
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} must define forward()")
@@ -282,6 +295,18 @@ def _host_numbers(name: str, value) -> numpy.ndarray:
     if array.dtype.kind not in "biuf":
         raise ValueError(f"load_state_dict: {name} holds {array.dtype} values, not numbers")
     return array
+
+
+class HookHandle:
+    """What :meth:`Module.register_forward_hook` returns: ``remove()`` detaches the hook (a second call does nothing)."""
+    _next = 0
+
+    def __init__(self, hooks: dict):
+        HookHandle._next += 1
+        self.id, self._hooks = HookHandle._next, hooks
+
+    def remove(self) -> None:
+        self._hooks.pop(self.id, None)
 
 
 class Sequential(Module):

@@ -1,0 +1,77 @@
+"""train --bn-stats: the recorder watches through forward hooks, records the right numbers, and changes nothing."""
+import json
+
+import numpy
+import pytest
+
+import tinybn
+from tinybn import nn
+from tinybn.app import models
+from tinybn.app.bnstats import BNStatsRecorder
+from tinybn.app.train import train
+
+from test_train import config, fashion, quiet  # noqa: F401  (fashion is a fixture)
+
+
+def test_forward_hooks_see_inputs_and_output_and_come_off():
+    layer = nn.Linear(2, 3)
+    seen = []
+    handle = layer.register_forward_hook(lambda module, inputs, output: seen.append((module, inputs[0].shape,
+                                                                                    output.shape)))
+    x = tinybn.tensor(numpy.ones((4, 2), numpy.float32))
+    layer(x)
+    handle.remove()
+    handle.remove()                              # a second remove does nothing
+    layer(x)
+    assert seen == [(layer, (4, 2), (4, 3))]
+    doubled = layer.register_forward_hook(lambda module, inputs, output: output * 2)
+    numpy.testing.assert_allclose(layer(x).numpy(), 2 * layer.forward(x).numpy())
+    doubled.remove()
+
+
+def test_recorded_statistics_are_those_of_the_layer_input():
+    tinybn.manual_seed(0)
+    model = models.build_model("lenet-bn")
+    recorder = BNStatsRecorder(model, channels=3)
+    x = tinybn.tensor(numpy.random.default_rng(0).random((16, 1, 28, 28), dtype=numpy.float32))
+    conv_out = model[0](x).numpy().astype(numpy.float64)
+    model(x)
+    record = recorder.layers["1"]
+    numpy.testing.assert_allclose(record["batch_mean"][0], conv_out[:, :3].mean(axis=(0, 2, 3)), rtol=1e-10)
+    numpy.testing.assert_allclose(record["batch_var"][0], conv_out[:, :3].var(axis=(0, 2, 3)), rtol=1e-10)
+    numpy.testing.assert_allclose(record["moving_mean"][0], model[1].moving_mean.numpy().reshape(-1)[:3])
+    sigmoid_out = model[2].forward(model[1].forward(tinybn.tensor(conv_out.astype(numpy.float32)))).numpy()
+    assert recorder.saturation["2"][0] == pytest.approx(((sigmoid_out < 0.05) | (sigmoid_out > 0.95)).mean(), abs=1e-3)
+    model.eval()
+    model(x)                                     # prediction mode: nothing recorded
+    nn.recompute_batch_norm_statistics(model, [x])   # the precise-BN pass: nothing recorded either
+    assert len(record["batch_mean"]) == 1 and len(recorder.saturation["2"]) == 1
+    recorder.close()
+    assert all(not module.__dict__.get("_forward_hooks") for module in model.modules())
+
+
+def test_bn_stats_change_no_weight_and_cover_every_step(tmp_path, fashion):  # noqa: F811
+    plain = train(config(tmp_path, out=str(tmp_path / "plain"), epochs=2), log=quiet, data=fashion)
+    watched = train(config(tmp_path, out=str(tmp_path / "watched"), epochs=2, bn_stats=True), log=quiet, data=fashion)
+    for a, b in zip(plain["model"].parameters(), watched["model"].parameters()):
+        numpy.testing.assert_array_equal(a.numpy(), b.numpy())
+    document = json.loads((tmp_path / "watched" / "bn_stats.json").read_text())
+    steps = 3000 // 256 + 1                       # the last short batch (184 images) is fed too
+    assert document["epoch_ends"] == [steps, 2 * steps]
+    for name, record in document["bn_layers"].items():
+        assert len(record["batch_mean"]) == len(record["moving_var"]) == 2 * steps, name
+        assert len(record["gamma"]) == 2 and len(record["gamma"][0]) == watched["model"][int(name)].num_features
+    assert all(len(values) == 2 * steps for values in document["sigmoid_saturation"].values())
+    assert (tmp_path / "watched" / "bn_stats.png").stat().st_size > 10_000
+    train(config(tmp_path, out=str(tmp_path / "watched"), epochs=3, bn_stats=True, resume=True), log=quiet,
+          data=fashion)
+    resumed = json.loads((tmp_path / "watched" / "bn_stats.json").read_text())
+    assert resumed["epoch_ends"] == [steps, 2 * steps, 3 * steps]
+    assert resumed["bn_layers"]["1"]["batch_mean"][:2 * steps] == document["bn_layers"]["1"]["batch_mean"]
+
+
+def test_bn_stats_of_a_model_without_batch_norm_show_its_sigmoids(tmp_path, fashion):  # noqa: F811
+    train(config(tmp_path, model="lenet", bn_stats=True), log=quiet, data=fashion)
+    document = json.loads((tmp_path / "run" / "bn_stats.json").read_text())
+    assert document["bn_layers"] == {} and len(document["sigmoid_saturation"]) == 4
+    assert (tmp_path / "run" / "bn_stats.png").is_file()

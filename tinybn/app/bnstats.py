@@ -1,0 +1,200 @@
+"""Watching batch norm work (``train --bn-stats``): what each BN layer sees at every training step.
+
+For every BN layer, each training step's batch mean and variance of a few channels next to the layer's
+moving averages after that step (the lag that makes prediction mode swing at a large learning rate); γ and β
+at the end of every epoch; and for every sigmoid, the fraction of its outputs that are saturated (below 0.05
+or above 0.95, where its gradient is under 0.05 of its largest). Written to ``bn_stats.json`` and drawn in
+``bn_stats.png``.
+
+The recorder only watches, through forward hooks: it changes no value the model computes. Its statistics are
+computed from each layer's input, in float64 on the host, for the first ``channels`` channels only.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy
+
+from .. import backend
+from ..nn import BatchNorm, BatchNorm1d, Sigmoid
+
+SATURATED = (0.05, 0.95)
+
+
+class BNStatsRecorder:
+    """Records, through forward hooks, what every BN layer and sigmoid of ``model`` sees in training mode."""
+
+    def __init__(self, model, channels: int = 3):
+        self.channels = channels
+        self.bn = [(name, module) for name, module in model.named_modules() if isinstance(module, (BatchNorm, BatchNorm1d))]
+        self.sigmoids = [(name, module) for name, module in model.named_modules() if isinstance(module, Sigmoid)]
+        self.steps = 0                       # training steps recorded so far (over every epoch)
+        self.epoch_ends = []                 # the step count at the end of each epoch
+        self.layers = {name: {key: [] for key in ("batch_mean", "batch_var", "moving_mean", "moving_var", "gamma",
+                                                  "beta")} for name, _ in self.bn}
+        self.saturation = {name: [] for name, _ in self.sigmoids}
+        self._handles = [module.register_forward_hook(self._watch_bn) for _, module in self.bn]
+        self._handles += [module.register_forward_hook(self._watch_sigmoid) for _, module in self.sigmoids]
+        self._names = {id(module): name for name, module in (*self.bn, *self.sigmoids)}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    # --------------------------------------------------------------------------------- hooks
+
+    def _recording(self, module) -> bool:
+        # training steps only: not evaluation, and not the precise-BN pass (which hands statistics to a sink)
+        return module.training and "_statistics_sink" not in module.__dict__
+
+    def _watch_bn(self, module, inputs, output):
+        if not self._recording(module):
+            return None
+        x = getattr(inputs[0], "data", inputs[0])
+        x = backend.to_numpy(x[:, :self.channels]).astype(numpy.float64)
+        axes = (0,) if x.ndim == 2 else (0, 2, 3)
+        record = self.layers[self._names[id(module)]]
+        record["batch_mean"].append(x.mean(axis=axes).tolist())
+        record["batch_var"].append(x.var(axis=axes).tolist())
+        for key in ("moving_mean", "moving_var"):       # after this step's update
+            record[key].append(self._first(getattr(module, key)))
+        return None
+
+    def _watch_sigmoid(self, module, inputs, output):
+        if not self._recording(module):
+            return None
+        y = output.data
+        xp = backend.get_array_module(y)
+        low, high = SATURATED
+        self.saturation[self._names[id(module)]].append(float(xp.mean((y < low) | (y > high))) if y.size else 0.0)
+        return None
+
+    def _first(self, tensor) -> list:
+        return backend.to_numpy(tensor.data).reshape(-1)[:self.channels].astype(numpy.float64).tolist()
+
+    # --------------------------------------------------------------------------------- epochs and output
+
+    def end_epoch(self) -> None:
+        """Note where an epoch ended and each BN layer's γ and β (every channel)."""
+        counts = [len(record["batch_mean"]) for record in self.layers.values()] + [len(v) for v in self.saturation.values()]
+        self.steps = max(counts, default=0)
+        self.epoch_ends.append(self.steps)
+        for name, module in self.bn:
+            self.layers[name]["gamma"].append(backend.to_numpy(module.gamma.data).reshape(-1).astype(float).tolist())
+            self.layers[name]["beta"].append(backend.to_numpy(module.beta.data).reshape(-1).astype(float).tolist())
+
+    def to_json(self) -> dict:
+        return {"channels": self.channels, "saturated_below_or_above": list(SATURATED), "epoch_ends": self.epoch_ends,
+                "bn_layers": self.layers, "sigmoid_saturation": self.saturation}
+
+    def load(self, document: dict) -> bool:
+        """Start from an earlier run's records (as :meth:`to_json` wrote them), for ``--resume``; False (and
+        nothing taken) when they do not describe this model."""
+        try:
+            layers, saturation = document["bn_layers"], document["sigmoid_saturation"]
+            if (document["channels"] != self.channels or set(layers) != set(self.layers)
+                    or set(saturation) != set(self.saturation)):
+                return False
+            self.epoch_ends = [int(end) for end in document["epoch_ends"]]
+            self.layers = {name: {key: list(layers[name][key]) for key in record} for name, record in self.layers.items()}
+            self.saturation = {name: list(saturation[name]) for name in self.saturation}
+        except (KeyError, TypeError, ValueError):
+            return False
+        return True
+
+
+def plot(document: dict, path: Path, title: str = "") -> bool:
+    """``bn_stats.png``: per BN layer, the batch mean and variance of each step against the moving averages;
+    then the sigmoids' saturation and γ and β per epoch."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        return False
+    layers = document["bn_layers"]
+    ends = document["epoch_ends"]
+    columns = max(len(layers), 3)
+    fig = Figure(figsize=(3.1 * columns, 7.8), dpi=110)
+    axes = fig.subplots(3, columns, squeeze=False)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+
+    def epochs_of(count):
+        """Each step's position in epochs (step k of epoch e is e − 1 + k / steps in that epoch)."""
+        positions, start = [], 0
+        for epoch, end in enumerate(ends):
+            n = max(end - start, 1)
+            positions += [epoch + (k + 1) / n for k in range(end - start)]
+            start = end
+        return positions[:count] + [float(len(ends))] * max(0, count - len(positions))
+
+    for column, (name, record) in enumerate(layers.items()):
+        for row, (batch, moving, label) in enumerate((("batch_mean", "moving_mean", "mean"),
+                                                      ("batch_var", "moving_var", "variance"))):
+            ax = axes[row][column]
+            values, averages = numpy.array(record[batch]), numpy.array(record[moving])
+            if values.size == 0:
+                continue
+            x = epochs_of(len(values))
+            for channel in range(values.shape[1]):
+                color = colors[channel % len(colors)]
+                ax.plot(x, values[:, channel], color=color, alpha=0.25, linewidth=0.6)
+                ax.plot(x, averages[:, channel], color=color, linewidth=1.4, label=f"channel {channel}")
+            ax.set_title(f"BN layer {name}: {label}", fontsize=9)
+            ax.set_xlabel("epoch", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    for column in range(len(layers), columns):
+        axes[0][column].axis("off")
+        axes[1][column].axis("off")
+
+    ax = axes[2][0]
+    for name, values in document["sigmoid_saturation"].items():
+        if values:
+            ax.plot(epochs_of(len(values)), values, linewidth=0.8, label=f"sigmoid {name}")
+    low, high = document["saturated_below_or_above"]
+    ax.set_title(f"sigmoid outputs < {low} or > {high}", fontsize=9)
+    ax.set_ylabel("fraction of outputs", fontsize=8)
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if document["sigmoid_saturation"]:
+        ax.legend(fontsize=6)
+    for ax, key in ((axes[2][1], "gamma"), (axes[2][2], "beta")):
+        for column, (name, record) in enumerate(layers.items()):
+            values = record[key]
+            if not values:
+                continue
+            epochs = numpy.arange(1, len(values) + 1)
+            mean = numpy.array([numpy.mean(v) for v in values])
+            low_, high_ = numpy.array([numpy.min(v) for v in values]), numpy.array([numpy.max(v) for v in values])
+            color = colors[column % len(colors)]
+            ax.plot(epochs, mean, marker="o", markersize=3, color=color, label=f"layer {name}")
+            ax.fill_between(epochs, low_, high_, color=color, alpha=0.12)
+        ax.set_title(f"{'γ' if key == 'gamma' else 'β'} after each epoch\n(line: mean over channels; band: min to max)",
+                     fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if layers:
+            ax.legend(fontsize=6)
+    for column in range(3, columns):
+        axes[2][column].axis("off")
+    shown = ", ".join(f"{color.split(':')[1]} = channel {c}" for c, color in enumerate(colors[:document["channels"]]))
+    fig.suptitle((title + "\n" if title else "") + f"top rows: thin lines are each training batch's statistics, thick "
+                 f"lines the layer's moving averages after that step ({shown})", fontsize=9)
+    fig.tight_layout()
+    from .train import replace_atomically
+    replace_atomically(Path(path), fig.savefig, mode="wb")
+    return True
+
+
+def write(recorder: BNStatsRecorder, out: Path, title: str = "") -> None:
+    from .train import replace_atomically
+    document = recorder.to_json()
+    replace_atomically(out / "bn_stats.json", lambda handle: handle.write(json.dumps(document)))
+    plot(document, out / "bn_stats.png", title)
