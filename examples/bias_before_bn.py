@@ -15,20 +15,22 @@ args = common.parser(__doc__.splitlines()[0]).parse_args()
 out, data = common.setup(args, "bias_before_bn")
 
 # The analytic fact, measured: one backward pass through LeNet-BN with biases.
-tinybn.manual_seed(args.seed)
+tinybn.manual_seed(0)
 net = build_lenet("scratch")
 x = tinybn.tensor(data[0][:256].astype(numpy.float32) / 255)
 tinybn.functional.cross_entropy(net(x), tinybn.tensor(data[1][:256])).backward()
+gradients = {}
 for index in (0, 4, 9, 12):
-    grad = numpy.abs(net[index].bias.grad).max()
-    print(f"max |d loss / d bias| of layer {index} ({type(net[index]).__name__}) before BN: {grad:.2e}")
+    gradients[index] = float(numpy.abs(net[index].bias.grad).max())
+    weight = float(numpy.abs(net[index].weight.grad).max())
+    print(f"layer {index} ({type(net[index]).__name__}) before BN: max |dL/d bias| {gradients[index]:.1e}, "
+          f"max |dL/d weight| {weight:.1e}")
 
-curves = {
-    "with bias": common.run_variant(args, data, out, "with bias", lambda: build_lenet("scratch")),
-    "without bias": common.run_variant(args, data, out, "without bias", lambda: build_lenet("scratch", conv_bias=False)),
-}
-rows = [{"variant": k, "parameters": n, **common.summary(v)} for (k, v), n in
-        zip(curves.items(), [sum(p.size for p in build_lenet("scratch").parameters()),
-                             sum(p.size for p in build_lenet("scratch", conv_bias=False).parameters())])]
-common.table(rows, ["variant", "parameters", "train loss", "train acc", "test acc"])
-common.plot_curves(out / "bias_before_bn.png", curves, title="LeNet-BN with and without pre-BN biases")
+results = [common.run_variant(args, data, out, "with bias", lambda: build_lenet("scratch")),
+           common.run_variant(args, data, out, "without bias", lambda: build_lenet("scratch", conv_bias=False))]
+counts = [sum(p.size for p in build_lenet("scratch").parameters()),
+          sum(p.size for p in build_lenet("scratch", conv_bias=False).parameters())]
+common.table([{**common.summary(r), "parameters": n} for r, n in zip(results, counts)])
+common.save(out, results, {"bias_gradients": gradients})
+common.compare_plot(out / "bias_before_bn.png", results, "LeNet-BN with and without the biases before BN",
+                    len(args.seed_list))

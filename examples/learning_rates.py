@@ -1,37 +1,85 @@
-"""Exercise 2: learning rates for LeNet with and without BN — how fast accuracy rises, and how large lr can go."""
+"""Exercise 2: learning rates for LeNet with and without BN — how accuracy rises, and how large the rate can go.
+
+Each model is swept over rates a factor of about 3 apart, from where plain LeNet trains up to where the model
+diverges (a model's sweep stops after the first rate at which every seed diverged). "How large" is answered
+twice per model: the largest rate whose mean final test accuracy reaches --target, and the largest rate at
+which no seed diverged.
+"""
+import numpy
+
 import common
 from tinybn.app.models import build_lenet
 
 p = common.parser(__doc__.splitlines()[0])
-p.add_argument("--rates", default="0.1,0.3,1,3,10,30", help="comma-separated learning rates to sweep")
+p.add_argument("--rates-plain", default="0.03,0.1,0.3,1,3,10", help="rates for LeNet without BN")
+p.add_argument("--rates-bn", default="0.1,0.3,1,3,10,30,100", help="rates for LeNet-BN")
+p.add_argument("--target", type=float, default=0.8, help="final test accuracy that counts as trained")
 args = p.parse_args()
 out, data = common.setup(args, "learning_rates")
-rates = [float(r) for r in args.rates.split(",")]
 
-results, curves = [], {}
-for norm, name in (("none", "LeNet"), ("scratch", "LeNet-BN")):
-    for lr in rates:
-        history = common.run_variant(args, data, out, f"{name} lr {lr:g}", lambda: build_lenet(norm), lr=lr)
-        curves[f"{name} lr {lr:g}"] = history
-        results.append({"model": name, "lr": lr, **common.summary(history)})
-common.table(results, ["model", "lr", "train loss", "train acc", "test acc"])
+sweeps = {}
+for name, norm, rates in (("LeNet", "none", args.rates_plain), ("LeNet-BN", "scratch", args.rates_bn)):
+    sweeps[name] = []
+    for lr in (float(r) for r in rates.split(",")):
+        result = common.run_variant(args, data, out, name, lambda norm=norm: build_lenet(norm), lr=lr)
+        sweeps[name].append(result)
+        if not common.finished(result):
+            break                                    # every seed diverged: larger rates will too
 
-import matplotlib  # noqa: E402
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
-fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=120)
-for label, history in curves.items():
-    if history and ("lr 1" in label and "lr 10" not in label):
-        left.plot([h["epoch"] for h in history], [h["train_acc"] for h in history], label=f"{label} train")
-        left.plot([h["epoch"] for h in history], [h["test_acc"] for h in history], "--", label=f"{label} test")
-left.set_xlabel("epoch"), left.set_ylabel("accuracy"), left.legend(fontsize=7), left.grid(alpha=0.3)
-left.set_title("accuracy rise at lr 1.0", fontsize=9)
-for name in ("LeNet", "LeNet-BN"):
-    accs = [float(r["test acc"]) if r["test acc"] != "diverged" else 0.0 for r in results if r["model"] == name]
-    right.semilogx(rates, accs, marker="o", label=name)
-right.set_xlabel("learning rate"), right.set_ylabel("final test accuracy"), right.legend(), right.grid(alpha=0.3)
-right.set_title("learning-rate sweep", fontsize=9)
+def final(result):
+    histories = common.finished(result)
+    key = common.test_key(result)
+    return [history[-1][key] for history in histories]
+
+
+answers = {}
+for name, results in sweeps.items():
+    trained = [r["lr"] for r in results if final(r) and numpy.mean(final(r)) >= args.target]
+    stable = [r["lr"] for r in results if not any(run["diverged"] for run in r["runs"])]
+    answers[name] = {"largest rate reaching the target": max(trained) if trained else None,
+                     "largest rate without divergence": max(stable) if stable else None}
+rows = [common.summary(r) for results in sweeps.values() for r in results]
+common.table(rows)
+for name, answer in answers.items():
+    print(f"{name}: largest rate with mean final test accuracy >= {args.target}: "
+          f"{answer['largest rate reaching the target']}; largest rate with no diverged seed: "
+          f"{answer['largest rate without divergence']}")
+common.save(out, [r for results in sweeps.values() for r in results], {"answers": answers, "target": args.target})
+
+from matplotlib.figure import Figure  # noqa: E402
+
+fig = Figure(figsize=(14, 4.2), dpi=110)
+sweep_ax, *curve_axes = fig.subplots(1, 3)
+for (name, results), marker in zip(sweeps.items(), ("s", "o")):
+    rates = [r["lr"] for r in results if final(r)]
+    values = [final(r) for r in results if final(r)]
+    if values:
+        mean = numpy.array([numpy.mean(v) for v in values])
+        low, high = mean - numpy.array([min(v) for v in values]), numpy.array([max(v) for v in values]) - mean
+        sweep_ax.errorbar(rates, mean, yerr=[low, high], marker=marker, capsize=3, label=name)
+    dead = [r["lr"] for r in results if any(run["diverged"] for run in r["runs"])]
+    if dead:
+        sweep_ax.scatter(dead, [0.02] * len(dead), marker="x", color="black", zorder=3,
+                         label=f"{name}: a seed diverged" if name == "LeNet-BN" or not values else None)
+sweep_ax.axhline(args.target, color="gray", linestyle=":", linewidth=1, label=f"target {args.target:g}")
+sweep_ax.set_xscale("log")
+sweep_ax.set_ylim(0, 1)
+sweep_ax.set_xlabel("learning rate")
+sweep_ax.set_ylabel("final test accuracy (precise BN with BN)")
+sweep_ax.set_title(f"after {args.epochs} epochs: mean and range over seeds {args.seeds}", fontsize=9)
+sweep_ax.grid(alpha=0.3, which="both")
+sweep_ax.legend(fontsize=7)
+for ax, (name, results) in zip(curve_axes, sweeps.items()):
+    colors = iter(["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink"])
+    for result in results:
+        if not common.finished(result):
+            continue
+        color = next(colors)
+        common.plot_band(ax, result, "train_acc", f"lr {result['lr']:g}", color=color)
+        common.plot_band(ax, result, common.test_key(result), None, color=color, linestyle="--")
+    common.accuracy_axes(ax, f"{name}: train (solid), test (dashed) accuracy")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
 fig.tight_layout()
 fig.savefig(out / "learning_rates.png")
 print(f"wrote {out / 'learning_rates.png'}")
