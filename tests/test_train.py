@@ -415,3 +415,28 @@ def test_metrics_of_a_resumed_run_keep_every_column_and_leave_no_temporary_file(
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert "test_acc_precise" in rows[0] and len(rows) == 3
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+@needs_data
+def test_a_full_disk_is_one_line_and_leaves_the_last_checkpoint_whole(tmp_path, capsys, monkeypatch):
+    import errno
+    from tinybn.app import cli
+
+    args = ["train", "--epochs", "2", "--train-subset", "1000", "--no-progress", "--no-plot", "--precise-bn", "0",
+            "--out", str(tmp_path / "r")]
+    monkeypatch.setattr(cli, "tune_process", lambda: None)     # this test's process is pytest's, not the CLI's
+    assert cli.main(args[:2] + ["1"] + args[3:]) == 0
+    saved = (tmp_path / "r" / "checkpoint.npz").read_bytes()
+    real = numpy.savez
+
+    def full(handle, **arrays):
+        real(handle, **arrays)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.numpy, "savez", full)
+    capsys.readouterr()
+    assert cli.main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: could not write to") and "No space left on device" in err and "\n" not in err, err
+    assert "unchanged" in err and (tmp_path / "r" / "checkpoint.npz").read_bytes() == saved
+    assert not list((tmp_path / "r").glob("*.tmp"))

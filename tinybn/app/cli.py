@@ -157,6 +157,11 @@ def run_train(args) -> int:
     except Diverged as error:
         print(f"\nerror: {error}. {checkpoint_words(checkpoint_path, started, config.resume)}", file=sys.stderr)
         return 3
+    except OSError as error:    # a full disk, a folder that became unwritable: files are replaced whole or not at all
+        what = error.strerror or str(error)
+        print(f"\nerror: could not write to {config.out} ({what}). "
+              f"{checkpoint_words(checkpoint_path, started, config.resume)}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -203,9 +208,9 @@ def main(argv=None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except OSError as error:       # a full disk, a folder that became unwritable: one line, not a traceback
+    except OSError as error:       # a file that cannot be read or written: one line, not a traceback
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
