@@ -75,3 +75,12 @@ def test_bn_stats_of_a_model_without_batch_norm_show_its_sigmoids(tmp_path, fash
     document = json.loads((tmp_path / "run" / "bn_stats.json").read_text())
     assert document["bn_layers"] == {} and len(document["sigmoid_saturation"]) == 4
     assert (tmp_path / "run" / "bn_stats.png").is_file()
+
+
+def test_bn_stats_switched_on_when_resuming_say_where_they_start(tmp_path, fashion):  # noqa: F811
+    train(config(tmp_path), log=quiet, data=fashion)
+    lines = []
+    train(config(tmp_path, epochs=2, resume=True, bn_stats=True), log=lines.append, data=fashion)
+    document = json.loads((tmp_path / "run" / "bn_stats.json").read_text())
+    assert document["first_epoch"] == 2 and len(document["epoch_ends"]) == 1
+    assert any("they start at epoch 2" in line for line in lines)

@@ -156,3 +156,14 @@ def test_float32_model_on_fashion_mnist_sized_values():
     recompute(model, [x[i:i + 256] for i in range(0, 4096, 256)])
     numpy.testing.assert_allclose(model[0].moving_mean.numpy(), x.astype(numpy.float64).mean(0), rtol=1e-6)
     numpy.testing.assert_allclose(model[0].moving_var.numpy(), x.astype(numpy.float64).var(0), rtol=2e-2)
+
+
+def test_batches_may_be_lists_foreign_arrays_or_empty():
+    torch = pytest.importorskip("torch")
+    model = dense_model()
+    data = numpy.random.default_rng(5).standard_normal((12, 5))
+    used = recompute(model, [(torch.from_numpy(data[:6]), None), data[6:].tolist(), numpy.zeros((0, 5))],
+                     numpy.int64(3))
+    assert used == 2                            # the empty batch is not counted
+    h = model[0](tinybn.tensor(data)).numpy()
+    numpy.testing.assert_allclose(model[1].moving_mean.numpy(), h.mean(0), rtol=1e-9)

@@ -216,7 +216,8 @@ def test_ctrl_c_says_truthfully_what_the_run_leaves(tmp_path):
     run = ["--epochs", "5", "--train-subset", "20000", "--out", str(tmp_path / "r")]
     rc, stderr = interrupt_cli_after("training", *run)
     assert rc == 130 and "No epoch finished in this run, so it wrote no checkpoint" in stderr, stderr
-    assert "Traceback" not in stderr and not (tmp_path / "r" / "checkpoint.npz").exists()
+    assert "Traceback" not in stderr and not (tmp_path / "r").exists()       # no empty folder left behind
+    assert all(line.strip() for line in stderr.splitlines()), stderr          # no blank line without a progress bar
     rc, stderr = interrupt_cli_after("epoch  1/5", *run)
     assert rc == 130 and "The checkpoint of the last complete epoch is" in stderr and "Traceback" not in stderr, stderr
     assert checkpoint.load(tmp_path / "r" / "checkpoint.npz")[2]["epoch"] >= 1
@@ -225,6 +226,8 @@ def test_ctrl_c_says_truthfully_what_the_run_leaves(tmp_path):
     rc, stderr = interrupt_cli_after("training", *run, "--overwrite")   # the earlier run is replaced at the start
     assert rc == 130 and "No epoch finished in this run, so it wrote no checkpoint" in stderr, stderr
     assert not (tmp_path / "r" / "checkpoint.npz").exists()
+    rc, stderr = interrupt_cli_after("epoch  1/5", *run, "--overwrite")
+    assert rc == 130 and "the same command with --resume in place of --overwrite continues" in stderr, stderr
 
 
 def test_sgd_refuses_unusable_settings_and_foreign_states():
@@ -284,6 +287,11 @@ def test_resume_names_changed_settings_and_takes_them_only_when_told(tmp_path, f
     train(config(tmp_path, epochs=2, resume=True, lr=0.5, override_config=True), log=lines.append, data=fashion)
     assert any("resuming with changed settings: --lr 1.0 -> 0.5" in line for line in lines)
     train(config(tmp_path, epochs=3, resume=True, lr=0.5), log=quiet, data=fashion)   # more epochs need no override
+    cosine = config(tmp_path, out=str(tmp_path / "cosine"), schedule="cosine")
+    train(cosine, log=quiet, data=fashion)
+    with pytest.raises(ValueError, match=r"--epochs 1 -> 2 \(the cosine schedule spans the epochs\)"):
+        train(config(tmp_path, out=str(tmp_path / "cosine"), schedule="cosine", epochs=2, resume=True), log=quiet,
+              data=fashion)
 
 
 @needs_data
@@ -383,11 +391,15 @@ def test_eval_reports_moving_and_precise_accuracies(tmp_path):
     path = str(tmp_path / "r" / "checkpoint.npz")
     saved = run_cli("eval", path)
     assert saved.returncode == 0 and "(moving averages) /" in saved.stdout and "(precise BN)" in saved.stdout
-    fresh = run_cli("eval", path, "--precise-bn", "2")
-    assert fresh.returncode == 0 and "(precise BN)" in fresh.stdout, fresh.stderr
+    assert "after 1 epoch," in saved.stdout
+    fresh = run_cli("eval", path, "--precise-bn", "3")      # recomputed from the run's own 2,000 training images
+    assert fresh.returncode == 0 and fresh.stdout == saved.stdout, (fresh.stdout, saved.stdout)
     plain = run_cli("train", "--model", "lenet", "--epochs", "1", "--train-subset", "500", "--no-progress",
                     "--no-plot", "--out", str(tmp_path / "p"))
-    assert plain.returncode == 0 and "no batch norm" in plain.stdout
+    assert plain.returncode == 0 and "no batch norm" not in plain.stdout     # precise BN is off by default there
+    explicit = run_cli("train", "--model", "lenet", "--epochs", "1", "--train-subset", "500", "--no-progress",
+                       "--no-plot", "--precise-bn", "5", "--out", str(tmp_path / "q"))
+    assert explicit.returncode == 0 and "no batch norm" in explicit.stdout
     refused = run_cli("eval", str(tmp_path / "p" / "checkpoint.npz"), "--precise-bn", "2")
     assert refused.returncode == 2 and "no batch norm" in refused.stderr
 

@@ -25,8 +25,8 @@ SATURATED = (0.05, 0.95)
 class BNStatsRecorder:
     """Records, through forward hooks, what every BN layer and sigmoid of ``model`` sees in training mode."""
 
-    def __init__(self, model, channels: int = 3):
-        self.channels = channels
+    def __init__(self, model, channels: int = 3, first_epoch: int = 1):
+        self.channels, self.first_epoch = channels, first_epoch
         self.bn = [(name, module) for name, module in model.named_modules() if isinstance(module, (BatchNorm, BatchNorm1d))]
         self.sigmoids = [(name, module) for name, module in model.named_modules() if isinstance(module, Sigmoid)]
         self.steps = 0                       # training steps recorded so far (over every epoch)
@@ -85,17 +85,21 @@ class BNStatsRecorder:
             self.layers[name]["beta"].append(backend.to_numpy(module.beta.data).reshape(-1).astype(float).tolist())
 
     def to_json(self) -> dict:
-        return {"channels": self.channels, "saturated_below_or_above": list(SATURATED), "epoch_ends": self.epoch_ends,
+        return {"channels": self.channels, "saturated_below_or_above": list(SATURATED), "first_epoch": self.first_epoch,
+                "epoch_ends": self.epoch_ends,
                 "bn_layers": self.layers, "sigmoid_saturation": self.saturation}
 
-    def load(self, document: dict) -> bool:
-        """Start from an earlier run's records (as :meth:`to_json` wrote them), for ``--resume``; False (and
-        nothing taken) when they do not describe this model."""
+    def load(self, document: dict, epochs_done: int) -> bool:
+        """Start from an earlier run's records (as :meth:`to_json` wrote them), for ``--resume`` after
+        ``epochs_done`` epochs; False (and nothing taken) unless they describe this model's epochs 1 to
+        ``epochs_done`` exactly."""
         try:
             layers, saturation = document["bn_layers"], document["sigmoid_saturation"]
             if (document["channels"] != self.channels or set(layers) != set(self.layers)
-                    or set(saturation) != set(self.saturation)):
+                    or set(saturation) != set(self.saturation) or document.get("first_epoch", 1) != 1
+                    or len(document["epoch_ends"]) != epochs_done):
                 return False
+            self.first_epoch = 1
             self.epoch_ends = [int(end) for end in document["epoch_ends"]]
             self.layers = {name: {key: list(layers[name][key]) for key in record} for name, record in self.layers.items()}
             self.saturation = {name: list(saturation[name]) for name in self.saturation}
@@ -114,19 +118,22 @@ def plot(document: dict, path: Path, title: str = "") -> bool:
         return False
     layers = document["bn_layers"]
     ends = document["epoch_ends"]
+    first = document.get("first_epoch", 1)
+    if not layers:          # no batch norm: the sigmoids' saturation is the whole story
+        fig = Figure(figsize=(6, 3.6), dpi=110)
+        _saturation_panel(fig.subplots(), document, first)
+        fig.suptitle(title + "\n(no batch-norm layer)" if title else "no batch-norm layer", fontsize=9)
+        fig.tight_layout()
+        from .train import replace_atomically
+        replace_atomically(Path(path), fig.savefig, mode="wb")
+        return True
     columns = max(len(layers), 3)
     fig = Figure(figsize=(3.1 * columns, 7.8), dpi=110)
     axes = fig.subplots(3, columns, squeeze=False)
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
 
     def epochs_of(count):
-        """Each step's position in epochs (step k of epoch e is e − 1 + k / steps in that epoch)."""
-        positions, start = [], 0
-        for epoch, end in enumerate(ends):
-            n = max(end - start, 1)
-            positions += [epoch + (k + 1) / n for k in range(end - start)]
-            start = end
-        return positions[:count] + [float(len(ends))] * max(0, count - len(positions))
+        return step_positions(ends, first, count)
 
     for column, (name, record) in enumerate(layers.items()):
         for row, (batch, moving, label) in enumerate((("batch_mean", "moving_mean", "mean"),
@@ -149,26 +156,14 @@ def plot(document: dict, path: Path, title: str = "") -> bool:
         axes[0][column].axis("off")
         axes[1][column].axis("off")
 
-    ax = axes[2][0]
-    for name, values in document["sigmoid_saturation"].items():
-        if values:
-            ax.plot(epochs_of(len(values)), values, linewidth=0.8, label=f"sigmoid {name}")
-    low, high = document["saturated_below_or_above"]
-    ax.set_title(f"sigmoid outputs < {low} or > {high}", fontsize=9)
-    ax.set_ylabel("fraction of outputs", fontsize=8)
-    ax.set_xlabel("epoch", fontsize=8)
-    ax.set_ylim(bottom=0)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-    if document["sigmoid_saturation"]:
-        ax.legend(fontsize=6)
+    _saturation_panel(axes[2][0], document, first)
     for ax, key in ((axes[2][1], "gamma"), (axes[2][2], "beta")):
         for column, (name, record) in enumerate(layers.items()):
             values = record[key]
             if not values:
                 continue
-            epochs = numpy.arange(1, len(values) + 1)
+            epochs = numpy.arange(first, first + len(values))
+            ax.set_xlim(first - 0.5, first + len(values) - 0.5)
             mean = numpy.array([numpy.mean(v) for v in values])
             low_, high_ = numpy.array([numpy.min(v) for v in values]), numpy.array([numpy.max(v) for v in values])
             color = colors[column % len(colors)]
@@ -191,6 +186,36 @@ def plot(document: dict, path: Path, title: str = "") -> bool:
     from .train import replace_atomically
     replace_atomically(Path(path), fig.savefig, mode="wb")
     return True
+
+
+def step_positions(ends: list[int], first_epoch: int, count: int) -> list[float]:
+    """Each recorded step's position in epochs: step k (from 1) of epoch e of n steps is at e − 1 + k / n."""
+    positions, start = [], 0
+    for offset, end in enumerate(ends):
+        n = max(end - start, 1)
+        positions += [first_epoch - 1 + offset + (k + 1) / n for k in range(end - start)]
+        start = end
+    last = float(first_epoch - 1 + len(ends))
+    return positions[:count] + [last] * max(0, count - len(positions))
+
+
+def _saturation_panel(ax, document: dict, first: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for name, values in document["sigmoid_saturation"].items():
+        if values:
+            ax.plot(step_positions(document["epoch_ends"], first, len(values)), values, linewidth=0.8,
+                    label=f"sigmoid {name}")
+    low, high = document["saturated_below_or_above"]
+    ax.set_title(f"sigmoid outputs < {low} or > {high}", fontsize=9)
+    ax.set_ylabel("fraction of outputs", fontsize=8)
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if document["sigmoid_saturation"]:
+        ax.legend(fontsize=6)
 
 
 def write(recorder: BNStatsRecorder, out: Path, title: str = "") -> None:

@@ -15,46 +15,25 @@ from .data import DataError
 from .models import MODELS
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def argument(convert, accept, wanted: str):
+    """An argparse type: ``convert(text)``, refused with "must be WANTED, got TEXT" unless ``accept(value)``."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+    return parse
 
 
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, got {text}")
-    return value
-
-
-def momentum_value(text):
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text}")
-    return value
-
-
-def at_least_two(text):
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2 images (batch norm needs 2 per batch), got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
+positive_int = argument(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = argument(int, lambda v: v >= 0, "a whole number of at least 0")
+at_least_two = argument(int, lambda v: v >= 2, "at least 2 images (batch norm needs 2 per batch)")
+positive_float = argument(float, lambda v: v > 0 and math.isfinite(v), "a positive finite number")
+non_negative_float = argument(float, lambda v: v >= 0 and math.isfinite(v), "a finite number of at least 0")
+momentum_value = argument(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 
 
 class Help(argparse.HelpFormatter):
@@ -92,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--momentum", type=momentum_value, default=0.0, help="SGD momentum")
     train.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="L2 penalty added to every gradient, times the weight")
     train.add_argument("--train-subset", type=at_least_two, default=None, help="use only the first N training images")
-    train.add_argument("--precise-bn", type=non_negative_int, default=50, metavar="N",
+    train.add_argument("--precise-bn", type=non_negative_int, default=None, metavar="N",
                        help="after every epoch, also report the accuracy with BN statistics recomputed over N "
-                            "training batches (precise BN; 0: off); the final model and checkpoint keep them")
+                            "training batches (precise BN; 0: off); the final model and checkpoint keep them "
+                            "(default: 50 for the models with batch norm)")
     train.add_argument("--val-size", type=non_negative_int, default=0, metavar="N",
                        help="hold out N random training images for validation")
     train.add_argument("--keep-best", action="store_true",
@@ -135,52 +115,59 @@ def run_train(args) -> int:
     from .data import load_fashion_mnist
     from .train import Diverged, TrainConfig, prepare_output, train
 
+    precise_bn = args.precise_bn if args.precise_bn is not None else (0 if args.model == "lenet" else 50)
     config = TrainConfig(model=args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          device=args.device, seed=args.seed, out=args.out or f"runs/{args.model}", resume=args.resume,
                          data=args.data, download=args.download, schedule=args.schedule, momentum=args.momentum,
                          weight_decay=args.weight_decay, train_subset=args.train_subset,
-                         progress=not args.no_progress, plot=not args.no_plot, precise_bn=args.precise_bn,
+                         progress=not args.no_progress, plot=not args.no_plot, precise_bn=precise_bn,
                          val_size=args.val_size, keep_best=args.keep_best, overwrite=args.overwrite,
                          override_config=args.override_config, bn_stats=args.bn_stats)
     # everything that can be wrong with the arguments is reported before the process is tuned or a step is run
     resolve_device(config.device)
-    checkpoint_path = prepare_output(config.out, config.resume, config.overwrite) / "checkpoint.npz"
+    out = prepare_output(config.out, config.resume, config.overwrite)
+    created = not out.exists()
     data = load_fashion_mnist(config.data, allow_download=config.download)
     tune_process()
     started = time.time()
+    stop = "\n" if config.progress else ""     # ends a progress bar's line first
     try:
         with numpy.errstate(all="ignore"):  # a diverging run overflows; the divergence guard says so in one line
             train(config, data=data)
+        return 0
     except KeyboardInterrupt:
-        print(f"\ninterrupted. {checkpoint_words(checkpoint_path, started, config.resume)}", file=sys.stderr)
+        print(f"{stop}interrupted. {checkpoint_words(out / 'checkpoint.npz', started, config)}", file=sys.stderr)
         return 130
     except Diverged as error:
-        print(f"\nerror: {error}. {checkpoint_words(checkpoint_path, started, config.resume)}", file=sys.stderr)
+        print(f"{stop}error: {error}. {checkpoint_words(out / 'checkpoint.npz', started, config)}", file=sys.stderr)
         return 3
     except OSError as error:    # a full disk, a folder that became unwritable: files are replaced whole or not at all
-        what = error.strerror or str(error)
-        print(f"\nerror: could not write to {config.out} ({what}). "
-              f"{checkpoint_words(checkpoint_path, started, config.resume)}", file=sys.stderr)
+        print(f"{stop}error: could not write to {out} ({error.strerror or error}). "
+              f"{checkpoint_words(out / 'checkpoint.npz', started, config)}", file=sys.stderr)
         return 2
-    return 0
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()                       # a run stopped before it wrote anything leaves no empty folder
 
 
-def checkpoint_words(path, started: float, resumed: bool) -> str:
+def checkpoint_words(path, started: float, config) -> str:
     """What a stopped run leaves behind to continue from, said truthfully."""
     try:
         written = os.path.getmtime(path) >= started
     except OSError:
         return "No epoch finished in this run, so it wrote no checkpoint."
     if written:
-        return f"The checkpoint of the last complete epoch is {path}; the same command plus --resume continues from it."
-    if resumed:
+        how = ("the same command with --resume in place of --overwrite" if config.overwrite
+               else "the same command" + ("" if config.resume else " plus --resume"))
+        return f"The checkpoint of the last complete epoch is {path}; {how} continues from it."
+    if config.resume:
         return f"No epoch finished in this run; {path} is unchanged, and --resume continues from it again."
     return (f"No epoch finished in this run; {path} is from an earlier run (--resume continues that run, "
             f"and a run without it starts afresh).")
 
 
 def run_eval(args) -> int:
-    from .train import accuracies, evaluate_checkpoint
+    from .train import accuracies, evaluate_checkpoint, plural
 
     from ..backend import resolve_device
 
@@ -189,13 +176,13 @@ def run_eval(args) -> int:
     tune_process()
     result, meta = evaluate_checkpoint(args.checkpoint, args.data, args.device, args.download,
                                        precise_bn=args.precise_bn)
-    print(f"{args.checkpoint}: {meta['config']['model']} after {meta['epoch']} epochs, {accuracies(result)}")
+    print(f"{args.checkpoint}: {meta['config']['model']} after {plural(meta['epoch'], 'epoch')}, {accuracies(result)}")
     return 0
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         from ..fast import parallel
         parallel.threads()  # a bad TINYBN_NUM_THREADS is reported now, in one line, not in the middle of a run
         if args.command == "train":
@@ -212,5 +199,5 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130

@@ -153,10 +153,12 @@ def config_changes(saved: dict, config: TrainConfig) -> list[str]:
     """The trajectory settings in which ``config`` differs from a checkpoint's, as "--lr 1 -> 0.5"."""
     defaults = TrainConfig()
     changes = []
-    for name in TRAJECTORY:
+    names = TRAJECTORY + (("epochs",) if "cosine" in (saved.get("schedule"), config.schedule) else ())
+    for name in names:       # the cosine schedule spans all the epochs: more epochs change every later rate
         before, now = saved.get(name, getattr(defaults, name)), getattr(config, name)
         if before != now:
-            changes.append(f"--{name.replace('_', '-')} {before} -> {now}")
+            changes.append(f"--{name.replace('_', '-')} {before} -> {now}"
+                           + (" (the cosine schedule spans the epochs)" if name == "epochs" else ""))
     return changes
 
 
@@ -375,25 +377,29 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
         history, start_epoch = meta["history"], meta["epoch"]
         log(f"resuming from {ckpt_path} after epoch {start_epoch}")
         if start_epoch >= config.epochs:
-            log(f"the checkpoint already has {start_epoch} epochs; ask for more with --epochs")
+            log(f"the checkpoint already has {plural(start_epoch, 'epoch')}; ask for more with --epochs")
+        if config.keep_best and history and any(best_by not in row for row in history):
+            log(f"--keep-best: the earlier epochs have no {best_by}, so the best is chosen among the epochs from "
+                f"now on")
 
     out.mkdir(parents=True, exist_ok=True)
     if not config.resume:             # a new run: what an earlier run left in the folder goes now, not later
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
-    recorder = BNStatsRecorder(model) if config.bn_stats else None
-    if recorder and config.resume and (out / "bn_stats.json").is_file():
+    recorder = BNStatsRecorder(model, first_epoch=start_epoch + 1) if config.bn_stats else None
+    if recorder and config.resume:
         try:
             earlier = json.loads((out / "bn_stats.json").read_text())
-        except ValueError:
+        except (OSError, ValueError):
             earlier = {}
-        if not recorder.load(earlier):
-            log(f"{out / 'bn_stats.json'} does not describe this model: its records start again from here")
+        if not recorder.load(earlier, start_epoch):
+            log(f"--bn-stats: no records of epochs 1 to {start_epoch} of this model in {out / 'bn_stats.json'}; "
+                f"they start at epoch {start_epoch + 1}")
     try:
         total_steps = config.epochs * len(train_loader)
         lr_at = lambda step: learning_rate(config.schedule, config.lr, step, total_steps)  # noqa: E731
         log(f"training {config.model} on {device}: {len(train_y)} train / {len(test_y)} test examples, "
-            f"batch {config.batch_size}, lr {config.lr:g} ({config.schedule}), {config.epochs} epochs")
+            f"batch {config.batch_size}, lr {config.lr:g} ({config.schedule}), {plural(config.epochs, 'epoch')}")
         check_every = 1 if device == "cpu" else 25
         for epoch in range(start_epoch + 1, config.epochs + 1):
             started = time.perf_counter()
@@ -444,11 +450,16 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
                     log(f"first BN layer beta:  {bn.beta.numpy().reshape(-1)}")
             if config.plot and plot_history(out / "metrics.png", history, f"{config.model}, lr {config.lr:g}", log):
                 log(f"wrote {out / 'metrics.png'}, {out / 'metrics.csv'}, {out / 'metrics.json'}, {ckpt_path}"
+                    + (f", {best_path}" if config.keep_best and best_path.exists() else "")
                     + (f", {out / 'bn_stats.png'}, {out / 'bn_stats.json'}" if recorder else ""))
         return {"history": history, "checkpoint": ckpt_path, "model": model}
     finally:
         if recorder:
             recorder.close()
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def accuracies(row: dict, digits: int = 4) -> str:
@@ -491,7 +502,9 @@ def evaluate_checkpoint(path, data_dir=None, device=None, download=False, batch_
     test_loader = DataLoader(test_x, test_y, batch_size, device=device)
     result = {"test_acc": evaluate(model, test_loader)}
     if precise_bn:
-        config = meta["config"]
+        config = meta["config"]      # the run's own training images: its subset, less its validation split
+        if config.get("train_subset"):
+            train_x, train_y = train_x[:config["train_subset"]], train_y[:config["train_subset"]]
         train_x, train_y, _, _ = split_validation(train_x, train_y, config.get("val_size", 0), config.get("seed", 0))
         batches = precise_batches(train_x, train_y, precise_bn, config.get("batch_size", 256), config.get("seed", 0),
                                   device)

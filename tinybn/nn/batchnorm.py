@@ -157,8 +157,9 @@ def recompute_batch_norm_statistics(model, batches, num_batches: int | None = No
     """Replace every batch-norm layer's moving mean and variance by the exact statistics of ``batches``.
 
     "Precise BN": with the weights frozen and no graph recorded, the model runs over ``batches``
-    (any iterable of inputs, tensors or arrays, or of ``(inputs, labels)`` pairs as a DataLoader
-    yields them; only the first ``num_batches`` when given). Each BN layer normalizes with each batch's
+    (any iterable of inputs, as tensors or anything ``numpy.asarray`` takes, or of ``(inputs, labels)``
+    tuples as a DataLoader yields them; only the first ``num_batches`` when given; empty batches are
+    skipped). Each BN layer normalizes with each batch's
     own statistics, as in training, and its new moving statistics are the mean and the (biased)
     variance of every value it saw, over all the batches together:
 
@@ -169,10 +170,11 @@ def recompute_batch_norm_statistics(model, batches, num_batches: int | None = No
     per-batch variances would miss. The layers other than batch norm run in prediction mode (no
     dropout), as they will when these statistics are used. ``num_batches_tracked`` is left as it is.
 
-    Every layer's and the model's mode is restored, and nothing changes unless the whole pass
-    succeeds. A layer that no batch reached keeps its statistics. Returns the number of batches used.
+    Every layer's and the model's mode is restored, and no statistic changes unless the whole pass
+    succeeds (a lazy layer takes its size from the first batch, as on any first call). A layer that no
+    batch reached keeps its statistics. Returns the number of batches used.
     """
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, (int, numpy.integer))
                                     or num_batches < 1):
         raise ValueError(f"num_batches must be a whole number of at least 1 or None (all), got {num_batches!r}")
     layers = [module for module in model.modules() if isinstance(module, _BatchNormBase)]
@@ -202,9 +204,15 @@ def recompute_batch_norm_statistics(model, batches, num_batches: int | None = No
             object.__setattr__(layer, "training", True)
             object.__setattr__(layer, "_statistics_sink", sink)
         with no_grad():
-            for batch in (batches if num_batches is None else itertools.islice(batches, num_batches)):
-                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-                model(inputs if isinstance(inputs, Tensor) else Tensor(inputs))
+            for batch in (batches if num_batches is None else itertools.islice(batches, int(num_batches))):
+                inputs = batch[0] if isinstance(batch, tuple) else batch
+                if not isinstance(inputs, Tensor):
+                    device_array = hasattr(inputs, "__cuda_array_interface__") and not hasattr(inputs, "numpy")
+                    inputs = Tensor(inputs if isinstance(inputs, numpy.ndarray) or device_array
+                                    else numpy.asarray(inputs))
+                if inputs.shape and inputs.shape[0] == 0:
+                    continue                  # an empty batch has no statistics, and is not counted
+                model(inputs)
                 used += 1
     finally:
         for layer in layers:
