@@ -206,10 +206,10 @@ def recompute_batch_norm_statistics(model, batches, num_batches: int | None = No
         with no_grad():
             for batch in (batches if num_batches is None else itertools.islice(batches, int(num_batches))):
                 inputs = batch[0] if isinstance(batch, tuple) else batch
-                if not isinstance(inputs, Tensor):
+                if not isinstance(inputs, Tensor):   # an array or a list: onto the model's device, as a tensor
                     device_array = hasattr(inputs, "__cuda_array_interface__") and not hasattr(inputs, "numpy")
-                    inputs = Tensor(inputs if isinstance(inputs, numpy.ndarray) or device_array
-                                    else numpy.asarray(inputs))
+                    inputs = Tensor(backend.to_device(inputs if isinstance(inputs, numpy.ndarray) or device_array
+                                                      else numpy.asarray(inputs), model.device))
                 if inputs.shape and inputs.shape[0] == 0:
                     continue                  # an empty batch has no statistics, and is not counted
                 model(inputs)
