@@ -84,3 +84,15 @@ def test_bn_stats_switched_on_when_resuming_say_where_they_start(tmp_path, fashi
     document = json.loads((tmp_path / "run" / "bn_stats.json").read_text())
     assert document["first_epoch"] == 2 and len(document["epoch_ends"]) == 1
     assert any("they start at epoch 2" in line for line in lines)
+
+
+def test_the_recorder_works_on_every_device(device):
+    tinybn.manual_seed(0)
+    model = models.build_model("lenet-bn").to(device)
+    recorder = BNStatsRecorder(model)
+    x = tinybn.tensor(numpy.random.default_rng(1).random((8, 1, 28, 28), dtype=numpy.float32), device=device)
+    model(x)
+    recorder.end_epoch()
+    assert len(recorder.layers["1"]["batch_mean"]) == 1 and len(recorder.layers["1"]["gamma"][0]) == 6
+    assert 0.0 <= recorder.saturation["2"][0] <= 1.0
+    recorder.close()

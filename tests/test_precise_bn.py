@@ -167,3 +167,16 @@ def test_batches_may_be_lists_foreign_arrays_or_empty():
     assert used == 2                            # the empty batch is not counted
     h = model[0](tinybn.tensor(data)).numpy()
     numpy.testing.assert_allclose(model[1].moving_mean.numpy(), h.mean(0), rtol=1e-9)
+
+
+def test_on_every_device_the_statistics_stay_there_and_match_the_host(device):
+    """On the strict CuPy stand-in, any host array mixed into the pass raises; the values match NumPy's."""
+    data = numpy.random.default_rng(6).standard_normal((24, 5))
+    results = {}
+    for where in ("cpu", device):
+        model = dense_model().to(where)
+        used = recompute(model, [data[:10], tinybn.tensor(data[10:], device=where)])
+        assert used == 2 and model[1].moving_mean.device == tinybn.backend.resolve_device(where)[0]
+        results[where] = [model[i].moving_var.numpy() for i in (1, 5)]
+    for host, other in zip(results["cpu"], results[device]):
+        numpy.testing.assert_allclose(other, host, rtol=1e-12)
