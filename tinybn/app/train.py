@@ -429,7 +429,7 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
                 checkpoint.save(best_path, model, optimizer, {**meta, "best_by": best_by}, statistics)
             write_metrics(out, config, history)
             if recorder:
-                write_bn_stats(recorder, out, f"{config.model}, lr {config.lr:g}: batch statistics and moving averages")
+                write_bn_stats(recorder, out, f"{config.model}, lr {config.lr:g}")
             # said once the epoch is saved: a run stopped after this line continues from this epoch with --resume
             log(f"epoch {epoch:2d}/{config.epochs}: train loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, "
                 f"{accuracies(row)}, {row['examples_per_sec']:.0f} examples/sec" + (" (best so far)" if best else ""))
