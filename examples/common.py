@@ -152,7 +152,8 @@ def plot_band(ax, result: dict, key: str, label: str, **style) -> None:
     if found is None:
         return
     epochs, mean, low, high = found
-    line, = ax.plot(epochs, mean, marker="o", markersize=3, label=label, **style)
+    style.setdefault("marker", "o")
+    line, = ax.plot(epochs, mean, markersize=3, label=label, **style)
     ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.18, linewidth=0)
 
 
@@ -174,11 +175,14 @@ def compare_plot(path: Path, results: list[dict], title: str, seeds: int) -> Non
 
     fig = Figure(figsize=(10, 3.8), dpi=120)
     left, right = fig.subplots(1, 2)
-    for result in results:
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]    # lines that coincide stay visible
+    for index, result in enumerate(results):
         label = f"{result['label']} (lr {result['lr']:g})"
-        plot_band(left, result, "train_acc", label)
+        linestyle, marker = styles[index % len(styles)]
+        plot_band(left, result, "train_acc", label, linestyle=linestyle, marker=marker)
         key = test_key(result)
-        plot_band(right, result, key, label + (", precise BN" if key == "test_acc_precise" else ""))
+        plot_band(right, result, key, label + (", precise BN" if key == "test_acc_precise" else ""),
+                  linestyle=linestyle, marker=marker)
     accuracy_axes(left, "training accuracy (training mode)")
     accuracy_axes(right, "test accuracy (prediction mode; precise BN where the model has BN)")
     handles, labels = left.get_legend_handles_labels()
