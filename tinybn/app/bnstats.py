@@ -18,6 +18,7 @@ import numpy
 
 from .. import backend
 from ..nn import BatchNorm, BatchNorm1d, Sigmoid
+from .checkpoint import replace_atomically
 
 SATURATED = (0.05, 0.95)
 
@@ -113,20 +114,28 @@ def plot(document: dict, path: Path, title: str = "") -> bool:
     then the sigmoids' saturation and γ and β per epoch."""
     try:
         from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
-    layers = document["bn_layers"]
-    ends = document["epoch_ends"]
     first = document.get("first_epoch", 1)
-    if not layers:          # no batch norm: the sigmoids' saturation is the whole story
+    if not document["bn_layers"]:          # no batch norm: the sigmoids' saturation is the whole story
         fig = Figure(figsize=(6, 3.6), dpi=110)
         _saturation_panel(fig.subplots(), document, first)
-        fig.suptitle(title + "\n(no batch-norm layer)" if title else "no batch-norm layer", fontsize=9)
-        fig.tight_layout()
-        from .train import replace_atomically
-        replace_atomically(Path(path), fig.savefig, mode="wb")
-        return True
+        heading = "(no batch-norm layer)"
+    else:
+        fig, heading = _layer_panels(document, first)
+    fig.suptitle((title + "\n" if title else "") + heading, fontsize=9)
+    fig.tight_layout()
+    replace_atomically(Path(path), fig.savefig, mode="wb")
+    return True
+
+
+def _layer_panels(document: dict, first: int):
+    """Rows 1 and 2: each BN layer's batch and moving statistics; row 3: saturation, γ and β. Returns the
+    figure and the heading that explains its lines."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    layers, ends = document["bn_layers"], document["epoch_ends"]
     columns = max(len(layers), 3)
     fig = Figure(figsize=(3.1 * columns, 7.8), dpi=110)
     axes = fig.subplots(3, columns, squeeze=False)
@@ -180,12 +189,8 @@ def plot(document: dict, path: Path, title: str = "") -> bool:
     for column in range(3, columns):
         axes[2][column].axis("off")
     shown = ", ".join(f"{color.split(':')[1]} = channel {c}" for c, color in enumerate(colors[:document["channels"]]))
-    fig.suptitle((title + "\n" if title else "") + f"top rows: thin lines are each training batch's statistics, thick "
-                 f"lines the layer's moving averages after that step ({shown})", fontsize=9)
-    fig.tight_layout()
-    from .train import replace_atomically
-    replace_atomically(Path(path), fig.savefig, mode="wb")
-    return True
+    return fig, (f"top rows: thin lines are each training batch's statistics, thick lines the layer's moving "
+                 f"averages after that step ({shown})")
 
 
 def step_positions(ends: list[int], first_epoch: int, count: int) -> list[float]:
@@ -219,7 +224,6 @@ def _saturation_panel(ax, document: dict, first: int) -> None:
 
 
 def write(recorder: BNStatsRecorder, out: Path, title: str = "") -> None:
-    from .train import replace_atomically
     document = recorder.to_json()
     replace_atomically(out / "bn_stats.json", lambda handle: handle.write(json.dumps(document)))
     plot(document, out / "bn_stats.png", title)

@@ -28,18 +28,24 @@ def save(path, model, optimizer, meta: dict, precise: dict | None = None) -> Pat
         raise ValueError(f"not saving a checkpoint to {path}: {', '.join(bad)} hold NaN or infinite values")
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays["meta"] = numpy.frombuffer(json.dumps(meta).encode(), dtype=numpy.uint8)
+    replace_atomically(path, lambda out: numpy.savez(out, **arrays), mode="wb")
+    return path
+
+
+def replace_atomically(path: Path, write, mode: str = "w") -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, then move it into place: a reader, or a run
+    stopped halfway, sees the old file or the new one, never half of one. (Checkpoints, metrics and plots.)"""
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        with os.fdopen(handle, "wb") as out:
-            numpy.savez(out, **arrays)
+        with open(handle, mode, **({"newline": ""} if "b" not in mode else {})) as out:
+            write(out)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes it 0600; a checkpoint is an ordinary file
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes it 0600; these are ordinary files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
 
 
 def load(path) -> tuple[dict, dict, dict]:
