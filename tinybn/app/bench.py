@@ -20,7 +20,6 @@ Each tinybn process sets glibc's allocator thresholds as the ``tinybn`` command 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -35,39 +34,30 @@ from .. import functional as F
 from ..autograd import Tensor, no_grad
 from ..fast import blas
 from ..optim import SGD
+from .cli import positive_int
 from .models import MODELS, build_model
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", choices=MODELS, default="lenet-bn", help="the model to time")
-    parser.add_argument("--batch-size", type=_positive, default=256, help="images per step")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per step")
     parser.add_argument("--device", default=None, help="cpu, gpu, cuda:N (default: $TINYBN_DEVICE or cpu)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the dtype of the weights and images")
-    parser.add_argument("--repeats", type=_positive, default=7,
+    parser.add_argument("--repeats", type=positive_int, default=7,
                         help="fresh processes per framework (pairs with --compare); the median is reported")
-    parser.add_argument("--steps", type=_positive, default=10, help="steps per timed block")
-    parser.add_argument("--blocks", type=_positive, default=3,
+    parser.add_argument("--steps", type=positive_int, default=10, help="steps per timed block")
+    parser.add_argument("--blocks", type=positive_int, default=3,
                         help="timed blocks per process; a process reports its fastest block")
-    parser.add_argument("--warmup", type=_positive, default=3, help="untimed steps first, in each process")
+    parser.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first, in each process")
     parser.add_argument("--compare", choices=("torch",), default=None,
                         help="also run PyTorch, alternating fresh processes with tinybn's")
     parser.add_argument("--torch-variant", choices=("builtin", "scratch"), default="builtin",
                         help="PyTorch side: nn.BatchNorm2d/1d, or the chapter's from-scratch BN")
-    parser.add_argument("--threads", type=_positive, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="threads for tinybn, BLAS and PyTorch (default: $TINYBN_NUM_THREADS or every core)")
     parser.add_argument("--profile", action="store_true", help="per-operation forward/backward times")
     parser.add_argument("--no-fast", action="store_true",
                         help="run tinybn's readable reference kernels only (same as TINYBN_FAST=0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
 
 
 def sample_batch(batch_size: int):

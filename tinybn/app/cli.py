@@ -28,7 +28,7 @@ def argument(convert, accept, wanted: str):
     return parse
 
 
-positive_int = argument(int, lambda v: v >= 1, "a positive integer")
+positive_int = argument(int, lambda v: v >= 1, "a positive whole number (at least 1)")
 non_negative_int = argument(int, lambda v: v >= 0, "a whole number of at least 0")
 at_least_two = argument(int, lambda v: v >= 2, "at least 2 images (batch norm needs 2 per batch)")
 positive_float = argument(float, lambda v: v > 0 and math.isfinite(v), "a positive finite number")
@@ -115,12 +115,11 @@ def run_train(args) -> int:
     from .data import load_fashion_mnist
     from .train import Diverged, TrainConfig, prepare_output, train
 
-    precise_bn = args.precise_bn if args.precise_bn is not None else (0 if args.model == "lenet" else 50)
     config = TrainConfig(model=args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          device=args.device, seed=args.seed, out=args.out or f"runs/{args.model}", resume=args.resume,
                          data=args.data, download=args.download, schedule=args.schedule, momentum=args.momentum,
                          weight_decay=args.weight_decay, train_subset=args.train_subset,
-                         progress=not args.no_progress, plot=not args.no_plot, precise_bn=precise_bn,
+                         progress=not args.no_progress, plot=not args.no_plot, precise_bn=args.precise_bn,
                          val_size=args.val_size, keep_best=args.keep_best, overwrite=args.overwrite,
                          override_config=args.override_config, bn_stats=args.bn_stats)
     # everything that can be wrong with the arguments is reported before the process is tuned or a step is run
