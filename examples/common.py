@@ -16,7 +16,7 @@ import numpy
 
 import tinybn
 from tinybn.app.data import load_fashion_mnist
-from tinybn.app.train import Diverged, TrainConfig, train
+from tinybn.app.train import Diverged, TrainConfig, accuracies, train
 
 
 def parser(description: str, epochs: int = 10) -> argparse.ArgumentParser:
@@ -67,15 +67,8 @@ def run_variant(args, data, out, label: str, build, lr: float | None = None) -> 
         result["runs"].append({"seed": seed, "history": history, "diverged": diverged})
         last = history[-1] if history else {}
         print(f"-- {label}, lr {lr:g}, seed {seed}: " + (f"diverged at {diverged}" if diverged else
-              f"train acc {last['train_acc']:.3f}, {test_words(last)}"), flush=True)
+              f"train acc {last['train_acc']:.3f}, {accuracies(last, 3)}"), flush=True)
     return result
-
-
-def test_words(row: dict) -> str:
-    words = f"test acc {row['test_acc']:.3f}"
-    if "test_acc_precise" in row:
-        words += f" (moving averages) / {row['test_acc_precise']:.3f} (precise BN)"
-    return words
 
 
 def test_key(result: dict) -> str:
@@ -87,6 +80,12 @@ def test_key(result: dict) -> str:
 def finished(result: dict) -> list[list[dict]]:
     """The histories of the runs that did not diverge."""
     return [run["history"] for run in result["runs"] if not run["diverged"] and run["history"]]
+
+
+def final_test(result: dict) -> list[float]:
+    """Each finished run's last test accuracy (precise BN where the model has batch norm)."""
+    key = test_key(result)
+    return [history[-1][key] for history in finished(result)]
 
 
 def band(result: dict, key: str):
@@ -137,12 +136,8 @@ def best_rate(label: str, default: float, sweep: Path = Path("runs/examples/lear
     """The rate at which ``label`` reached the best mean final test accuracy in the learning-rate sweep."""
     if not sweep.is_file():
         return default
-    scored = []
-    for result in json.loads(sweep.read_text())["results"]:
-        histories = finished(result)
-        if result["label"] == label and histories:
-            key = test_key(result)
-            scored.append((numpy.mean([history[-1][key] for history in histories]), result["lr"]))
+    scored = [(numpy.mean(final_test(result)), result["lr"]) for result in json.loads(sweep.read_text())["results"]
+              if result["label"] == label and final_test(result)]
     return max(scored)[1] if scored else default
 
 

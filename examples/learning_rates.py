@@ -39,18 +39,13 @@ else:
                 break                                    # every seed diverged: larger rates will too
 
 
-def final(result):
-    histories = common.finished(result)
-    key = common.test_key(result)
-    return [history[-1][key] for history in histories]
-
-
+scores = {name: {r["lr"]: common.final_test(r) for r in results} for name, results in sweeps.items()}
 answers = {}
-for name, results in sweeps.items():
-    trained = [r["lr"] for r in results if final(r) and numpy.mean(final(r)) >= args.target]
+for name, by_rate in scores.items():
+    trained = [lr for lr, values in by_rate.items() if values and numpy.mean(values) >= args.target]
     largest = max(trained) if trained else None
-    failed = [r["lr"] for r in results if (not final(r) or numpy.mean(final(r)) <= 0.2)
-              and (largest is None or r["lr"] > largest)]
+    failed = [lr for lr, values in by_rate.items() if (not values or numpy.mean(values) <= 0.2)
+              and (largest is None or lr > largest)]
     answers[name] = {"largest rate reaching the target": largest,
                      "smallest larger rate that fails": min(failed) if failed else None}
 rows = [common.summary(r) for results in sweeps.values() for r in results]
@@ -66,8 +61,8 @@ from matplotlib.figure import Figure  # noqa: E402
 fig = Figure(figsize=(14, 4.8), dpi=110)
 sweep_ax, *curve_axes = fig.subplots(1, 3)
 for (name, results), marker in zip(sweeps.items(), ("s", "o")):
-    rates = [r["lr"] for r in results if final(r)]
-    values = [final(r) for r in results if final(r)]
+    rates = [lr for lr, values in scores[name].items() if values]
+    values = [values for values in scores[name].values() if values]
     if values:
         mean = numpy.array([numpy.mean(v) for v in values])
         low = numpy.maximum(mean - numpy.array([min(v) for v in values]), 0)     # rounding can make them -1e-17

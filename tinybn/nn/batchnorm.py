@@ -159,9 +159,9 @@ def recompute_batch_norm_statistics(model, batches, num_batches: int | None = No
     "Precise BN": with the weights frozen and no graph recorded, the model runs over ``batches``
     (any iterable of inputs, as tensors or anything ``numpy.asarray`` takes, or of ``(inputs, labels)``
     tuples as a DataLoader yields them; only the first ``num_batches`` when given; empty batches are
-    skipped). Each BN layer normalizes with each batch's
-    own statistics, as in training, and its new moving statistics are the mean and the (biased)
-    variance of every value it saw, over all the batches together:
+    skipped). Each BN layer normalizes with each batch's own statistics, as in training, and its new
+    moving statistics are the mean and the (biased) variance of every value it saw, over all the
+    batches together:
 
         μ = (1/M) Σ_values x,        σ² = (1/M) Σ_values (x − μ)²,        M = values per channel
 
