@@ -21,10 +21,11 @@ def dense_model():
                          nn.Dropout(0.5), nn.Linear(4, 3, dtype=numpy.float64), nn.BatchNorm(3, 2, dtype=numpy.float64))
 
 
-def conv_model():
+def conv_model(channels=3):
     tinybn.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 3, 3, dtype=numpy.float64), nn.BatchNorm2d(dtype=numpy.float64), nn.ReLU(),
-                         nn.Conv2d(3, 2, 2, stride=2, dtype=numpy.float64), nn.BatchNorm(2, 4, dtype=numpy.float64))
+    return nn.Sequential(nn.Conv2d(2, channels, 3, dtype=numpy.float64), nn.BatchNorm2d(dtype=numpy.float64),
+                         nn.ReLU(), nn.Conv2d(channels, 1, 2, stride=2, dtype=numpy.float64),
+                         nn.BatchNorm(1, 4, dtype=numpy.float64))
 
 
 def cut(data, sizes):
@@ -62,10 +63,10 @@ def bn_inputs(model, batches):
 
 @budget(40)
 @given(n=st.integers(2, 40), sizes=st.lists(st.integers(1, 13), min_size=1, max_size=6), seed=st.integers(0, 2**31),
-       conv=st.booleans(), layout=st.sampled_from(LAYOUTS))
-def test_statistics_are_those_of_all_the_values_seen(n, sizes, seed, conv, layout):
+       conv=st.booleans(), channels=st.integers(1, 3), layout=st.sampled_from(LAYOUTS))
+def test_statistics_are_those_of_all_the_values_seen(n, sizes, seed, conv, channels, layout):
     rng = numpy.random.default_rng(seed)
-    model = conv_model() if conv else dense_model()
+    model = conv_model(channels) if conv else dense_model()       # one channel too, in both BN layers
     data = rng.standard_normal((n, 2, 6, 5) if conv else (n, 5)) * rng.uniform(0.1, 10) + rng.uniform(-5, 5)
     batches = [b for b in cut(data, sizes) if len(b) >= 2 or conv]   # a batch of 1 only where H·W gives values
     assume(batches)
