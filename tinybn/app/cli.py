@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy
 
+from .. import distributed
 from ..backend import DeviceUnavailableError
 from . import checkpoint
 from .data import DataError
@@ -83,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bn-stats", action="store_true",
                        help="record each step's batch statistics next to the moving averages, gamma and beta per "
                             "epoch and the sigmoids' saturation: OUT/bn_stats.png and OUT/bn_stats.json")
+    train.add_argument("--distributed", action="store_true",
+                       help="data-parallel training over the ranks of an MPI job: mpiexec -n P python -m tinybn train "
+                            "--distributed (--batch-size stays the global batch; docs/distributed.md)")
+    train.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                       help="with --distributed: batch norm over the whole batch (SyncBatchNorm), or with "
+                            "--no-sync-bn over each rank's shard (default: on)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--no-plot", action="store_true", help="do not write metrics.png")
 
@@ -111,9 +121,7 @@ def tune_process() -> None:
 
 
 def run_train(args) -> int:
-    from ..backend import resolve_device
-    from .data import load_fashion_mnist
-    from .train import Diverged, TrainConfig, prepare_output, train
+    from .train import TrainConfig
 
     config = TrainConfig(model=args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          device=args.device, seed=args.seed, out=args.out or f"runs/{args.model}", resume=args.resume,
@@ -121,7 +129,26 @@ def run_train(args) -> int:
                          weight_decay=args.weight_decay, train_subset=args.train_subset,
                          progress=not args.no_progress, plot=not args.no_plot, precise_bn=args.precise_bn,
                          val_size=args.val_size, keep_best=args.keep_best, overwrite=args.overwrite,
-                         override_config=args.override_config, bn_stats=args.bn_stats)
+                         override_config=args.override_config, bn_stats=args.bn_stats,
+                         distributed=args.distributed, sync_bn=args.sync_bn is not False)
+    if not args.distributed:
+        ranks = distributed.launcher_size()
+        if ranks is not None and ranks > 1:
+            raise ValueError(f"this process is one of {ranks} that an MPI launcher started, and without --distributed "
+                             f"each would train its own model into the same folder; add --distributed to train one "
+                             f"model on all of them")
+        if args.sync_bn is not None:
+            raise ValueError(f"--{'' if args.sync_bn else 'no-'}sync-bn chooses how batch norm works across the ranks "
+                             f"of a --distributed run; without --distributed there is one process and plain batch norm")
+        return train_in_this_process(config)
+    return train_distributed(config)
+
+
+def train_in_this_process(config) -> int:
+    from ..backend import resolve_device
+    from .data import load_fashion_mnist
+    from .train import Diverged, prepare_output, train
+
     # everything that can be wrong with the arguments is reported before the process is tuned or a step is run
     resolve_device(config.device)
     out = prepare_output(config.out, config.resume, config.overwrite)
@@ -147,6 +174,86 @@ def run_train(args) -> int:
     finally:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()                       # a run stopped before it wrote anything leaves no empty folder
+
+
+def train_distributed(config) -> int:
+    """``train --distributed`` on one rank of an MPI job: rank 0 speaks for the job, and a rank that fails ends
+    every rank at once (MPI_Abort), so that none waits for ever in a collective."""
+    from ..backend import resolve_device
+    from ..fast import blas, parallel
+    from .data import load_fashion_mnist
+    from .train import Diverged, prepare_output, train
+
+    comm = distributed.init()
+    root = comm.rank == 0
+    # A set-up error may be every rank's (a bad setting) or one rank's (no data on its machine): the ranks
+    # agree on whether any failed before going on, so it is said once, by the rank it concerns.
+    failure = None
+    try:
+        resolve_device(config.device)
+        out = prepare_output(config.out, config.resume, config.overwrite) if root else None
+        if root:                      # a download (--download) happens once, before the other ranks look
+            data = load_fashion_mnist(config.data, allow_download=config.download)
+    except Exception as error:        # noqa: BLE001 - raised again by agree
+        failure = error
+    comm.barrier()
+    try:
+        if not root and failure is None:
+            data = load_fashion_mnist(config.data, allow_download=False)
+    except Exception as error:        # noqa: BLE001
+        failure = error
+    try:
+        distributed.agree(comm, failure)
+    except distributed.StoppedElsewhere:
+        return 2
+    except (DataError, DeviceUnavailableError, FileNotFoundError, ValueError, OSError) as error:
+        print(f"error{'' if root else f' on rank {comm.rank}'}: {error}", file=sys.stderr)
+        return 2
+    if root:
+        tune_process()
+    if not os.environ.get("TINYBN_NUM_THREADS", "").strip():   # the ranks on one machine share its cores
+        share = max(1, parallel._cores() // comm.local_size)
+        parallel.set_threads(share)
+        blas_set = blas.set_threads(share)
+        if root:
+            print(f"tinybn: tuned this process: {share} thread(s) per rank for the {comm.local_size} rank(s) on this "
+                  f"machine{' (tinybn and OpenBLAS)' if blas_set else ''}; TINYBN_NUM_THREADS overrides",
+                  file=sys.stderr)
+    created = root and not out.exists()
+    started = time.time()
+    stop = "\n" if config.progress else ""
+    try:
+        with numpy.errstate(all="ignore"):
+            train(config, data=data, comm=comm, log=print if root else (lambda *args: None))
+        return 0
+    except Diverged as error:         # every rank sees the same global loss and weights, so all stop here
+        if root:
+            print(f"{stop}error: {error}. {checkpoint_words(Path(config.out) / 'checkpoint.npz', started, config)}",
+                  file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        if root:
+            print(f"{stop}interrupted. {checkpoint_words(Path(config.out) / 'checkpoint.npz', started, config)}",
+                  file=sys.stderr, flush=True)
+        comm.abort(130)
+    except distributed.StoppedElsewhere:     # another rank failed before training and said why
+        return 2
+    except (DataError, FileNotFoundError, ValueError, KeyError, OSError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"{stop}error{'' if root else f' on rank {comm.rank}'}: {message}", file=sys.stderr, flush=True)
+        if not getattr(error, "agreed", False):    # the other ranks may be waiting for this one: end them too
+            comm.abort(2)
+        return 2
+    except BaseException:
+        import traceback
+        print(f"{stop}rank {comm.rank} of {comm.world_size} failed; ending the job:", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+        comm.abort(1)
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+    return 1
 
 
 def checkpoint_words(path, started: float, config) -> str:
@@ -181,7 +288,11 @@ def run_eval(args) -> int:
 
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        if distributed.launcher_rank() in (None, 0):
+            args = build_parser().parse_args(argv)
+        else:    # in an MPI job every rank gets the same arguments: rank 0 alone prints help or their errors
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                args = build_parser().parse_args(argv)
         from ..fast import parallel
         parallel.threads()  # a bad TINYBN_NUM_THREADS is reported now, in one line, not in the middle of a run
         if args.command == "train":
@@ -190,9 +301,11 @@ def main(argv=None) -> int:
             return run_eval(args)
         from .bench import run as run_bench
         return run_bench(args)
-    except (DataError, DeviceUnavailableError, FileNotFoundError, ValueError, KeyError) as error:
+    except (DataError, DeviceUnavailableError, FileNotFoundError, ValueError, KeyError,
+            distributed.MPIUnavailableError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"error: {message}", file=sys.stderr)
+        if distributed.launcher_rank() in (None, 0):   # in an MPI job, rank 0 says what every rank would
+            print(f"error: {message}", file=sys.stderr)
         return 2
     except OSError as error:       # a file that cannot be read or written: one line, not a traceback
         print(f"error: {error}", file=sys.stderr)

@@ -201,10 +201,13 @@ class DataLoader:
     * The last short batch follows ``last_batch``: ``"keep"`` (default) feeds it, ``"drop"`` skips it.
       Either way, a final batch of a single example is never fed when ``min_batch=2``, because
       batch norm would see one value per feature (training loaders use that).
+    * ``shard=(rank, world_size)``: a data-parallel rank's share. Every rank draws the same permutation
+      and cuts each global batch of ``batch_size`` into ``world_size`` consecutive shards whose sizes
+      differ by at most one; this rank gets shard ``rank``. :meth:`batch_sizes` and ``len`` stay global.
     """
 
     def __init__(self, images, labels, batch_size: int, shuffle: bool = False, seed: int = 0, device=None,
-                 last_batch: str = "keep", min_batch: int = 1):
+                 last_batch: str = "keep", min_batch: int = 1, shard: tuple[int, int] = (0, 1)):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if last_batch not in ("keep", "drop"):
@@ -214,6 +217,10 @@ class DataLoader:
         self.images = backend.to_device(numpy.ascontiguousarray(images), self.device)
         self.labels = backend.to_device(numpy.ascontiguousarray(labels), self.device)
         self.rng = numpy.random.default_rng(seed)
+        rank, world_size = shard
+        if not 0 <= rank < world_size:
+            raise ValueError(f"shard: rank {rank} is not one of the {world_size} ranks")
+        self.shard = (rank, world_size)
 
     def batch_sizes(self) -> list[int]:
         n, b = len(self.labels), self.batch_size
@@ -239,8 +246,11 @@ class DataLoader:
         order = self.rng.permutation(n) if self.shuffle else numpy.arange(n)
         order = backend.to_device(order, self.device)
         start = 0
+        rank, world_size = self.shard
         for size in self.batch_sizes():
-            index = order[start:start + size]
+            base, extra = divmod(size, world_size)     # ranks below `extra` take one more
+            first = start + rank * base + min(rank, extra)
+            index = order[first:first + base + (rank < extra)]
             start += size
             images = self.images[index].astype(numpy.float32) * (1.0 / 255.0)
             yield Tensor(images), Tensor(self.labels[index])

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy
 
 from .. import backend
+from .. import distributed as dist
 from .. import functional as F
 from .. import random as tb_random
-from ..autograd import no_grad
-from ..nn import BatchNorm, BatchNorm1d, is_materialized, recompute_batch_norm_statistics
+from ..autograd import Tensor, no_grad
+from ..nn import BatchNorm, BatchNorm1d, SyncBatchNorm, is_materialized, recompute_batch_norm_statistics
 from ..optim import SGD, learning_rate
 from . import checkpoint
 from .checkpoint import replace_atomically
@@ -51,6 +52,8 @@ class TrainConfig:
     bn_stats: bool = False     # record what every BN layer and sigmoid sees (bn_stats.json and bn_stats.png)
     overwrite: bool = False    # replace a run already in ``out`` (else only resume may use that folder)
     override_config: bool = False   # resume with settings that differ from the checkpoint's
+    distributed: bool = False  # data-parallel over the ranks of tinybn.distributed's communicator (MPI)
+    sync_bn: bool = True       # with distributed: batch norm over the global batch (SyncBatchNorm), else per shard
 
 
 PRECISE_BN_BATCHES = 50        # 20 to 200 batches gave the same test accuracy within 0.07 points (docs/results.md)
@@ -85,8 +88,14 @@ def synchronize(device: str) -> None:
         backend.resolve_device(device)[1].cuda.Device().synchronize()
 
 
-def evaluate(model, loader) -> float:
-    """Accuracy in prediction mode (moving averages, no dropout); the model's mode is restored."""
+BN_LAYERS = (BatchNorm, BatchNorm1d, SyncBatchNorm)
+
+
+def evaluate(model, loader, comm=None) -> float:
+    """Accuracy in prediction mode (moving averages, no dropout); the model's mode is restored.
+
+    With ``comm``, each rank's loader holds its share of the images and the accuracy is over all of them
+    (one all_reduce of the hit and image counts; every rank must call this)."""
     was_training = model.training
     model.eval()
     correct = None
@@ -97,15 +106,23 @@ def evaluate(model, loader) -> float:
             correct = hits if correct is None else correct + hits
             count += len(labels)
     model.train(was_training)
-    return float(correct) / max(1, count)
+    if comm is not None:
+        correct, count = comm.all_reduce(numpy.array([0 if correct is None else float(correct), count], numpy.float64))
+    return float(correct) / max(1.0, float(count))
 
 
 def train_epoch(model, optimizer, loader, epoch: int, lr_at, step0: int, progress: bool = True,
-                check_every: int = 1) -> dict:
+                check_every: int = 1, comm=None) -> dict:
     """One pass over ``loader``; returns loss, accuracy and examples/sec (timed over the steps only).
 
     ``check_every`` steps the per-step losses are copied to the host and checked for NaN/inf
     (every step on the CPU, where that costs nothing; less often on the GPU, to avoid syncs).
+
+    With ``comm`` (data parallel), ``loader`` yields this rank's shard of each global batch. Each rank's
+    loss is its shard's mean loss times its share of the global batch, so the gradients summed over the
+    ranks, in one all_reduce per step (:func:`tinybn.distributed.all_reduce_gradients`), are those of the
+    global batch's mean loss; the loss and hit count ride in the same collective, so every rank sees, and
+    checks, the global loss. The result is the global batch's, on every rank.
     """
     model.train()
     device = loader.device
@@ -124,6 +141,7 @@ def train_epoch(model, optimizer, loader, epoch: int, lr_at, step0: int, progres
         return values[-1]
 
     last_loss = float("nan")
+    global_sizes = loader.batch_sizes()
     with Progress(len(loader), f"epoch {epoch}", enabled=progress) as bar:
         for step, (images, labels) in enumerate(loader, start=1):
             start = time.perf_counter()
@@ -131,12 +149,20 @@ def train_epoch(model, optimizer, loader, epoch: int, lr_at, step0: int, progres
             logits = model(images)
             loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad()
-            loss.backward()
+            n = len(labels)
+            if comm is None:
+                loss.backward()
+                hits = (logits.data.argmax(axis=1) == labels.data).sum()
+            else:
+                n = global_sizes[step - 1]
+                share = loss * (len(labels) / n)
+                share.backward()
+                hits = (logits.data.argmax(axis=1) == labels.data).sum()
+                loss_sum_hits = dist.all_reduce_gradients(optimizer.params, comm, extra=(share.data, hits))
+                loss, hits = Tensor(numpy.asarray(loss_sum_hits[0])), loss_sum_hits[1]
             optimizer.step()
             step_time += time.perf_counter() - start
-            n = len(labels)
             batch_loss = loss.data.astype("float64") * n     # float32 sums of large losses overflow
-            hits = (logits.data.argmax(axis=1) == labels.data).sum()
             loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
             correct = hits if correct is None else correct + hits
             count += n
@@ -288,20 +314,59 @@ def with_precise_bn(model, batches, evaluations: dict) -> tuple[dict, dict]:
 
 def first_batch_norm(model):
     for module in model.modules():
-        if isinstance(module, (BatchNorm, BatchNorm1d)) and is_materialized(module.gamma):
+        if isinstance(module, BN_LAYERS) and is_materialized(module.gamma):
             return module
     return None
 
 
-def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
+def train(config: TrainConfig, log=print, data=None, model=None, comm=None) -> dict:
     """Run a whole training job as configured; returns ``{"history", "checkpoint", "model"}``.
 
     ``data`` may pass the four arrays already loaded, and ``model`` a model built elsewhere instead of
     ``config.model`` (the examples do both to compare variants).
+
+    ``config.distributed``: every rank of :func:`tinybn.distributed.get_communicator` runs this function (the
+    command line's ``--distributed`` starts MPI first). Each trains on its shard of every global batch of
+    ``batch_size`` with rank 0's weights; rank 0 alone logs, writes metrics and checkpoints, and reads the
+    checkpoint to resume, which any number of ranks may do (docs/distributed.md). ``comm`` may name another
+    communicator.
     """
+    comm = (comm or dist.get_communicator()) if config.distributed else None
+    if comm is None:
+        return _run(_prepare(config, log, data, model, None))
+    error = None      # until the ranks first talk, a rank that fails must tell the others (dist.agree)
+    try:
+        job = _prepare(config, log if comm.rank == 0 else _silent, data, model, comm)
+    except Exception as caught:       # noqa: BLE001 - raised again, on every rank, by agree
+        error = caught
+    dist.agree(comm, error)
+    return _run(job)
+
+
+@dataclasses.dataclass
+class _Job:
+    """What :func:`_prepare` sets up for :func:`_run`."""
+    config: TrainConfig
+    log: object
+    comm: object
+    device: str
+    out: Path
+    model: object
+    optimizer: SGD
+    train_loader: DataLoader
+    evaluations: dict
+    precise: DataLoader | None
+    best_by: str
+    sizes: str          # "N train / M test examples"
+
+
+def _prepare(config: TrainConfig, log, data, model, comm) -> _Job:
+    """Everything before the ranks first talk: check the settings, load the data, build the model and loaders."""
+    root = comm is None or comm.rank == 0
+    if comm is not None and config.bn_stats:
+        raise ValueError("--bn-stats records what one process sees; run it without --distributed")
     device = backend.resolve_device(config.device)[0]
-    out = prepare_output(config.out, config.resume, config.overwrite)
-    ckpt_path = out / "checkpoint.npz"
+    out = prepare_output(config.out, config.resume, config.overwrite) if root else Path(config.out)
     train_x, train_y, test_x, test_y = data or load_fashion_mnist(config.data, allow_download=config.download)
     if config.train_subset:
         train_x, train_y = train_x[:config.train_subset], train_y[:config.train_subset]
@@ -311,15 +376,33 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
 
     tb_random.manual_seed(config.seed)
     model = build_model(config.model, device=device) if model is None else model.to(device)
+    has_bn = any(isinstance(m, BN_LAYERS) for m in model.modules())
+    shard, min_batch = (0, 1), 2
+    if comm is not None:
+        shard = (comm.rank, comm.world_size)
+        # every rank needs an image of each batch; per-shard batch norm needs 2
+        min_batch = max(2, comm.world_size) if config.sync_bn or not has_bn else 2 * comm.world_size
+        if config.sync_bn and has_bn:
+            model = SyncBatchNorm.convert_sync_batchnorm(model, comm)
+        if not all(is_materialized(t) for t in (*model.parameters(), *model.buffers())):
+            with no_grad():           # lazy layers take their sizes from one image, so that rank 0's state can go out
+                model.eval()(Tensor(backend.to_device(train_x[:1].astype(numpy.float32), device)))
+                model.train()
     optimizer = SGD(model.parameters(), config.lr, config.momentum, config.weight_decay)
     train_loader = DataLoader(train_x, train_y, config.batch_size, shuffle=True, seed=config.seed, device=device,
-                              min_batch=2)
-    test_loader = DataLoader(test_x, test_y, max(config.batch_size, 1000), device=device)
-    evaluations = {"test_acc": lambda m: evaluate(m, test_loader)}
+                              min_batch=min_batch, shard=shard)
+
+    def held_out(images, labels):   # evaluated in prediction mode; with several ranks, each takes a contiguous part
+        if comm is not None:
+            part = numpy.array_split(numpy.arange(len(labels)), comm.world_size)[comm.rank]
+            images, labels = images[part], labels[part]
+        return DataLoader(images, labels, max(config.batch_size, 1000), device=device)
+
+    test_loader = held_out(test_x, test_y)
+    evaluations = {"test_acc": lambda m: evaluate(m, test_loader, comm)}
     if val_x is not None:
-        val_loader = DataLoader(val_x, val_y, max(config.batch_size, 1000), device=device)
-        evaluations["val_acc"] = lambda m: evaluate(m, val_loader)
-    has_bn = any(isinstance(m, (BatchNorm, BatchNorm1d)) for m in model.modules())
+        val_loader = held_out(val_x, val_y)
+        evaluations["val_acc"] = lambda m: evaluate(m, val_loader, comm)
     precise = None
     precise_count = PRECISE_BN_BATCHES if config.precise_bn is None and has_bn else config.precise_bn
     if precise_count and has_bn:
@@ -335,9 +418,27 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
                "--val-size N chooses on held-out training images, which is the honest way"))
     if len(train_loader) == 0:
         raise ValueError(f"no training batch: {len(train_y)} training image(s) with batch size {config.batch_size}, "
-                         f"and batch norm needs at least 2 images in a batch; use more (--train-subset)")
+                         f"and batch norm needs at least {min_batch} images in a batch"
+                         + (f" when {comm.world_size} ranks share it" if comm is not None else "")
+                         + "; use more (--train-subset)")
+    if comm is not None and config.batch_size < min_batch:
+        raise ValueError(f"--batch-size {config.batch_size} is too small for {comm.world_size} ranks: each rank needs "
+                         f"{'2 images' if min_batch > comm.world_size else 'an image'} of every batch "
+                         f"(at least {min_batch} in all)" + ("; or keep --sync-bn, which needs one image per rank"
+                                                             if min_batch > comm.world_size else ""))
+    return _Job(config, log, comm, device, out, model, optimizer, train_loader, evaluations, precise, best_by,
+                f"{len(train_y)} train / {len(test_y)} test examples")
+
+
+def _run(job: _Job) -> dict:
+    """Resume if asked, then train epoch after epoch (with a communicator, every rank runs this)."""
+    config, log, comm, device, out, model, optimizer, train_loader = (
+        job.config, job.log, job.comm, job.device, job.out, job.model, job.optimizer, job.train_loader)
+    evaluations, precise, best_by = job.evaluations, job.precise, job.best_by
+    root = comm is None or comm.rank == 0
+    ckpt_path, best_path = out / "checkpoint.npz", out / "best.npz"
     history, start_epoch = [], 0
-    if config.resume:
+    if config.resume and root:
         model_state, optim_state, meta = checkpoint.load(ckpt_path)
         if meta["config"]["model"] != config.model:
             raise ValueError(f"--resume: {ckpt_path} holds a {meta['config']['model']!r} model, not {config.model!r}")
@@ -366,9 +467,19 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
         if config.keep_best and history and any(best_by not in row for row in history):
             log(f"--keep-best: the earlier epochs have no {best_by}, so the best is chosen among the epochs from "
                 f"now on")
+    if comm is not None:   # rank 0's model and place in the data, resumed or new: the ranks need no shared files
+        state = comm.broadcast({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
+                                "epoch": start_epoch, "loader_rng": train_loader.get_state(),
+                                "tinybn_rng": tb_random.generator(numpy).bit_generator.state} if root else None)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        train_loader.set_state(state["loader_rng"])
+        tb_random.generator(numpy).bit_generator.state = state["tinybn_rng"]
+        history, start_epoch = state["history"], state["epoch"]
 
-    out.mkdir(parents=True, exist_ok=True)
-    if not config.resume:             # a new run: what an earlier run left in the folder goes now, not later
+    if root:
+        out.mkdir(parents=True, exist_ok=True)
+    if root and not config.resume:    # a new run: what an earlier run left in the folder goes now, not later
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
     recorder = BNStatsRecorder(model, first_epoch=start_epoch + 1) if config.bn_stats else None
@@ -383,15 +494,24 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
     try:
         total_steps = config.epochs * len(train_loader)
         lr_at = lambda step: learning_rate(config.schedule, config.lr, step, total_steps)  # noqa: E731
-        log(f"training {config.model} on {device}: {len(train_y)} train / {len(test_y)} test examples, "
+        log(f"training {config.model} on {device}: {job.sizes}, "
             f"batch {config.batch_size}, lr {config.lr:g} ({config.schedule}), {plural(config.epochs, 'epoch')}")
+        if comm is not None:
+            log(f"data parallel over {plural(comm.world_size, 'rank')}: each takes its shard of every batch of "
+                f"{config.batch_size}, " + ("batch norm over the whole batch (SyncBatchNorm)" if config.sync_bn
+                                            else "batch norm over each rank's shard (--no-sync-bn)"))
         check_every = 1 if device == "cpu" else 25
         for epoch in range(start_epoch + 1, config.epochs + 1):
             started = time.perf_counter()
             stats = train_epoch(model, optimizer, train_loader, epoch, lr_at, (epoch - 1) * len(train_loader),
-                                config.progress, check_every)
+                                config.progress and root, check_every, comm)
             if recorder:
                 recorder.end_epoch()
+            if comm is not None and not config.sync_bn:
+                # per-shard batch norm leaves each rank its own moving averages; rank 0's go to every rank (as
+                # PyTorch's DistributedDataParallel broadcasts them), so that all evaluate and save one model
+                for tensor in model.buffers():
+                    tensor.data = backend.to_device(comm.broadcast(backend.to_numpy(tensor.data)), device)
             bad = non_finite_entries(model)  # the last step's update is after its loss was checked
             if bad:
                 raise Diverged(epoch, len(train_loader), f"{len(bad)} of the model's parameters and buffers became NaN "
@@ -408,11 +528,12 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
             history.append(row)
             meta = {"epoch": epoch, "config": dataclasses.asdict(config), "history": history,
                     "loader_rng": train_loader.get_state(), "tinybn_rng": tb_random.generator(numpy).bit_generator.state}
-            checkpoint.save(ckpt_path, model, optimizer, meta, statistics)
             best = config.keep_best and row[best_by] >= max(r.get(best_by, -1.0) for r in history)
-            if best:
-                checkpoint.save(best_path, model, optimizer, {**meta, "best_by": best_by}, statistics)
-            write_metrics(out, config, history)
+            if root:
+                checkpoint.save(ckpt_path, model, optimizer, meta, statistics)
+                if best:
+                    checkpoint.save(best_path, model, optimizer, {**meta, "best_by": best_by}, statistics)
+                write_metrics(out, config, history)
             if recorder:
                 write_bn_stats(recorder, out, f"{config.model}, lr {config.lr:g}")
             # said once the epoch is saved: a run stopped after this line continues from this epoch with --resume
@@ -423,7 +544,10 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
             last = history[-1]
             log(f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, {accuracies(last, 3)}")
             log(f"{last['examples_per_sec']:.1f} examples/sec on {device}")
-            statistics = checkpoint.load_precise(ckpt_path) if precise else None
+            if precise and comm is not None:     # only rank 0 wrote the checkpoint
+                statistics = comm.broadcast(checkpoint.load_precise(ckpt_path) if root else None)
+            else:
+                statistics = checkpoint.load_precise(ckpt_path) if precise else None
             if statistics:  # the model returned predicts with the precise statistics, as its checkpoint does
                 set_bn_statistics(model, statistics)
                 log(f"the model now predicts with BN statistics recomputed over {len(precise)} training batches "
@@ -433,7 +557,7 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
                 with numpy.printoptions(precision=4, suppress=True):  # NumPy's global options stay the caller's
                     log(f"first BN layer gamma: {bn.gamma.numpy().reshape(-1)}")
                     log(f"first BN layer beta:  {bn.beta.numpy().reshape(-1)}")
-            if config.plot and plot_history(out / "metrics.png", history, f"{config.model}, lr {config.lr:g}", log):
+            if root and config.plot and plot_history(out / "metrics.png", history, f"{config.model}, lr {config.lr:g}", log):
                 log(f"wrote {out / 'metrics.png'}, {out / 'metrics.csv'}, {out / 'metrics.json'}, {ckpt_path}"
                     + (f", {best_path}" if config.keep_best and best_path.exists() else "")
                     + (f", {out / 'bn_stats.png'}, {out / 'bn_stats.json'}" if recorder else ""))
@@ -441,6 +565,10 @@ def train(config: TrainConfig, log=print, data=None, model=None) -> dict:
     finally:
         if recorder:
             recorder.close()
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of a rank other than 0: rank 0 speaks for the job."""
 
 
 def plural(count: int, word: str) -> str:

@@ -12,6 +12,7 @@ from .linear import linear
 from .loss import cross_entropy
 from .pooling import avg_pool2d, max_pool2d
 from .shape import flatten
+from .syncbatchnorm import sync_batch_norm
 
 __all__ = ["avg_pool2d", "batch_norm", "conv2d", "cross_entropy", "dropout", "flatten", "linear", "max_pool2d",
-           "relu", "sigmoid"]
+           "relu", "sigmoid", "sync_batch_norm"]

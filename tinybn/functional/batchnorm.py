@@ -110,15 +110,16 @@ def compute_dtype(xp, dtype):
     return xp.promote_types(dtype, xp.float32)
 
 
-def check_arguments(x, per_channel, training: bool, eps: float) -> None:
+def check_arguments(x, per_channel, training: bool, eps: float, whole_batch: bool = True) -> None:
     """Every check batch norm makes, for every implementation: the rank, one value per channel in each of
-    γ, β and the moving averages, more than one value per channel and a positive eps in training."""
+    γ, β and the moving averages, more than one value per channel (when ``x`` is the whole batch, not one
+    rank's shard of it) and a positive eps in training."""
     reduction_axes(x)
     for value in per_channel:
         if value.size != x.shape[1]:
             raise ValueError(f"batch_norm: a per-channel array of shape {tuple(value.shape)} does not match the "
                              f"{x.shape[1]} channels of an input of shape {tuple(x.shape)}")
-    if training and x.size and x.size == x.shape[1]:
+    if training and whole_batch and x.size and x.size == x.shape[1]:
         raise ValueError(f"batch_norm in training mode needs more than one value per channel, but an input of "
                          f"shape {tuple(x.shape)} has exactly one: every normalized value would be 0 and "
                          f"nothing could be learned. Use a larger batch, or switch the layer to eval mode.")

@@ -1,9 +1,9 @@
 """``tinybn.nn``: layers and models — the bookkeeping around :mod:`tinybn.functional`."""
 from . import init
-from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, recompute_batch_norm_statistics
+from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, SyncBatchNorm, recompute_batch_norm_statistics
 from .layers import AvgPool2d, Conv2d, CrossEntropyLoss, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sigmoid
 from .module import Module, Parameter, Sequential, UninitializedBuffer, UninitializedParameter, is_materialized
 
 __all__ = ["AvgPool2d", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "Conv2d", "CrossEntropyLoss", "Dropout",
-           "Flatten", "Linear", "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential", "Sigmoid",
+           "Flatten", "Linear", "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential", "Sigmoid", "SyncBatchNorm",
            "UninitializedBuffer", "UninitializedParameter", "init", "is_materialized", "recompute_batch_norm_statistics"]

@@ -78,26 +78,34 @@ class _BatchNormBase(Module):
         if not is_materialized(self.gamma):
             self._materialize(int(numpy.prod(numpy.shape(state[f"{prefix}.gamma" if prefix else "gamma"]))))
 
+    def _check_input(self, x, channels):
+        check_input(self, x, self.num_dims, "(N, C)" if self.num_dims == 2 else "(N, C, H, W)", channels)
+
     def forward(self, x):
         data = x.data if isinstance(x, Tensor) else x
-        layout = "(N, C)" if self.num_dims == 2 else "(N, C, H, W)"
         if not is_materialized(self.gamma):  # concise layer: the size comes from the first input
-            check_input(self, x, self.num_dims, layout)
+            self._check_input(x, None)
             object.__setattr__(self, "_device", backend.device_of(data))
             self._materialize(data.shape[1])
-        check_input(self, x, self.num_dims, layout, self.num_features)
+        self._check_input(x, self.num_features)
         sink = self.__dict__.get("_statistics_sink")
         if sink is not None and self.training:   # recompute_batch_norm_statistics: hand over the batch's statistics
             return self._forward_into(sink, x, data)
         momentum = self.momentum
         if momentum is None:  # cumulative average: the k-th batch gets weight 1/k
             momentum = 1.0 - 1.0 / (int(self.num_batches_tracked.item()) + 1)
-        y, new_mean, new_var = F.batch_norm(x, self.gamma, self.beta, self.moving_mean, self.moving_var,
-                                            training=self.training, momentum=momentum, eps=self.eps)
-        if self.training and data.size > 0:    # an empty batch has no statistics to count
+        y, new_mean, new_var, count = self._normalize(x, momentum)
+        if self.training and count > 0:    # an empty batch has no statistics to count
             self.moving_mean.data, self.moving_var.data = new_mean.data, new_var.data
             self.num_batches_tracked.data = self.num_batches_tracked.data + 1
         return y
+
+    def _normalize(self, x, momentum):
+        """``(y, new_moving_mean, new_moving_var, values per channel in the batch)``."""
+        y, new_mean, new_var = F.batch_norm(x, self.gamma, self.beta, self.moving_mean, self.moving_var,
+                                            training=self.training, momentum=momentum, eps=self.eps)
+        data = x.data if isinstance(x, Tensor) else x
+        return y, new_mean, new_var, data.size // self.num_features
 
     def _forward_into(self, sink, x, data):
         """Normalize with the batch's statistics, give them and the number of values per channel to ``sink``,
@@ -151,6 +159,81 @@ class BatchNorm1d(_BatchNormBase):
 class BatchNorm2d(BatchNorm1d):
     """Concise batch norm for (N, C, H, W) input, per channel; ``num_features`` inferred when omitted."""
     num_dims = 4
+
+
+class SyncBatchNorm(_BatchNormBase):
+    """Batch norm over the global batch of a data-parallel job: every rank normalizes its shard with the
+    statistics of all the ranks' shards together (PyTorch's ``SyncBatchNorm``), for (N, C) or (N, C, H, W)
+    input; ``num_features`` may be left out and is read from the first input.
+
+    Training mode gathers each rank's count, mean and sum of squared deviations per channel in one
+    collective, and the backward sums Σdy and Σdy·x̂ in one more (:mod:`tinybn.functional.syncbatchnorm`);
+    the moving averages come from the global statistics and are the same on every rank. Prediction mode
+    uses them and communicates nothing. ``comm``: a :class:`tinybn.distributed.Communicator`, by default
+    the one :func:`tinybn.distributed.init` made when the layer is first called; with a single process it
+    is plain batch norm. Every rank must run every training step (even with an empty shard): the layer's
+    collectives wait for all of them.
+
+    :meth:`convert_sync_batchnorm` turns the batch-norm layers of an existing model into this one.
+    """
+    num_dims = None        # 2 or 4, as the input comes
+
+    def __init__(self, num_features: int | None = None, momentum=DEFAULT_MOMENTUM, eps=DEFAULT_EPS, comm=None,
+                 device=None, dtype=numpy.float32):
+        super().__init__(num_features, momentum, eps, device, dtype)
+        object.__setattr__(self, "comm", comm)
+
+    def _param_shape(self, num_features):
+        return (num_features,)
+
+    def _check_input(self, x, channels):
+        ndim = getattr(x.data if isinstance(x, Tensor) else x, "ndim", None)
+        if self.num_dims is None and ndim not in (2, 4):
+            raise ValueError(f"{self!r} expects a 2-D input of shape (N, C) or a 4-D one of shape (N, C, H, W), "
+                             f"got shape {tuple(getattr(x, 'shape', ()))}")
+        check_input(self, x, self.num_dims or ndim, "(N, C)" if (self.num_dims or ndim) == 2 else "(N, C, H, W)",
+                    channels)
+
+    def _normalize(self, x, momentum):
+        return F.sync_batch_norm(x, self.gamma, self.beta, self.moving_mean, self.moving_var, training=self.training,
+                                 momentum=momentum, eps=self.eps, comm=self.comm)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: Module, comm=None) -> Module:
+        """``module`` with every batch-norm layer replaced by a SyncBatchNorm that shares its γ, β and moving
+        statistics (the same tensor objects, in the same shapes: state dicts and optimizers built before or after
+        stay valid, and checkpoints load either way). Returns the new root when ``module`` is itself a BN layer."""
+        done = {}                     # a layer used in two places stays one layer
+
+        def converted(layer):
+            if not isinstance(layer, _BatchNormBase) or isinstance(layer, SyncBatchNorm):
+                return layer
+            if id(layer) in done:
+                return done[id(layer)]
+            sync = cls.__new__(cls)
+            Module.__init__(sync)
+            for name in ("num_features", "momentum", "eps"):
+                object.__setattr__(sync, name, getattr(layer, name))
+            for name in ("_device", "_dtype", "training", "num_dims"):
+                object.__setattr__(sync, name, getattr(layer, name))
+            object.__setattr__(sync, "comm", comm)
+            object.__setattr__(sync, "_param_shape", layer._param_shape)   # a lazy layer materializes as before
+            sync.gamma, sync.beta = layer.gamma, layer.beta
+            for name in ("moving_mean", "moving_var", "num_batches_tracked"):
+                sync.register_buffer(name, getattr(layer, name))
+            done[id(layer)] = sync
+            return sync
+
+        if isinstance(module, _BatchNormBase):
+            return converted(module)
+        for parent in module.modules():
+            for name, child in list(parent._modules.items()):
+                if child is not None and isinstance(child, _BatchNormBase):
+                    setattr(parent, name, converted(child))
+        return module
+
+    def extra_repr(self):
+        return super().extra_repr() + ("" if self.comm is None else f", comm={self.comm!r}")
 
 
 def recompute_batch_norm_statistics(model, batches, num_batches: int | None = None) -> int:

@@ -1,0 +1,245 @@
+"""Synchronized batch norm, with P ranks as threads of this process (tests/threadcomm.py): the same answers
+as plain batch norm on the concatenated batch, over drawn shard sizes (empty shards included), ranks,
+shapes and layouts; finite differences of the global function; one collective each way. The same code
+over MPI is tested in test_mpi.py."""
+from __future__ import annotations
+
+import sys
+
+import numpy
+import pytest
+from hypothesis import given, strategies as st
+
+import tinybn
+from tinybn import distributed, functional as F, nn
+from tinybn.app.data import DataLoader
+from tinybn.autograd import Tensor
+
+from props import LAYOUTS, budget, with_layout
+from threadcomm import run_ranks
+
+
+def cut(total: int, sizes_seed: int, ranks: int) -> list[int]:
+    """Cut ``total`` rows into ``ranks`` shards of random sizes (some may be empty)."""
+    rng = numpy.random.default_rng(sizes_seed)
+    points = numpy.sort(rng.integers(0, total + 1, ranks - 1))
+    return [0, *points.tolist(), total]
+
+
+def sync_on_shards(x, gamma, beta, mean, var, dy, bounds, training=True, momentum=0.9, eps=1e-5, layout="contiguous",
+                   device="cpu"):
+    """Run F.sync_batch_norm on len(bounds) − 1 thread ranks; y and dx concatenated, dγ and dβ summed over
+    the ranks, each rank's new moving averages, each rank's collectives."""
+    def work(comm):
+        rows = slice(bounds[comm.rank], bounds[comm.rank + 1])
+        x_r = tinybn.tensor(with_layout(x[rows], layout), device=device, requires_grad=True)
+        g_r = tinybn.tensor(gamma, device=device, requires_grad=True)
+        b_r = tinybn.tensor(beta, device=device, requires_grad=True)
+        y, new_mean, new_var, count = F.sync_batch_norm(
+            x_r, g_r, b_r, tinybn.tensor(mean, device=device).data, tinybn.tensor(var, device=device).data,
+            training=training, momentum=momentum, eps=eps, comm=comm)
+        (y * tinybn.tensor(dy[rows], device=device)).sum().backward()
+        host = tinybn.backend.to_numpy
+        return (host(y.data), host(x_r.grad), host(g_r.grad), host(b_r.grad), host(new_mean.data), host(new_var.data),
+                count, comm.calls)
+
+    results = run_ranks(len(bounds) - 1, work)
+    return {"y": numpy.concatenate([r[0] for r in results]), "dx": numpy.concatenate([r[1] for r in results]),
+            "dgamma": sum(r[2] for r in results), "dbeta": sum(r[3] for r in results),
+            "means": [r[4] for r in results], "vars": [r[5] for r in results], "counts": [r[6] for r in results],
+            "calls": [r[7] for r in results]}
+
+
+def plain(x, gamma, beta, mean, var, dy, training=True, momentum=0.9, eps=1e-5):
+    xt, gt, bt = (Tensor(a.copy(), requires_grad=True) for a in (x, gamma, beta))
+    y, new_mean, new_var = F.batch_norm(xt, gt, bt, mean, var, training=training, momentum=momentum, eps=eps)
+    (y * Tensor(dy)).sum().backward()
+    return y.data, xt.grad, gt.grad, bt.grad, new_mean.data, new_var.data
+
+
+def draw_case(seed, n, channels, spatial, per_channel_shape):
+    rng = numpy.random.default_rng(seed)
+    shape = (n, channels) + ((spatial, spatial + 1) if spatial else ())
+    x = rng.standard_normal(shape) * rng.uniform(0.1, 5) + rng.uniform(-3, 3)
+    pshape = {"flat": (channels,), "row": (1, channels), "broadcast": (1, channels) + ((1, 1) if spatial else ())}
+    pshape = pshape[per_channel_shape]
+    gamma, beta = rng.standard_normal(pshape), rng.standard_normal(pshape)
+    mean, var = rng.standard_normal(pshape), rng.uniform(0.5, 2, pshape)
+    return x, gamma, beta, mean, var, rng.standard_normal(shape)
+
+
+@budget(40)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 9), channels=st.integers(1, 4), spatial=st.sampled_from([0, 1, 2]),
+       ranks=st.integers(1, 4), per_channel_shape=st.sampled_from(["flat", "row", "broadcast"]),
+       layout=st.sampled_from(LAYOUTS), momentum=st.sampled_from([0.0, 0.9, 1.0]))
+def test_sync_batch_norm_equals_batch_norm_on_the_whole_batch(seed, n, channels, spatial, ranks, per_channel_shape,
+                                                              layout, momentum):
+    x, gamma, beta, mean, var, dy = draw_case(seed, n, channels, spatial, per_channel_shape)
+    bounds = cut(n, seed, ranks)
+    got = sync_on_shards(x, gamma, beta, mean, var, dy, bounds, momentum=momentum, layout=layout)
+    y, dx, dgamma, dbeta, new_mean, new_var = plain(x, gamma, beta, mean, var, dy, momentum=momentum)
+    tol = dict(rtol=1e-12, atol=1e-12)
+    numpy.testing.assert_allclose(got["y"], y, **tol)
+    numpy.testing.assert_allclose(got["dx"], dx, **tol)
+    numpy.testing.assert_allclose(got["dgamma"], dgamma, **tol)
+    numpy.testing.assert_allclose(got["dbeta"], dbeta, **tol)
+    for rank in range(ranks):
+        numpy.testing.assert_allclose(got["means"][rank], new_mean, **tol)
+        numpy.testing.assert_allclose(got["vars"][rank], new_var, **tol)
+        # the same numbers on every rank, to the bit
+        numpy.testing.assert_array_equal(got["means"][rank], got["means"][0])
+        numpy.testing.assert_array_equal(got["vars"][rank], got["vars"][0])
+        assert got["counts"][rank] == x.size // channels
+        if ranks > 1:        # one collective forward (2C + 1 numbers), one backward (2C numbers)
+            assert got["calls"][rank] == [("all_gather", 2 * channels + 1), ("all_reduce", 2 * channels)]
+
+
+def test_every_shard_but_one_empty_and_the_float16_path():
+    x, gamma, beta, mean, var, dy = draw_case(3, 6, 3, 2, "flat")
+    got = sync_on_shards(x, gamma, beta, mean, var, dy, [0, 0, 6, 6])
+    numpy.testing.assert_allclose(got["dx"], plain(x, gamma, beta, mean, var, dy)[1], rtol=1e-12, atol=1e-12)
+    half = sync_on_shards(x.astype(numpy.float16), gamma.astype(numpy.float16), beta.astype(numpy.float16),
+                          mean.astype(numpy.float16), var.astype(numpy.float16), dy.astype(numpy.float16), [0, 2, 6])
+    assert half["y"].dtype == numpy.float16 and half["dx"].dtype == numpy.float16
+    numpy.testing.assert_allclose(half["y"], plain(x, gamma, beta, mean, var, dy)[0], atol=0.02)
+
+
+def test_an_empty_global_batch_changes_nothing_and_one_value_is_refused_on_every_rank():
+    x, gamma, beta, mean, var, dy = draw_case(4, 0, 2, 0, "flat")
+    got = sync_on_shards(x, gamma, beta, mean, var, dy, [0, 0, 0])
+    assert got["y"].shape == (0, 2) and got["counts"] == [0, 0]
+    numpy.testing.assert_array_equal(got["means"][1], mean)
+    x, gamma, beta, mean, var, dy = draw_case(4, 1, 2, 0, "flat")
+    with pytest.raises(ValueError, match="more than one value per channel over all the ranks"):
+        sync_on_shards(x, gamma, beta, mean, var, dy, [0, 0, 1])
+    # one image per rank is enough when the ranks together hold two
+    x, gamma, beta, mean, var, dy = draw_case(4, 2, 2, 0, "flat")
+    got = sync_on_shards(x, gamma, beta, mean, var, dy, [0, 1, 2])
+    numpy.testing.assert_allclose(got["y"], plain(x, gamma, beta, mean, var, dy)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bounds", [[0, 2, 5], [0, 0, 3, 5], [0, 5]])
+def test_finite_differences_of_the_global_function(bounds):
+    """d/dx, d/dγ, d/dβ of Σ y·w over all the ranks, by central differences, with a random w."""
+    x, gamma, beta, mean, var, w = draw_case(7, 5, 2, 1, "flat")
+
+    def loss(x, gamma, beta):
+        return float((sync_on_shards(x, gamma, beta, mean, var, w, bounds)["y"] * w).sum())
+
+    got = sync_on_shards(x, gamma, beta, mean, var, w, bounds)
+    h = 1e-6
+    for name, value, analytic in (("x", x, got["dx"]), ("gamma", gamma, got["dgamma"]), ("beta", beta, got["dbeta"])):
+        numeric = numpy.zeros_like(value)
+        for index in numpy.ndindex(value.shape):
+            args = {"x": x, "gamma": gamma, "beta": beta}
+            plus, minus = value.copy(), value.copy()
+            plus[index] += h
+            minus[index] -= h
+            numeric[index] = (loss(**{**args, name: plus}) - loss(**{**args, name: minus})) / (2 * h)
+        numpy.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-7, err_msg=f"d/d{name}")
+
+
+def test_prediction_mode_communicates_nothing_and_uses_the_moving_averages(device):
+    x, gamma, beta, mean, var, dy = draw_case(5, 6, 3, 1, "flat")
+    got = sync_on_shards(x, gamma, beta, mean, var, dy, [0, 4, 6], training=False, device=device)
+    y = plain(x, gamma, beta, mean, var, dy, training=False)[0]
+    numpy.testing.assert_allclose(got["y"], y, rtol=1e-12, atol=1e-12)
+    assert got["calls"] == [[], []]
+
+
+def test_the_device_path_on_the_strict_stand_in():
+    x, gamma, beta, mean, var, dy = draw_case(6, 7, 2, 2, "flat")
+    got = sync_on_shards(x, gamma, beta, mean, var, dy, [0, 3, 7], device="strict")
+    numpy.testing.assert_allclose(got["dx"], plain(x, gamma, beta, mean, var, dy)[1], rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------- the layer
+
+def test_one_process_is_plain_batch_norm_to_the_bit():
+    rng = numpy.random.default_rng(0)
+    x = rng.standard_normal((8, 3, 4, 4)).astype(numpy.float32)
+    plain_layer, sync_layer = nn.BatchNorm2d(3), nn.SyncBatchNorm(3)
+    for layer in (plain_layer, sync_layer):
+        layer(Tensor(x))
+    numpy.testing.assert_array_equal(plain_layer(Tensor(x)).data, sync_layer(Tensor(x)).data)
+    numpy.testing.assert_array_equal(plain_layer.moving_var.data, sync_layer.moving_var.data)
+    assert int(sync_layer.num_batches_tracked.item()) == 2
+
+
+def test_convert_shares_the_tensors_and_keeps_the_state_dict():
+    from tinybn.app.models import build_model
+
+    for name in ("lenet-bn", "lenet-bn-concise"):
+        model = build_model(name)
+        before = {key: id(t) for key, t in (*model.named_parameters(), *model.named_buffers())}
+        shapes = {key: value.shape for key, value in model.state_dict().items()} if name == "lenet-bn" else None
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        assert converted is model
+        assert sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) == 4
+        assert not any(isinstance(m, (nn.BatchNorm, nn.BatchNorm1d)) for m in model.modules())
+        model(Tensor(numpy.zeros((2, 1, 28, 28), numpy.float32)))     # a lazy layer materializes as before
+        after = {key: id(t) for key, t in (*model.named_parameters(), *model.named_buffers())}
+        assert after == before
+        if shapes:
+            assert {key: value.shape for key, value in model.state_dict().items()} == shapes
+    shared = nn.BatchNorm1d(3)
+    net = nn.Sequential(shared, nn.Sigmoid(), shared)
+    nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    assert net[0] is net[2] and isinstance(net[0], nn.SyncBatchNorm)
+    assert len(list(net.parameters())) == 2
+
+
+def test_layer_checks():
+    with pytest.raises(ValueError, match="2-D input of shape"):
+        nn.SyncBatchNorm(3)(Tensor(numpy.zeros((2, 3, 4))))
+    with pytest.raises(ValueError, match="num_features"):
+        nn.SyncBatchNorm(0)
+    with pytest.raises(ValueError, match="3 channels"):
+        nn.SyncBatchNorm(3)(Tensor(numpy.zeros((2, 4))))
+
+
+def test_a_launched_rank_without_init_is_refused(monkeypatch):
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setattr(distributed, "_default", None)
+    with pytest.raises(RuntimeError, match="init"):
+        nn.SyncBatchNorm(2)(Tensor(numpy.zeros((4, 2))))
+
+
+def test_missing_mpi4py_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(distributed.MPIUnavailableError, match=r"pip install 'tinybn\[mpi\]'"):
+        distributed.MPICommunicator()
+
+
+def test_importing_tinybn_does_not_start_mpi():
+    import subprocess
+
+    code = "import sys, tinybn, tinybn.distributed, tinybn.app.cli; print('mpi4py' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 5])
+def test_loader_shards_cover_each_global_batch_once(ranks):
+    images, labels = numpy.zeros((23, 1, 2, 2), numpy.uint8), numpy.arange(23)
+    loaders = [DataLoader(images, labels, 7, shuffle=True, seed=3, shard=(rank, ranks)) for rank in range(ranks)]
+    whole = DataLoader(images, labels, 7, shuffle=True, seed=3)
+    assert all(loader.batch_sizes() == whole.batch_sizes() for loader in loaders)
+    for batch, *shards in zip(whole, *loaders):
+        sizes = [len(shard[1]) for shard in shards]
+        assert max(sizes) - min(sizes) <= 1
+        numpy.testing.assert_array_equal(numpy.concatenate([shard[1].data for shard in shards]), batch[1].data)
+
+
+def test_all_reduce_gradients_sums_in_one_collective():
+    def work(comm):
+        a, b = nn.Parameter(numpy.zeros(3)), nn.Parameter(numpy.zeros((2, 2)))
+        a.grad = numpy.full(3, comm.rank + 1.0)    # b has no gradient on this rank: zeros go in its place
+        extra = distributed.all_reduce_gradients([a, b], comm, extra=(comm.rank, 1))
+        return a.grad, b.grad, extra, comm.calls
+
+    results = run_ranks(3, work)
+    for a_grad, b_grad, extra, calls in results:
+        numpy.testing.assert_array_equal(a_grad, numpy.full(3, 6.0))
+        numpy.testing.assert_array_equal(b_grad, numpy.zeros((2, 2)))
+        numpy.testing.assert_array_equal(extra, [3.0, 3.0])
+        assert calls == [("all_reduce", 9)]

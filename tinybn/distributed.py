@@ -1,0 +1,262 @@
+"""Several processes training one model: a communicator over MPI (mpi4py), and nothing home-made.
+
+Launch P copies of a program with MPI's launcher; each is a *rank* (0 to P − 1) that holds a full copy
+of the model and its own shard of every batch::
+
+    mpiexec -n 2 python -m tinybn train --distributed          # or: python -m mpi4py -m tinybn ...
+
+In the program::
+
+    from tinybn import distributed
+    comm = distributed.init()           # MPI's COMM_WORLD; rank and world_size tell who is who
+    total = comm.all_reduce(array)      # the element-wise sum over the ranks, on every rank
+
+What the communicator offers (every call is *collective*: every rank must make it, in the same order,
+or the ranks wait for each other for ever):
+
+* ``rank``, ``world_size``, ``local_size`` (ranks on this machine);
+* ``all_reduce(array)``: the sum over the ranks, a new array on every rank;
+* ``all_gather(array)``: the ranks' arrays stacked along a new first axis, in rank order, on every rank;
+* ``broadcast(value, root=0)``: root's array or picklable object, on every rank;
+* ``barrier()``; ``abort(code)`` ends every rank of the job at once (a failed rank must not leave the
+  others waiting in a collective).
+
+Arrays travel with mpi4py's buffer methods (``Allreduce``, ``Allgather``, ``Bcast``: no pickling). A CuPy
+array is copied to the host, communicated and copied back: tinybn does not assume a CUDA-aware MPI, and
+the GPU transport of choice, NCCL through ``cupy.cuda.nccl``, is the next step behind this same interface
+(docs/distributed.md).
+
+Without MPI, or in a program not started by an MPI launcher, :func:`get_communicator` is a
+single-process communicator whose collectives return their input: ``nn.SyncBatchNorm`` is then plain batch
+norm. A program started by a launcher with several ranks that never called :func:`init` gets an error
+instead of P independent trainings that look like one.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy
+
+from . import backend
+
+__all__ = ["Communicator", "StoppedElsewhere", "agree", "LocalCommunicator", "MPICommunicator", "MPIUnavailableError", "all_reduce_gradients",
+           "get_communicator", "init", "is_initialized", "launcher_rank", "launcher_size"]
+
+INSTALL_HINT = "pip install 'tinybn[mpi]' (mpi4py and MPICH, both from PyPI)"
+
+
+class MPIUnavailableError(RuntimeError):
+    """mpi4py, or the MPI library under it, cannot be loaded."""
+
+
+# Launchers say who is who in the environment before MPI starts: MPICH's hydra and Open MPI's mpirun.
+_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+
+
+def _from_environment(names) -> int | None:
+    for name in names:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def launcher_rank() -> int | None:
+    """This process's rank as an MPI launcher announced it, without starting MPI; None outside a launcher."""
+    return _from_environment(_RANK_VARIABLES)
+
+
+def launcher_size() -> int | None:
+    """The number of ranks an MPI launcher started, without starting MPI; None outside a launcher."""
+    return _from_environment(_SIZE_VARIABLES)
+
+
+class Communicator:
+    """The collectives tinybn uses; see the module docstring. Subclasses move the bytes."""
+    rank = 0
+    world_size = 1
+    local_size = 1
+
+    def all_reduce(self, array):
+        raise NotImplementedError
+
+    def all_gather(self, array):
+        raise NotImplementedError
+
+    def broadcast(self, value, root: int = 0):
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+    def abort(self, code: int = 1) -> None:
+        raise SystemExit(code)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size})"
+
+
+class LocalCommunicator(Communicator):
+    """One process: every collective returns (a copy of) its input."""
+
+    def all_reduce(self, array):
+        return array.copy()
+
+    def all_gather(self, array):
+        return array[None].copy()
+
+    def broadcast(self, value, root: int = 0):
+        if root != 0:
+            raise ValueError(f"broadcast: root {root} is not a rank of a one-process communicator")
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+
+def _load_mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        raise MPIUnavailableError(f"tinybn.distributed needs mpi4py and an MPI library ({error}); "
+                                  f"install them with {INSTALL_HINT}") from None
+    except RuntimeError as error:  # mpi4py is there, the MPI library under it is not
+        raise MPIUnavailableError(f"mpi4py could not load an MPI library ({error}); install one with "
+                                  f"{INSTALL_HINT}") from None
+    return MPI
+
+
+class MPICommunicator(Communicator):
+    """An mpi4py communicator (``MPI.COMM_WORLD`` by default)."""
+
+    def __init__(self, comm=None):
+        MPI = _load_mpi()
+        self._mpi = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank, self.world_size = self.comm.Get_rank(), self.comm.Get_size()
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_size = local.Get_size()
+        local.Free()
+
+    def _host(self, array):
+        """A contiguous host copy (or view) of ``array``, and a function that puts a host result where it came from."""
+        device = backend.device_of(array)
+        host = numpy.ascontiguousarray(backend.to_numpy(array))
+        return host, (lambda result: result if device == "cpu" else backend.to_device(result, device))
+
+    def all_reduce(self, array):
+        host, back = self._host(array)
+        result = numpy.empty_like(host)
+        self.comm.Allreduce(host, result, op=self._mpi.SUM)
+        return back(result)
+
+    def all_gather(self, array):
+        host, back = self._host(array)
+        result = numpy.empty((self.world_size,) + host.shape, host.dtype)
+        self.comm.Allgather(host, result)
+        return back(result)
+
+    def broadcast(self, value, root: int = 0):
+        """Root's value on every rank: a NumPy array by its buffer (every rank gets root's shape and dtype),
+        anything else pickled."""
+        if not 0 <= root < self.world_size:
+            raise ValueError(f"broadcast: root {root} is not a rank (0 to {self.world_size - 1})")
+        is_array = self.comm.bcast(isinstance(value, numpy.ndarray) and (value.shape, value.dtype.str)
+                                   if self.rank == root else None, root=root)
+        if not is_array:
+            return self.comm.bcast(value if self.rank == root else None, root=root)
+        shape, dtype = is_array
+        result = numpy.ascontiguousarray(value) if self.rank == root else numpy.empty(shape, numpy.dtype(dtype))
+        self.comm.Bcast(result, root=root)
+        return result
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        self.comm.Abort(code)
+
+
+_default: Communicator | None = None
+
+
+def init(comm=None) -> Communicator:
+    """Start MPI (if it is not running) and make its communicator the default; returns it.
+
+    ``comm`` may be an mpi4py communicator (``MPI.COMM_WORLD`` when omitted) or a :class:`Communicator`.
+    Raises :class:`MPIUnavailableError`, saying what to install, when mpi4py or MPI is missing.
+    """
+    global _default
+    _default = comm if isinstance(comm, Communicator) else MPICommunicator(comm)
+    return _default
+
+
+def is_initialized() -> bool:
+    return _default is not None
+
+
+def get_communicator() -> Communicator:
+    """The communicator :func:`init` made, else a single-process one; refuses to pretend a job of several
+    ranks is one process (each rank would train alone without a word)."""
+    if _default is not None:
+        return _default
+    size = launcher_size()
+    if size is not None and size > 1:
+        raise RuntimeError(f"this process is one of {size} ranks started by an MPI launcher, but "
+                           f"tinybn.distributed.init() was not called, so the ranks cannot talk to each other; "
+                           f"call it first (python -m tinybn train takes --distributed)")
+    return LocalCommunicator()
+
+
+class StoppedElsewhere(RuntimeError):
+    """Raised by :func:`agree` on a rank that did not fail, when another rank did."""
+
+
+def agree(comm: Communicator, error: BaseException | None) -> None:
+    """Every rank calls this at the same point, with the exception it caught on the way there or None; if any
+    rank failed, every rank raises (one small collective).
+
+    Rank 0 raises its own error if it has one, and the others :class:`StoppedElsewhere`; when rank 0 did not
+    fail, each failing rank raises its own. So an error that every rank met (a bad setting, a missing file)
+    is reported once, one particular to a rank is reported by it, and no rank is left waiting in a later
+    collective. The error raised carries ``agreed = True``: every rank stops here, none need be aborted.
+    """
+    failed = comm.all_gather(numpy.array([error is not None], numpy.float64)).reshape(-1)
+    if not failed.any():
+        return
+    if error is None or (comm.rank != 0 and failed[0]):
+        error = StoppedElsewhere(f"rank {comm.rank}: another rank failed (it said why)")
+    error.agreed = True
+    raise error
+
+
+def all_reduce_gradients(parameters, comm: Communicator | None = None, extra=()) -> numpy.ndarray:
+    """Sum every parameter's gradient over the ranks in one collective, on one flat buffer, in place.
+
+    Each rank's gradients must be those of its share of the global loss (its mean loss times its share of
+    the global batch), so that the sums are the gradients of the global loss. A parameter without a
+    gradient on this rank contributes zeros (every rank sends the same layout). ``extra``: numbers summed
+    in the same collective (the trainer's loss and hit count), in the gradients' dtype; returned as float64.
+    """
+    comm = comm or get_communicator()
+    trained = [p for p in parameters if p.requires_grad]
+    extra = numpy.asarray(extra, numpy.float64).reshape(-1)
+    if not trained:
+        return comm.all_reduce(extra) if extra.size else extra
+    xp = backend.get_array_module(trained[0].data)
+    dtype = numpy.result_type(*(p.dtype for p in trained))     # float32 gradients travel as float32
+    flat = xp.zeros(sum(p.data.size for p in trained) + extra.size, dtype)
+    start = 0
+    for p in trained:
+        if p.grad is not None:
+            flat[start:start + p.data.size] = p.grad.reshape(-1)
+        start += p.data.size
+    flat[start:] = backend.to_device(extra.astype(dtype), backend.device_of(flat))
+    flat = comm.all_reduce(flat)
+    start = 0
+    for p in trained:
+        p.grad = flat[start:start + p.data.size].reshape(p.shape).astype(p.dtype)
+        start += p.data.size
+    return backend.to_numpy(flat[start:]).astype(numpy.float64)
+
