@@ -82,6 +82,11 @@ ROWS = [
     Row("batch_norm 4-D eval", bn(False),
         [(randn(2, 3, 2, 3), True), (positive(3), True), (randn(3), True), (randn(3), False), (positive(3), False)],
         fast=True),
+    # synchronized batch norm with one rank is batch norm; over several ranks (threads) its gradients are checked
+    # by central differences of the global function in test_sync_batchnorm.py
+    Row("sync_batch_norm 4-D train, one rank",
+        lambda x, g, b, mm, mv: F.sync_batch_norm(x, g, b, mm, mv, training=True)[0],
+        [(randn(3, 2, 2, 2), True), (positive(2), True), (randn(2), True), (randn(2), False), (positive(2), False)]),
     # the tensor arithmetic the engine offers
     Row("add broadcast", lambda a, b: a + b, [(randn(3, 4), True), (randn(4), True)]),
     Row("sub broadcast", lambda a, b: a - b, [(randn(3, 1), True), (randn(1, 4), True)]),

@@ -243,3 +243,32 @@ def test_all_reduce_gradients_sums_in_one_collective():
         numpy.testing.assert_array_equal(b_grad, numpy.zeros((2, 2)))
         numpy.testing.assert_array_equal(extra, [3.0, 3.0])
         assert calls == [("all_reduce", 9)]
+
+
+def test_ranks_share_the_cores_and_blas_threads_are_set_only_when_asked(monkeypatch):
+    from tinybn.fast import blas, parallel
+
+    class TwoRanksHere(distributed.LocalCommunicator):
+        local_size = 2
+
+    saved = parallel.threads()
+    monkeypatch.delenv("TINYBN_NUM_THREADS", raising=False)
+    monkeypatch.setattr(parallel, "_cores", lambda: 2)
+    blas_threads = [2]
+    monkeypatch.setattr(blas, "get_threads", lambda: blas_threads[0])
+    monkeypatch.setattr(blas, "set_threads", lambda count: blas_threads.__setitem__(0, count) or True)
+    try:
+        with pytest.warns(RuntimeWarning, match="OPENBLAS_NUM_THREADS=1"):
+            assert distributed.share_cores(TwoRanksHere()) == 1
+        assert parallel.threads() == 1 and blas_threads == [2]       # the program's BLAS threads are untouched
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            distributed.share_cores(TwoRanksHere(), set_blas_threads=True)
+        assert blas_threads == [1]
+        monkeypatch.setenv("TINYBN_NUM_THREADS", "2")
+        parallel.set_threads(2)
+        blas_threads[0] = 1
+        assert distributed.share_cores(TwoRanksHere()) == 2            # the environment wins
+    finally:
+        parallel.set_threads(saved)

@@ -34,13 +34,15 @@ instead of P independent trainings that look like one.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy
 
 from . import backend
 
-__all__ = ["Communicator", "StoppedElsewhere", "agree", "LocalCommunicator", "MPICommunicator", "MPIUnavailableError", "all_reduce_gradients",
-           "get_communicator", "init", "is_initialized", "launcher_rank", "launcher_size"]
+__all__ = ["Communicator", "LocalCommunicator", "MPICommunicator", "MPIUnavailableError", "StoppedElsewhere", "agree",
+           "all_reduce_gradients", "get_communicator", "init", "is_initialized", "launcher_rank", "launcher_size",
+           "share_cores"]
 
 INSTALL_HINT = "pip install 'tinybn[mpi]' (mpi4py and MPICH, both from PyPI)"
 
@@ -181,15 +183,43 @@ class MPICommunicator(Communicator):
 _default: Communicator | None = None
 
 
-def init(comm=None) -> Communicator:
-    """Start MPI (if it is not running) and make its communicator the default; returns it.
+def init(comm=None, *, set_blas_threads: bool = False) -> Communicator:
+    """Start MPI (if it is not running) and make its communicator the default; returns it. The ranks on one
+    machine share its cores: tinybn's kernels get ``cores // ranks on this machine`` threads each, and with
+    ``set_blas_threads`` OpenBLAS too (:func:`share_cores`).
 
     ``comm`` may be an mpi4py communicator (``MPI.COMM_WORLD`` when omitted) or a :class:`Communicator`.
     Raises :class:`MPIUnavailableError`, saying what to install, when mpi4py or MPI is missing.
     """
     global _default
     _default = comm if isinstance(comm, Communicator) else MPICommunicator(comm)
+    share_cores(_default, set_blas_threads)
     return _default
+
+
+def share_cores(comm: Communicator, set_blas_threads: bool = False) -> int:
+    """Give tinybn's kernels ``cores // ranks on this machine`` threads each, unless ``TINYBN_NUM_THREADS`` says
+    otherwise; returns the count. (Two ranks with two spinning threads each on two cores ran a step 4x slower.)
+
+    OpenBLAS's threads belong to the program, and tinybn sets them only when asked (``set_blas_threads``, as the
+    command line does); otherwise, when they would oversubscribe the cores, a warning says how to set them."""
+    from .fast import parallel
+
+    from .fast import blas
+
+    count = parallel.threads()
+    if not os.environ.get("TINYBN_NUM_THREADS", "").strip():
+        count = max(1, parallel._cores() // comm.local_size)
+        parallel.set_threads(count)
+    if set_blas_threads:
+        blas.set_threads(count)
+    blas_threads = blas.get_threads()
+    if blas_threads is not None and blas_threads * comm.local_size > parallel._cores():
+        warnings.warn(f"OpenBLAS runs {blas_threads} threads in each of the {comm.local_size} ranks on this machine's "
+                      f"{parallel._cores()} cores, and its waiting threads spin: a LeNet step ran 90x slower so. "
+                      f"Launch with OPENBLAS_NUM_THREADS={count} (mpiexec -genv OPENBLAS_NUM_THREADS {count} ...), or "
+                      f"call tinybn.distributed.init(set_blas_threads=True)", RuntimeWarning, stacklevel=3)
+    return count
 
 
 def is_initialized() -> bool:

@@ -180,11 +180,11 @@ def train_distributed(config) -> int:
     """``train --distributed`` on one rank of an MPI job: rank 0 speaks for the job, and a rank that fails ends
     every rank at once (MPI_Abort), so that none waits for ever in a collective."""
     from ..backend import resolve_device
-    from ..fast import blas, parallel
+    from ..fast import parallel
     from .data import load_fashion_mnist
     from .train import Diverged, prepare_output, train
 
-    comm = distributed.init()
+    comm = distributed.init(set_blas_threads=True)     # the command line owns its process: see tune_process
     root = comm.rank == 0
     # A set-up error may be every rank's (a bad setting) or one rank's (no data on its machine): the ranks
     # agree on whether any failed before going on, so it is said once, by the rank it concerns.
@@ -211,14 +211,9 @@ def train_distributed(config) -> int:
         return 2
     if root:
         tune_process()
-    if not os.environ.get("TINYBN_NUM_THREADS", "").strip():   # the ranks on one machine share its cores
-        share = max(1, parallel._cores() // comm.local_size)
-        parallel.set_threads(share)
-        blas_set = blas.set_threads(share)
-        if root:
-            print(f"tinybn: tuned this process: {share} thread(s) per rank for the {comm.local_size} rank(s) on this "
-                  f"machine{' (tinybn and OpenBLAS)' if blas_set else ''}; TINYBN_NUM_THREADS overrides",
-                  file=sys.stderr)
+    if root and not os.environ.get("TINYBN_NUM_THREADS", "").strip():
+        print(f"tinybn: tuned this process: tinybn and OpenBLAS use {parallel.threads()} thread(s) in each of the "
+              f"{comm.local_size} rank(s) on this machine; TINYBN_NUM_THREADS overrides", file=sys.stderr)
     created = root and not out.exists()
     started = time.time()
     stop = "\n" if config.progress else ""
