@@ -87,6 +87,19 @@ ROWS = [
     Row("sync_batch_norm 4-D train, one rank",
         lambda x, g, b, mm, mv: F.sync_batch_norm(x, g, b, mm, mv, training=True)[0],
         [(randn(3, 2, 2, 2), True), (positive(2), True), (randn(2), True), (randn(2), False), (positive(2), False)]),
+    # the normalization family (more in test_normalization.py: PyTorch, and batch renorm with r, d held constant)
+    Row("layer_norm over (C, H, W)", lambda x, w, b: F.layer_norm(x, (3, 2, 2), w, b),
+        [(randn(2, 3, 2, 2) * 2 + 1, True), (positive(3, 2, 2), True), (randn(3, 2, 2), True)]),
+    Row("group_norm 2 groups", lambda x, w, b: F.group_norm(x, 2, w, b),
+        [(randn(2, 4, 2, 3), True), (positive(4), True), (randn(4), True)]),
+    Row("batch_renorm train, r and d at their limits 1 and 0",
+        lambda x, g, b, mm, mv: F.batch_renorm(x, g, b, mm, mv, training=True, r_max=1.0, d_max=0.0)[0],
+        [(randn(5, 3, 2, 2), True), (positive(3), True), (randn(3), True), (randn(3), False), (positive(3), False)]),
+    Row("batch_renorm eval", lambda x, g, b, mm, mv: F.batch_renorm(x, g, b, mm, mv, training=False)[0],
+        [(randn(4, 3), True), (positive(3), True), (randn(3), True), (randn(3), False), (positive(3), False)]),
+    Row("decorrelated_batch_norm train, groups of 2", lambda x, g, b, mm, mw: F.decorrelated_batch_norm(
+        x, g, b, mm, mw, training=True, group_size=2, eps=1e-2)[0],
+        [(randn(6, 3, 2, 2), True), (positive(3), True), (randn(3), True), (randn(3), False), (numpy.eye(3), False)]),
     # the tensor arithmetic the engine offers
     Row("add broadcast", lambda a, b: a + b, [(randn(3, 4), True), (randn(4), True)]),
     Row("sub broadcast", lambda a, b: a - b, [(randn(3, 1), True), (randn(1, 4), True)]),

@@ -6,13 +6,17 @@ and records the backward for autograd. The derivations are in ``docs/derivations
 """
 from .activation import relu, sigmoid
 from .batchnorm import batch_norm
+from .batchrenorm import batch_renorm
 from .conv import conv2d
 from .dropout import dropout
+from .groupnorm import group_norm
+from .layernorm import layer_norm
 from .linear import linear
 from .loss import cross_entropy
 from .pooling import avg_pool2d, max_pool2d
 from .shape import flatten
 from .syncbatchnorm import sync_batch_norm
+from .whitening import decorrelated_batch_norm
 
-__all__ = ["avg_pool2d", "batch_norm", "conv2d", "cross_entropy", "dropout", "flatten", "linear", "max_pool2d",
-           "relu", "sigmoid", "sync_batch_norm"]
+__all__ = ["avg_pool2d", "batch_norm", "batch_renorm", "conv2d", "cross_entropy", "decorrelated_batch_norm", "dropout",
+           "flatten", "group_norm", "layer_norm", "linear", "max_pool2d", "relu", "sigmoid", "sync_batch_norm"]

@@ -1,0 +1,182 @@
+"""BN folded into the layer before it (equal predictions, the original untouched, clear refusals), and PyTorch
+state dicts in and out (equal prediction-mode logits in float64, round trips, the module without PyTorch)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+import tinybn
+from tinybn import interop, nn
+from tinybn.app.models import build_lenet, build_model
+from tinybn.autograd import Tensor
+
+try:
+    import torch
+except ImportError:
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed (the comparison needs it)")
+
+
+def images(count=64, seed=0):
+    return numpy.random.default_rng(seed).uniform(0, 1, (count, 1, 28, 28))
+
+
+def trained_a_little(model, dtype):
+    """A few training steps, then made-up γ and β, so that every statistic and parameter is far from its start."""
+    model.to(dtype=dtype)
+    optimizer = tinybn.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(3):
+        loss = tinybn.functional.cross_entropy(model(Tensor(images(32, step).astype(dtype))),
+                                               Tensor(numpy.arange(32) % 10))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    rng = numpy.random.default_rng(1)
+    for module in model.modules():
+        if hasattr(module, "gamma"):
+            module.gamma.data = (module.gamma.data * rng.uniform(0.5, 2, module.gamma.shape)).astype(dtype)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["lenet-bn", "lenet-bn-concise"])
+@pytest.mark.parametrize("dtype, tolerance", [(numpy.float64, 1e-12), (numpy.float32, 2e-6)])
+def test_folded_model_predicts_what_the_model_predicts(name, dtype, tolerance):
+    model = trained_a_little(build_model(name), dtype)
+    before = model.state_dict()
+    folded = nn.fold_batch_norm(model)
+    x = Tensor(images().astype(dtype))
+    expected, got = model(x).data, folded(x).data
+    assert got.dtype == dtype
+    numpy.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance)
+    assert not any(isinstance(m, (nn.BatchNorm, nn.BatchNorm1d)) for m in folded.modules())
+    assert len(folded) == len(model) - 4
+    after = model.state_dict()                       # the original is unchanged
+    assert all(numpy.array_equal(before[k], after[k]) for k in before)
+
+
+def test_folding_decorrelated_bn_and_batch_renorm_and_a_layer_without_bias():
+    dense = nn.Sequential(nn.Linear(5, 4, bias=False), nn.DecorrelatedBatchNorm(4, group_size=3), nn.Sigmoid(),
+                          nn.Linear(4, 3), nn.BatchRenorm1d(3), nn.Linear(3, 2)).to(dtype=numpy.float64)
+    x = Tensor(numpy.random.default_rng(0).standard_normal((50, 5)))
+    for _ in range(3):
+        dense(x)
+    dense.eval()
+    folded = nn.fold_batch_norm(dense)
+    numpy.testing.assert_allclose(folded(x).data, dense(x).data, atol=1e-12)
+    assert folded[0].bias is not None and dense[0].bias is None
+
+
+def test_folding_refuses_what_it_cannot_fold():
+    with pytest.raises(ValueError, match="1 .* is in training mode"):
+        nn.fold_batch_norm(build_model("lenet-bn"))
+    with pytest.raises(ValueError, match="follows Sigmoid"):
+        nn.fold_batch_norm(nn.Sequential(nn.Linear(2, 3), nn.Sigmoid(), nn.BatchNorm1d(3)).eval())
+    with pytest.raises(ValueError, match="has no size yet"):
+        nn.fold_batch_norm(build_model("lenet-bn-concise").eval())
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm1d(3)
+
+    with pytest.raises(ValueError, match="norm .* not inside a Sequential"):
+        nn.fold_batch_norm(Custom().eval())
+    no_bn = build_model("lenet").eval()                         # nothing to fold: a copy, the same function
+    x = Tensor(images(4).astype(numpy.float32))
+    numpy.testing.assert_array_equal(nn.fold_batch_norm(no_bn)(x).data, no_bn(x).data)
+
+
+# ----------------------------------------------------------------------------------------------- PyTorch
+
+def torch_lenet(bn=True):
+    def norm(c, two_d):
+        return [torch.nn.BatchNorm2d(c) if two_d else torch.nn.BatchNorm1d(c)] if bn else []
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 6, 5), *norm(6, True), torch.nn.Sigmoid(), torch.nn.MaxPool2d(2, 2),
+        torch.nn.Conv2d(6, 16, 5), *norm(16, True), torch.nn.Sigmoid(), torch.nn.MaxPool2d(2, 2), torch.nn.Flatten(),
+        torch.nn.Linear(256, 120), *norm(120, False), torch.nn.Sigmoid(), torch.nn.Linear(120, 84),
+        *norm(84, False), torch.nn.Sigmoid(), torch.nn.Linear(84, 10)).double()
+
+
+def torch_trained(bn=True):
+    torch.manual_seed(0)
+    model = torch_lenet(bn)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(3):
+        loss = torch.nn.functional.cross_entropy(model(torch.tensor(images(32, step))), torch.arange(32) % 10)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@needs_torch
+@pytest.mark.parametrize("name", ["lenet", "lenet-bn", "lenet-bn-concise"])
+def test_a_pytorch_model_and_its_tinybn_twin_predict_the_same(name):
+    theirs = torch_trained(bn=name != "lenet")
+    ours = build_model(name).to(dtype=numpy.float64)
+    interop.load_torch_state_dict(ours, theirs.state_dict())
+    x = images()
+    numpy.testing.assert_allclose(ours.eval()(Tensor(x)).data, theirs(torch.tensor(x)).detach().numpy(), atol=1e-9)
+    # and back: tinybn's state into a fresh PyTorch model
+    again = torch_lenet(bn=name != "lenet")
+    again.load_state_dict(interop.torch_state_dict(ours))
+    numpy.testing.assert_allclose(again.eval()(torch.tensor(x)).detach().numpy(), ours(Tensor(x)).data, atol=1e-12)
+    for key, value in theirs.state_dict().items():
+        numpy.testing.assert_array_equal(again.state_dict()[key].numpy(), value.numpy())
+
+
+@needs_torch
+def test_a_pytorch_module_brings_its_momentum_and_eps():
+    theirs = torch_trained()
+    theirs[1].momentum, theirs[1].eps = 0.25, 1e-3
+    theirs[5].momentum = None                      # PyTorch's cumulative average is tinybn's momentum=None
+    ours = build_model("lenet-bn").to(dtype=numpy.float64)
+    interop.load_torch_state_dict(ours, theirs)
+    assert (ours[1].momentum, ours[1].eps) == (0.75, 1e-3) and ours[5].momentum is None
+    assert ours[10].momentum == pytest.approx(0.9)
+    x = images(8)
+    numpy.testing.assert_allclose(ours.eval()(Tensor(x)).data, theirs(torch.tensor(x)).detach().numpy(), atol=1e-9)
+
+
+def test_round_trip_and_refusals_without_pytorch():
+    model = trained_a_little(build_model("lenet-bn"), numpy.float32)
+    state = interop.torch_state_dict(model, as_tensors=False)
+    assert "1.running_var" in state and state["1.weight"].shape == (6,) and "1.gamma" not in state
+    twin = build_model("lenet-bn")
+    interop.load_torch_state_dict(twin, state)
+    for key, value in model.state_dict().items():
+        numpy.testing.assert_array_equal(twin.state_dict()[key], value)
+    before = twin.state_dict()
+    with pytest.raises(KeyError, match="match nothing"):
+        interop.load_torch_state_dict(twin, {**state, "16.weight": numpy.zeros(3)})
+    broken = dict(state)
+    broken["0.weight"] = numpy.zeros((6, 1, 3, 3))
+    with pytest.raises(ValueError, match="0.weight"):
+        interop.load_torch_state_dict(twin, broken)
+    assert all(numpy.array_equal(before[k], v) for k, v in twin.state_dict().items())   # nothing changed
+    with pytest.raises(KeyError, match="missing"):
+        interop.load_torch_state_dict(build_model("lenet-bn"), {k: v for k, v in state.items() if k != "0.bias"})
+    with pytest.raises(ValueError, match="no PyTorch counterpart"):
+        interop.torch_state_dict(nn.Sequential(nn.BatchRenorm1d(3)), as_tensors=False)
+
+
+def test_the_chapter_layer_names_load_too():
+    model = trained_a_little(build_lenet("scratch"), numpy.float32)
+    chapter_style = {k: v for k, v in model.state_dict().items()}       # gamma, beta, moving_* of shape (1, C, 1, 1)
+    twin = build_model("lenet-bn-concise")
+    interop.load_torch_state_dict(twin, chapter_style)
+    x = Tensor(images(4).astype(numpy.float32))
+    numpy.testing.assert_allclose(twin.eval()(x).data, model(x).data, atol=1e-6)
+
+
+def test_interop_imports_without_pytorch():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import tinybn.interop as i\n"
+            "from tinybn.app.models import build_model\n"
+            "try:\n    i.torch_state_dict(build_model('lenet'))\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "needs PyTorch" in out and "as_tensors=False" in out

@@ -1,0 +1,223 @@
+"""The normalization family beyond batch norm: the layers around the mathematics in tinybn.functional.
+
+* :class:`LayerNorm`, :class:`GroupNorm`, :class:`InstanceNorm2d`: statistics per example, so they do not
+  depend on the batch (PyTorch's names, arguments and parameters ``weight``/``bias``).
+* :class:`BatchRenorm1d`, :class:`BatchRenorm2d`: batch norm corrected towards its moving averages in training
+  (tinybn's batch-norm layers, with ``gamma``/``beta``/``moving_mean``/``moving_var``).
+* :class:`DecorrelatedBatchNorm`: whitening of groups of channels (a full-rank covariance estimate).
+"""
+from __future__ import annotations
+
+import numpy
+
+from .. import backend
+from .. import functional as F
+from ..autograd import Tensor
+from ..functional.batchrenorm import DEFAULT_MOMENTUM as RENORM_MOMENTUM
+from ..functional.batchrenorm import renorm_limits
+from ..functional.batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM, moving_average
+from ..functional.groupnorm import instance_statistics
+from ..functional.layernorm import normalized_shape_tuple
+from ..functional.whitening import DEFAULT_ITERATIONS
+from .batchnorm import BatchNorm1d, _BatchNormBase
+from .layers import check_input, check_size
+from .module import Module, Parameter
+
+
+def _tensor(value, device):
+    return backend.to_device(value, device)
+
+
+def _check_eps(layer, eps):
+    if not eps > 0:
+        raise ValueError(f"{layer}: eps must be positive (it keeps 1/√(σ² + eps) finite), got {eps}")
+
+
+class LayerNorm(Module):
+    """``LayerNorm(normalized_shape, eps=1e-5, elementwise_affine=True)``: each example standardized over its
+    last axes, which must equal ``normalized_shape``; ``weight`` (ones) and ``bias`` (zeros) of that shape."""
+
+    def __init__(self, normalized_shape, eps=DEFAULT_EPS, elementwise_affine: bool = True, device=None,
+                 dtype=numpy.float32):
+        super().__init__()
+        self.normalized_shape = normalized_shape_tuple(normalized_shape)
+        _check_eps("LayerNorm", eps)
+        self.eps, self.elementwise_affine = eps, elementwise_affine
+        shape = self.normalized_shape
+        self.register_parameter("weight", Parameter(_tensor(numpy.ones(shape, dtype), device)) if elementwise_affine
+                                else None)
+        self.register_parameter("bias", Parameter(_tensor(numpy.zeros(shape, dtype), device)) if elementwise_affine
+                                else None)
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self):
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+class GroupNorm(Module):
+    """``GroupNorm(num_groups, num_channels, eps=1e-5, affine=True)``: each example's channels standardized in
+    ``num_groups`` groups (which must divide ``num_channels``); ``weight`` and ``bias`` per channel."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps=DEFAULT_EPS, affine: bool = True, device=None,
+                 dtype=numpy.float32):
+        super().__init__()
+        check_size("GroupNorm", "num_groups", num_groups)
+        check_size("GroupNorm", "num_channels", num_channels)
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: num_groups {num_groups} does not divide num_channels {num_channels}")
+        _check_eps("GroupNorm", eps)
+        self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
+        self.register_parameter("weight", Parameter(_tensor(numpy.ones(num_channels, dtype), device)) if affine
+                                else None)
+        self.register_parameter("bias", Parameter(_tensor(numpy.zeros(num_channels, dtype), device)) if affine
+                                else None)
+
+    def forward(self, x):
+        data = x.data if isinstance(x, Tensor) else x
+        if getattr(data, "ndim", 0) < 2 or data.shape[1] != self.num_channels:
+            raise ValueError(f"{self!r} expects an input of shape (N, {self.num_channels}, ...), got shape "
+                             f"{tuple(getattr(data, 'shape', ()))}")
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self):
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+
+class InstanceNorm2d(Module):
+    """``InstanceNorm2d(num_features, eps=1e-5, momentum=0.9, affine=False, track_running_stats=False)``: each
+    channel of each example standardized over its positions — group norm with one group per channel.
+
+    As in PyTorch, ``track_running_stats=True`` keeps moving averages of the per-example statistics (in
+    tinybn's convention: ``momentum`` weighs the old value, the variance is biased) and prediction mode
+    normalizes with them; otherwise both modes use each example's own statistics.
+    """
+
+    def __init__(self, num_features: int, eps=DEFAULT_EPS, momentum=DEFAULT_MOMENTUM, affine: bool = False,
+                 track_running_stats: bool = False, device=None, dtype=numpy.float32):
+        super().__init__()
+        check_size("InstanceNorm2d", "num_features", num_features)
+        _check_eps("InstanceNorm2d", eps)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"InstanceNorm2d: momentum must be in [0, 1] (the weight of the old average), got {momentum}")
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        for name, value in (("weight", numpy.ones), ("bias", numpy.zeros)):
+            self.register_parameter(name, Parameter(_tensor(value(num_features, dtype), device)) if affine else None)
+        if track_running_stats:
+            self.register_buffer("moving_mean", Tensor(_tensor(numpy.zeros(num_features, dtype), device)))
+            self.register_buffer("moving_var", Tensor(_tensor(numpy.ones(num_features, dtype), device)))
+            self.register_buffer("num_batches_tracked", Tensor(_tensor(numpy.zeros((), numpy.int64), device)))
+
+    def forward(self, x):
+        check_input(self, x, 4, "(N, C, H, W)", self.num_features)
+        data = x.data if isinstance(x, Tensor) else x
+        if self.track_running_stats and not self.training:
+            xp = backend.get_array_module(data)
+            ones = xp.ones(self.num_features, self.moving_mean.dtype)
+            gamma = self.weight if self.affine else ones
+            beta = self.bias if self.affine else ones * 0
+            return F.batch_norm(x, gamma, beta, self.moving_mean, self.moving_var, training=False, eps=self.eps)[0]
+        if self.track_running_stats and data.shape[0] > 0:
+            mean, var = instance_statistics(data)
+            self.moving_mean.data = moving_average(self.moving_mean.data, mean, self.momentum)
+            self.moving_var.data = moving_average(self.moving_var.data, var, self.momentum)
+            self.num_batches_tracked.data = self.num_batches_tracked.data + 1
+        return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
+
+
+class _BatchRenormBase(_BatchNormBase):
+    def __init__(self, num_features, r_max, d_max, warmup_steps, momentum, eps, device, dtype):
+        if not r_max >= 1.0 or not d_max >= 0.0:
+            raise ValueError(f"{type(self).__name__}: r_max must be at least 1 and d_max at least 0 (1 and 0 are "
+                             f"batch norm), got r_max={r_max}, d_max={d_max}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"{type(self).__name__}: warmup_steps must be a whole number of at least 0, got "
+                             f"{warmup_steps!r}")
+        super().__init__(num_features, momentum, eps, device, dtype)
+        self.r_max, self.d_max, self.warmup_steps = r_max, d_max, warmup_steps
+
+    def limits(self) -> tuple[float, float]:
+        """r_max and d_max for the next training step: the warm-up counts the batches this layer has normalized."""
+        return renorm_limits(int(self.num_batches_tracked.item()), self.r_max, self.d_max, self.warmup_steps)
+
+    def _normalize(self, x, momentum):
+        r_max, d_max = self.limits()
+        y, new_mean, new_var = F.batch_renorm(x, self.gamma, self.beta, self.moving_mean, self.moving_var,
+                                              training=self.training, r_max=r_max, d_max=d_max, momentum=momentum,
+                                              eps=self.eps)
+        data = x.data if isinstance(x, Tensor) else x
+        return y, new_mean, new_var, data.size // self.num_features
+
+    def extra_repr(self):
+        return (f"{self.num_features}, r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
+                f"momentum={self.momentum}, eps={self.eps}")
+
+
+class BatchRenorm1d(_BatchRenormBase, BatchNorm1d):
+    """``BatchRenorm1d(num_features=None, r_max=3.0, d_max=5.0, warmup_steps=1000, momentum=0.99, eps=1e-5)``
+    for (N, C) input: batch renormalization (:mod:`tinybn.functional.batchrenorm`).
+
+    r_max and d_max grow linearly from 1 and 0 (batch norm) to the given values over the first
+    ``warmup_steps`` training batches (:func:`~tinybn.functional.batchrenorm.renorm_limits`), counted by
+    ``num_batches_tracked``; ``momentum`` is 0.99 because the moving averages take part in training. The
+    rest is tinybn's batch-norm layer: ``num_features`` inferred when omitted, precise BN, eval mode.
+    """
+    num_dims = 2
+
+    def __init__(self, num_features: int | None = None, r_max: float = 3.0, d_max: float = 5.0,
+                 warmup_steps: int = 1000, momentum=RENORM_MOMENTUM, eps=DEFAULT_EPS, device=None, dtype=numpy.float32):
+        _BatchRenormBase.__init__(self, num_features, r_max, d_max, warmup_steps, momentum, eps, device, dtype)
+
+
+class BatchRenorm2d(BatchRenorm1d):
+    """Batch renormalization for (N, C, H, W) input, per channel; see :class:`BatchRenorm1d`."""
+    num_dims = 4
+
+
+class DecorrelatedBatchNorm(Module):
+    """``DecorrelatedBatchNorm(num_features, group_size=16, iterations=5, momentum=0.9, eps=1e-5)`` for (N, C) or
+    (N, C, H, W) input: channels whitened in groups of ``group_size`` by ``iterations`` Newton–Schulz steps
+    (IterNorm; :mod:`tinybn.functional.whitening`), then scaled by ``gamma`` and shifted by ``beta``.
+
+    Buffers: ``moving_mean`` (C,) and ``moving_whitening`` (C, C), block-diagonal, the identity at first;
+    prediction mode normalizes with them.
+    """
+
+    def __init__(self, num_features: int, group_size: int = 16, iterations: int = DEFAULT_ITERATIONS,
+                 momentum=DEFAULT_MOMENTUM, eps=DEFAULT_EPS, device=None, dtype=numpy.float32):
+        super().__init__()
+        check_size("DecorrelatedBatchNorm", "num_features", num_features)
+        check_size("DecorrelatedBatchNorm", "group_size", group_size)
+        check_size("DecorrelatedBatchNorm", "iterations", iterations)
+        _check_eps("DecorrelatedBatchNorm", eps)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"DecorrelatedBatchNorm: momentum must be in [0, 1], got {momentum}")
+        self.num_features, self.group_size, self.iterations = num_features, group_size, iterations
+        self.momentum, self.eps = momentum, eps
+        self.gamma = Parameter(_tensor(numpy.ones(num_features, dtype), device))
+        self.beta = Parameter(_tensor(numpy.zeros(num_features, dtype), device))
+        self.register_buffer("moving_mean", Tensor(_tensor(numpy.zeros(num_features, dtype), device)))
+        self.register_buffer("moving_whitening", Tensor(_tensor(numpy.eye(num_features, dtype=dtype), device)))
+
+    def forward(self, x):
+        data = x.data if isinstance(x, Tensor) else x
+        ndim = getattr(data, "ndim", None)
+        check_input(self, x, ndim if ndim in (2, 4) else 4, "(N, C)" if ndim == 2 else "(N, C, H, W)",
+                    self.num_features)
+        y, mean, whitening = F.decorrelated_batch_norm(x, self.gamma, self.beta, self.moving_mean,
+                                                       self.moving_whitening, training=self.training,
+                                                       group_size=self.group_size, iterations=self.iterations,
+                                                       momentum=self.momentum, eps=self.eps)
+        if self.training and data.size > 0:
+            self.moving_mean.data, self.moving_whitening.data = mean.data, whitening.data
+        return y
+
+    def extra_repr(self):
+        return (f"{self.num_features}, group_size={self.group_size}, iterations={self.iterations}, "
+                f"momentum={self.momentum}, eps={self.eps}")
