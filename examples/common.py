@@ -44,19 +44,23 @@ def setup(args, name: str):
     return out, load_fashion_mnist(args.data)
 
 
-def run_variant(args, data, out, label: str, build, lr: float | None = None) -> dict:
-    """Train one model variant once per seed; returns ``{"label", "lr", "runs": [{"seed", "history", "diverged"}]}``.
+def run_variant(args, data, out, label: str, build, lr: float | None = None, batch_size: int = 256,
+                precise_bn: int | None = None, epochs: int | None = None) -> dict:
+    """Train one model variant once per seed; returns ``{"label", "lr", "batch_size", "runs": [{"seed", "history",
+    "diverged"}]}``. ``precise_bn`` and ``epochs`` default to the command line's.
 
     A diverged run keeps the epochs it finished and says where it stopped."""
     lr = lr or args.lr
-    result = {"label": label, "lr": lr, "runs": []}
+    precise_bn = args.precise_bn if precise_bn is None else precise_bn
+    result = {"label": label, "lr": lr, "batch_size": batch_size, "runs": []}
     for seed in args.seed_list:
         tinybn.manual_seed(seed)
         model = build()
-        folder = out / f"{label}_lr{lr:g}_seed{seed}".replace(" ", "_").replace("/", "-")
-        config = TrainConfig(model=label, epochs=args.epochs, lr=lr, device=args.device, seed=seed, out=str(folder),
-                             train_subset=args.train_subset, progress=False, plot=False, overwrite=True,
-                             precise_bn=args.precise_bn)
+        folder = out / (f"{label}_lr{lr:g}" + (f"_batch{batch_size}" if batch_size != 256 else "")
+                        + f"_seed{seed}").replace(" ", "_").replace("/", "-")
+        config = TrainConfig(model=label, epochs=epochs or args.epochs, lr=lr, batch_size=batch_size,
+                             device=args.device, seed=seed, out=str(folder), train_subset=args.train_subset,
+                             progress=False, plot=False, overwrite=True, precise_bn=precise_bn)
         lines = []
         try:
             history = train(config, log=lines.append, data=data, model=model)["history"]
@@ -66,7 +70,7 @@ def run_variant(args, data, out, label: str, build, lr: float | None = None) -> 
             diverged = f"epoch {error.epoch}, step {error.step}"
         result["runs"].append({"seed": seed, "history": history, "diverged": diverged})
         last = history[-1] if history else {}
-        print(f"-- {label}, lr {lr:g}, seed {seed}: " + (f"diverged at {diverged}" if diverged else
+        print(f"-- {label}, lr {lr:g}, batch {batch_size}, seed {seed}: " + (f"diverged at {diverged}" if diverged else
               f"train acc {last['train_acc']:.3f}, {accuracies(last, 3)}"), flush=True)
     return result
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from .. import nn
 
 MODELS = ("lenet", "lenet-bn", "lenet-bn-concise")
+NORMS = ("none", "scratch", "concise", "layer", "group", "renorm", "decorrelated")
+GROUPS = (2, 4, 8, 4)     # GroupNorm's groups in LeNet's four slots: 3, 4, 15 and 21 channels per group
 
 
 def build_lenet(norm: str = "none", conv_bias: bool = True, bn_layers=(0, 1, 2, 3), dropout: float = 0.0,
@@ -12,19 +14,31 @@ def build_lenet(norm: str = "none", conv_bias: bool = True, bn_layers=(0, 1, 2, 
 
     ``norm``: ``"none"``, ``"scratch"`` (the chapter's ``BatchNorm(num_features, num_dims)``) or
     ``"concise"`` (``BatchNorm2d``/``BatchNorm1d`` with inferred sizes), placed after each of the four
-    hidden conv/dense layers listed in ``bn_layers`` (0, 1: convs; 2, 3: dense), before its sigmoid.
+    hidden conv/dense layers listed in ``bn_layers`` (0, 1: convs; 2, 3: dense), before its sigmoid; or, in
+    the same places, another normalization (:data:`NORMS`): ``"layer"`` (``LayerNorm`` over each example's
+    (C, H, W) or (C,) values), ``"group"`` (``GroupNorm`` with :data:`GROUPS` groups), ``"renorm"``
+    (``BatchRenorm2d/1d``) or ``"decorrelated"`` (``DecorrelatedBatchNorm``, groups of 16 channels).
     ``conv_bias=False`` removes the bias of the layers followed by BN (it is redundant there).
     ``dropout`` > 0 adds dropout after the two hidden dense activations. ``train_bn_affine=False``
     freezes γ = 1 and β = 0. Conv and dense weights are Xavier-uniform initialised.
     """
-    if norm not in ("none", "scratch", "concise"):
-        raise ValueError(f"norm must be 'none', 'scratch' or 'concise', got {norm!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
     widths = [(6, 4), (16, 4), (120, 2), (84, 2)]
+    sizes = [(6, 24, 24), (16, 8, 8), (120,), (84,)]    # what each hidden layer puts out, per example
 
     def bn(i):
         channels, num_dims = widths[i]
         if norm == "scratch":
             return [nn.BatchNorm(channels, num_dims=num_dims)]
+        if norm == "layer":
+            return [nn.LayerNorm(sizes[i])]
+        if norm == "group":
+            return [nn.GroupNorm(GROUPS[i], channels)]
+        if norm == "renorm":
+            return [nn.BatchRenorm2d(channels) if num_dims == 4 else nn.BatchRenorm1d(channels)]
+        if norm == "decorrelated":
+            return [nn.DecorrelatedBatchNorm(channels, group_size=16)]
         return [nn.BatchNorm2d() if num_dims == 4 else nn.BatchNorm1d()]
 
     def has_bn(i):
@@ -49,6 +63,8 @@ def build_lenet(norm: str = "none", conv_bias: bool = True, bn_layers=(0, 1, 2, 
             nn.init.xavier_uniform_(module.weight)
         if isinstance(module, (nn.BatchNorm, nn.BatchNorm1d)) and not train_bn_affine:
             module.gamma.requires_grad = module.beta.requires_grad = False
+        if not train_bn_affine and norm in ("layer", "group", "decorrelated"):
+            raise ValueError(f"train_bn_affine=False is for the batch-norm layers, not norm={norm!r}")
     return net.to(device) if device is not None else net
 
 

@@ -1,0 +1,96 @@
+"""Exercise 7: other normalizations in LeNet's batch-norm slots, and how each copes with small batches.
+
+Part 1 (``--part compare``): LeNet with batch norm, layer norm, group norm, batch renormalization and
+decorrelated batch norm (whitening groups of 16 channels) after each hidden layer, the chapter's recipe
+(lr 1.0, batch 256), one run per seed; the table gives training accuracy and test accuracy in prediction mode.
+
+Part 2 (``--part batch-sizes``): final test accuracy against the batch size for batch norm, group norm and
+batch renorm, with the learning rate scaled with the batch size (lr = 1.0 · B / 256), as in the classic
+figure of group norm's paper. Test accuracy here uses each model's own prediction mode (the moving
+averages for BN and batch renorm; group norm has none), because that is what the batch size does to them.
+Each batch size trains for ``--sweep-epochs`` epochs.
+
+``--replot`` redraws both figures and tables from ``results.json`` without training.
+"""
+import json
+from pathlib import Path
+
+import numpy
+
+import common
+from tinybn.app.models import build_lenet
+
+p = common.parser(__doc__.splitlines()[0])
+p.add_argument("--part", choices=("compare", "batch-sizes", "both"), default="both")
+p.add_argument("--batch-sizes", default="2,4,8,16,32,256", help="batch sizes of part 2")
+p.add_argument("--sweep-epochs", type=int, default=10, help="epochs of each run in part 2")
+p.add_argument("--replot", action="store_true", help="redraw the figures and tables from results.json")
+args = p.parse_args()
+
+NORMS = {"batch norm": "scratch", "layer norm": "layer", "group norm": "group", "batch renorm": "renorm",
+         "decorrelated BN": "decorrelated"}
+SWEPT = ("batch norm", "group norm", "batch renorm")
+
+if args.replot:
+    out = Path(args.out or "runs/examples/normalizations")
+    saved = json.loads((out / "results.json").read_text())
+    compare, sweep = saved["compare"], saved["sweep"]
+else:
+    out, data = common.setup(args, "normalizations")
+    previous = out / "results.json"                 # part 1 and part 2 may run separately: keep the other part
+    saved = json.loads(previous.read_text()) if previous.is_file() else {"compare": [], "sweep": []}
+    compare, sweep = saved["compare"], saved["sweep"]
+    if args.part in ("compare", "both"):
+        compare = [common.run_variant(args, data, out, name, lambda norm=norm: build_lenet(norm))
+                   for name, norm in NORMS.items()]
+    if args.part in ("batch-sizes", "both"):
+        sweep = []
+        for size in (int(b) for b in args.batch_sizes.split(",")):
+            for name in SWEPT:
+                sweep.append(common.run_variant(args, data, out, name, lambda norm=NORMS[name]: build_lenet(norm),
+                                                lr=args.lr * size / 256, batch_size=size, precise_bn=0,
+                                                epochs=args.sweep_epochs))
+    (out / "results.json").write_text(json.dumps({"compare": compare, "sweep": sweep}, indent=1))
+    print(f"wrote {out / 'results.json'}")
+
+if compare:
+    common.table([common.summary(r) for r in compare])
+    common.compare_plot(out / "normalizations.png", compare, f"normalizations in LeNet's BN slots (lr {args.lr:g})",
+                        len(compare[0]["runs"]))
+
+if sweep:
+    from matplotlib.figure import Figure
+
+    rows, fig = [], Figure(figsize=(6.4, 4.2), dpi=120)
+    ax = fig.subplots()
+    for name, marker in zip(SWEPT, ("o", "s", "^")):
+        results = sorted((r for r in sweep if r["label"] == name), key=lambda r: r["batch_size"])
+        sizes, means, lows, highs = [], [], [], []
+        for result in results:
+            values = [history[-1]["test_acc"] for history in common.finished(result)]
+            diverged = sum(1 for run in result["runs"] if run["diverged"])
+            rows.append({"normalization": name, "batch": result["batch_size"], "lr": f"{result['lr']:g}",
+                         "train acc": common.spread(result, "train_acc"),
+                         "test acc (prediction mode)": common.spread(result, "test_acc")})
+            if values:
+                sizes.append(result["batch_size"])
+                means.append(numpy.mean(values))
+                lows.append(numpy.mean(values) - min(values))
+                highs.append(max(values) - numpy.mean(values))
+        ax.errorbar(sizes, means, yerr=[lows, highs], marker=marker, capsize=3, label=name)
+    common.table(rows)
+    seeds = len(sweep[0]["runs"])
+    epochs = max(len(run["history"]) for r in sweep for run in r["runs"])
+    ax.set_xscale("log", base=2)
+    sizes = sorted({r["batch_size"] for r in sweep})
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("batch size (learning rate 1.0 · batch / 256)")
+    ax.set_ylabel("final test accuracy, prediction mode")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(f"LeNet on Fashion-MNIST, {epochs} epoch{'s' if epochs != 1 else ''}: mean of {seeds} "
+                 f"seed{'s' if seeds != 1 else ''}, bars = lowest to highest", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "batch_sizes.png")
+    print(f"wrote {out / 'batch_sizes.png'}")
