@@ -5,7 +5,7 @@ Times, on the real Fashion-MNIST and LeNet-BN with SyncBatchNorm, the median ove
 * a whole training step on each rank's shard of a global batch of ``--batch-size`` (forward with the BN layers'
   all_gathers, backward with their all_reduces, the gradient all_reduce, the SGD update);
 * the gradient all_reduce alone (one flat buffer of every parameter's gradient);
-* the BN layers' collectives alone: per layer, one all_gather of 2C + 1 float64 numbers and one all_reduce of 2C.
+* the BN layers' collectives alone: per layer, one all_gather of 2C + 2 float64 numbers and one all_reduce of 2C.
 
 Rank 0 prints one line per measure, and the bytes each rank sends per step. With one rank the collectives are
 skipped by the layer (it is plain batch norm) and timed here only for the record.
@@ -19,7 +19,7 @@ import time
 import numpy
 
 import tinybn
-from tinybn import distributed, functional as F, nn
+from tinybn import distributed, nn
 from tinybn.app.data import DataLoader, load_fashion_mnist
 from tinybn.app.models import build_model
 from tinybn.optim import SGD
@@ -45,7 +45,7 @@ def main():
     for images, labels in loader:
         comm.barrier()
         start = time.perf_counter()
-        loss = F.cross_entropy(model(images), labels) * (len(labels) / args.batch_size)
+        loss = distributed.shard_loss(model(images), labels, args.batch_size)
         optimizer.zero_grad()
         loss.backward()
         distributed.all_reduce_gradients(optimizer.params, comm, extra=(loss.data, 0))
@@ -62,8 +62,8 @@ def main():
         comm.barrier()
         start = time.perf_counter()
         for c in channels:
-            comm.all_gather(numpy.zeros(2 * c + 1))
-            comm.all_reduce(numpy.zeros(2 * c, numpy.float32))
+            comm.all_gather(numpy.zeros(2 * c + 2))
+            comm.all_reduce(numpy.zeros(2 * c))
         bn_times.append(time.perf_counter() - start)
     if comm.rank == 0:
         step = median_ms(step_times[5:])          # the first steps warm the allocator and caches
@@ -71,7 +71,7 @@ def main():
         print(f"training step:            {step:7.2f} ms median ({args.batch_size / step * 1000:,.0f} examples/sec)")
         print(f"gradient all_reduce:      {median_ms(reduce_times):7.3f} ms median, {gradient.nbytes:,} bytes")
         print(f"BN collectives (4 layers): {median_ms(bn_times):7.3f} ms median, "
-              f"{sum(8 * (2 * c + 1) + 4 * 2 * c for c in channels):,} bytes, {2 * len(channels)} collectives")
+              f"{sum(8 * (2 * c + 2) + 8 * 2 * c for c in channels):,} bytes, {2 * len(channels)} collectives")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy
@@ -150,3 +152,96 @@ def test_a_setting_every_rank_refuses_is_said_once(tmp_path, args, message):
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("error") == 1 and message in done.stderr, done.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ found by an outside test, kept as rows
+
+def test_ctrl_c_early_in_a_run_ends_every_rank_and_says_so_once(tmp_path):
+    command = [MPIEXEC, "-n", "2", sys.executable, "-m", "tinybn", "train", "--distributed", "--no-progress",
+               "--no-plot", "--precise-bn", "0", "--train-subset", "2048", "--batch-size", "16", "--epochs", "8",
+               "--out", str(tmp_path / "run")]
+    environment = {**os.environ, "TINYBN_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    for delay in (1.0, 4.0):                    # during the set-up, and during training
+        job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+        time.sleep(delay)
+        job.send_signal(signal.SIGINT)
+        try:
+            _, stderr = job.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            pytest.fail(f"Ctrl-C after {delay} s left the job running")
+        assert job.returncode != 0
+        assert stderr.count("interrupted") <= 1, stderr
+
+
+def test_a_rank_that_fails_before_mpi_starts_is_named_and_the_job_ends(tmp_path):
+    command = ["-m", "tinybn", "train", "--distributed", "--no-progress", "--out", str(tmp_path / "run")]
+    done = launch(None, ["-n", "1", sys.executable, *command],
+                  ["-n", "1", "-env", "TINYBN_NUM_THREADS", "abc", sys.executable, *command], timeout=120)
+    assert done.returncode == 2
+    assert "error on rank 1: TINYBN_NUM_THREADS='abc'" in done.stderr and done.stderr.count("error") == 1
+    done = launch(None, ["-n", "1", sys.executable, *command, "--epochs", "2"],
+                  ["-n", "1", sys.executable, *command, "--epochs", "x"], timeout=120)
+    assert done.returncode == 2 and "rank 1: " in done.stderr and "--epochs" in done.stderr
+
+
+def test_three_ranks_train_the_last_short_batch_as_one_process_does(tmp_path):
+    args = ("--no-progress", "--no-plot", "--precise-bn", "0", "--train-subset", "100", "--batch-size", "7",
+            "--epochs", "1")
+    single = subprocess.run([sys.executable, "-m", "tinybn", "train", *args, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env={**os.environ, "TINYBN_NUM_THREADS": "1"}, timeout=240)
+    assert single.returncode == 0, single.stderr
+    done = launch(3, "-m", "tinybn", "train", "--distributed", *args, "--out", str(tmp_path / "three"))
+    assert done.returncode == 0, done.stderr
+    one, three = history(tmp_path / "one")[0], history(tmp_path / "three")[0]
+    assert round(three["train_acc"] * 100, 6).is_integer()        # every one of the 100 images counted
+    assert abs(one["train_loss"] - three["train_loss"]) < 1e-4 and one["train_acc"] == three["train_acc"]
+
+
+def test_the_communicator_keeps_shapes_refuses_booleans_and_catches_ranks_that_disagree(tmp_path):
+    script = ("import numpy, sys\n"
+              "from tinybn import distributed, nn, Tensor\n"
+              "comm = distributed.init()\n"
+              "assert comm.all_reduce(numpy.array(2.0)).shape == ()\n"
+              "assert comm.broadcast(numpy.array(3.0)).shape == ()\n"
+              "try:\n    comm.all_reduce(numpy.array([True]))\nexcept TypeError as e:\n    print('refused:', e)\n"
+              "x = numpy.ones((4, 3 + comm.rank)) * numpy.arange(3 + comm.rank)\n"
+              "nn.SyncBatchNorm()(Tensor(x))\n"
+              "print('never')\n")
+    done = launch(2, "-c", script, timeout=120)
+    assert done.returncode != 0 and "never" not in done.stdout
+    assert done.stdout.count("all_reduce sums numbers") == 2         # (the two ranks' lines may interleave)
+    # the rank with more channels says so; MPI stops the other (its buffer is too small for the message)
+    assert "the ranks disagree on the number of channels" in done.stderr or "truncated" in done.stderr
+
+
+def test_ranks_in_different_dtypes_agree_with_one_process():
+    from threadcomm import run_ranks
+    from tinybn import functional as F
+    from tinybn.autograd import Tensor
+
+    x = numpy.random.default_rng(0).standard_normal((6, 3))
+
+    def work(comm):
+        shard = x[:4] if comm.rank == 0 else x[4:].astype(numpy.float32)
+        t = Tensor(shard, requires_grad=True)
+        y = F.sync_batch_norm(t, numpy.ones(3), numpy.zeros(3), numpy.zeros(3), numpy.ones(3), training=True,
+                              comm=comm)[0]
+        (y * Tensor(numpy.arange(y.size).reshape(y.shape).astype(y.dtype))).sum().backward()
+        return y.data, t.grad
+
+    (y0, g0), (y1, g1) = run_ranks(2, work)
+    whole = Tensor(x, requires_grad=True)
+    y = F.batch_norm(whole, numpy.ones(3), numpy.zeros(3), numpy.zeros(3), numpy.ones(3), training=True)[0]
+    (y * Tensor(numpy.concatenate([numpy.arange(12).reshape(4, 3), numpy.arange(6).reshape(2, 3)]))).sum().backward()
+    numpy.testing.assert_allclose(numpy.concatenate([y0, y1]), y.data, atol=1e-6)
+    numpy.testing.assert_allclose(numpy.concatenate([g0, g1]), whole.grad, atol=1e-5)
+
+
+def test_eval_under_mpi_is_refused_once_and_a_model_without_bn_is_described_truly(tmp_path):
+    done = launch(2, "-m", "tinybn", "eval", str(tmp_path / "none.npz"), timeout=120)
+    assert done.returncode == 2 and done.stderr.count("run it as one process") == 1
+    done = launch(2, "-m", "tinybn", "train", "--distributed", "--model", "lenet", *COMMON, "--no-progress",
+                  "--no-plot", "--out", str(tmp_path / "plain"))
+    assert done.returncode == 0, done.stderr
+    assert "the model has no batch norm" in done.stdout

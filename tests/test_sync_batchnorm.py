@@ -90,8 +90,8 @@ def test_sync_batch_norm_equals_batch_norm_on_the_whole_batch(seed, n, channels,
         numpy.testing.assert_array_equal(got["means"][rank], got["means"][0])
         numpy.testing.assert_array_equal(got["vars"][rank], got["vars"][0])
         assert got["counts"][rank] == x.size // channels
-        if ranks > 1:        # one collective forward (2C + 1 numbers), one backward (2C numbers)
-            assert got["calls"][rank] == [("all_gather", 2 * channels + 1), ("all_reduce", 2 * channels)]
+        if ranks > 1:        # one collective forward (2C + 2 numbers), one backward (2C numbers)
+            assert got["calls"][rank] == [("all_gather", 2 * channels + 2), ("all_reduce", 2 * channels)]
 
 
 def test_every_shard_but_one_empty_and_the_float16_path():
@@ -270,5 +270,50 @@ def test_ranks_share_the_cores_and_blas_threads_are_set_only_when_asked(monkeypa
         parallel.set_threads(2)
         blas_threads[0] = 1
         assert distributed.share_cores(TwoRanksHere()) == 2            # the environment wins
+    finally:
+        parallel.set_threads(saved)
+
+
+def test_library_train_refuses_to_run_alone_in_each_rank(monkeypatch):
+    from tinybn.app.train import TrainConfig, train
+
+    with pytest.raises(ValueError, match="distributed is False"):
+        train(TrainConfig(), comm=distributed.LocalCommunicator())
+    monkeypatch.setenv("PMI_SIZE", "2")
+    with pytest.raises(ValueError, match="one of 2 that an MPI launcher started"):
+        train(TrainConfig())
+
+
+def test_an_empty_shard_contributes_nothing_to_the_loss_and_still_runs_backward():
+    def work(comm):
+        model = nn.Sequential(nn.Linear(3, 4), nn.SyncBatchNorm(4, comm=comm), nn.Linear(4, 2)).to(dtype=numpy.float64)
+        x = numpy.random.default_rng(0).standard_normal((5, 3))
+        rows = x if comm.rank == 0 else x[:0]
+        labels = numpy.array([0, 1, 1, 0, 1])[:len(rows)]
+        share = distributed.shard_loss(model(Tensor(rows)), Tensor(labels), 5)
+        share.backward()                        # the BN layer's all_reduce runs on both ranks
+        grads = distributed.all_reduce_gradients(list(model.parameters()), comm, extra=(share.data,))
+        return float(grads[0]), model[0].weight.grad
+
+    (loss0, grad0), (loss1, grad1) = run_ranks(2, work)
+    assert numpy.isfinite(loss0) and loss0 == loss1
+    numpy.testing.assert_array_equal(grad0, grad1)
+
+
+def test_no_blas_warning_when_the_ranks_already_share_one_thread_each(monkeypatch):
+    import warnings
+    from tinybn.fast import blas, parallel
+
+    class ThreeRanksHere(distributed.LocalCommunicator):
+        local_size = 3
+
+    saved = parallel.threads()
+    monkeypatch.delenv("TINYBN_NUM_THREADS", raising=False)
+    monkeypatch.setattr(parallel, "_cores", lambda: 2)
+    monkeypatch.setattr(blas, "get_threads", lambda: 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")      # more ranks than cores: nothing the user could set would help
+            assert distributed.share_cores(ThreeRanksHere()) == 1
     finally:
         parallel.set_threads(saved)

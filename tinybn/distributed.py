@@ -41,8 +41,8 @@ import numpy
 from . import backend
 
 __all__ = ["Communicator", "LocalCommunicator", "MPICommunicator", "MPIUnavailableError", "StoppedElsewhere", "agree",
-           "all_reduce_gradients", "get_communicator", "init", "is_initialized", "launcher_rank", "launcher_size",
-           "share_cores"]
+           "all_reduce_gradients", "check_single_process", "get_communicator", "init", "is_initialized",
+           "launcher_rank", "launcher_size", "shard_loss", "share_cores"]
 
 INSTALL_HINT = "pip install 'tinybn[mpi]' (mpi4py and MPICH, both from PyPI)"
 
@@ -84,6 +84,8 @@ class Communicator:
         raise NotImplementedError
 
     def all_gather(self, array):
+        """The ranks' arrays stacked in rank order; every rank must give the same shape and dtype (MPI's rule:
+        tinybn's own calls see to it, and synchronized batch norm checks it)."""
         raise NotImplementedError
 
     def broadcast(self, value, root: int = 0):
@@ -103,6 +105,8 @@ class LocalCommunicator(Communicator):
     """One process: every collective returns (a copy of) its input."""
 
     def all_reduce(self, array):
+        if array.dtype.kind not in "iuf":
+            raise TypeError(f"all_reduce sums numbers; got an array of dtype {array.dtype} (convert booleans to int)")
         return array.copy()
 
     def all_gather(self, array):
@@ -144,11 +148,13 @@ class MPICommunicator(Communicator):
     def _host(self, array):
         """A contiguous host copy (or view) of ``array``, and a function that puts a host result where it came from."""
         device = backend.device_of(array)
-        host = numpy.ascontiguousarray(backend.to_numpy(array))
+        host = numpy.asarray(backend.to_numpy(array), order="C")     # (ascontiguousarray would make 0-d 1-d)
         return host, (lambda result: result if device == "cpu" else backend.to_device(result, device))
 
     def all_reduce(self, array):
         host, back = self._host(array)
+        if host.dtype.kind not in "iuf":
+            raise TypeError(f"all_reduce sums numbers; got an array of dtype {host.dtype} (convert booleans to int)")
         result = numpy.empty_like(host)
         self.comm.Allreduce(host, result, op=self._mpi.SUM)
         return back(result)
@@ -169,7 +175,7 @@ class MPICommunicator(Communicator):
         if not is_array:
             return self.comm.bcast(value if self.rank == root else None, root=root)
         shape, dtype = is_array
-        result = numpy.ascontiguousarray(value) if self.rank == root else numpy.empty(shape, numpy.dtype(dtype))
+        result = numpy.asarray(value, order="C") if self.rank == root else numpy.empty(shape, numpy.dtype(dtype))
         self.comm.Bcast(result, root=root)
         return result
 
@@ -214,7 +220,7 @@ def share_cores(comm: Communicator, set_blas_threads: bool = False) -> int:
     if set_blas_threads:
         blas.set_threads(count)
     blas_threads = blas.get_threads()
-    if blas_threads is not None and blas_threads * comm.local_size > parallel._cores():
+    if blas_threads is not None and blas_threads > count and blas_threads * comm.local_size > parallel._cores():
         warnings.warn(f"OpenBLAS runs {blas_threads} threads in each of the {comm.local_size} ranks on this machine's "
                       f"{parallel._cores()} cores, and its waiting threads spin: a LeNet step ran 90x slower so. "
                       f"Launch with OPENBLAS_NUM_THREADS={count} (mpiexec -genv OPENBLAS_NUM_THREADS {count} ...), or "
@@ -261,13 +267,35 @@ def agree(comm: Communicator, error: BaseException | None) -> None:
     raise error
 
 
+def shard_loss(logits, labels, global_batch_size: int):
+    """This rank's share of the global batch's mean cross-entropy: its examples' summed loss / the global batch
+    size, so that the shares' gradients, summed over the ranks, are those of the global mean. An empty shard
+    gives 0, still connected to the model (its backward must run too: batch norm's collectives wait for it)."""
+    from . import functional as F
+
+    if len(labels) == 0:
+        return (logits * 0.0).sum()
+    return F.cross_entropy(logits, labels) * (len(labels) / global_batch_size)
+
+
+def check_single_process(what: str = "this") -> None:
+    """Refuse to run ``what`` as one of several ranks an MPI launcher started: each would do it alone."""
+    ranks = launcher_size()
+    if ranks is not None and ranks > 1:
+        raise ValueError(f"this process is one of {ranks} that an MPI launcher started, and {what} would run in each "
+                         f"of them alone (training: each its own model, into the same folder); use train "
+                         f"--distributed (TrainConfig(distributed=True)) to train one model on all of them, or "
+                         f"run a single process")
+
+
 def all_reduce_gradients(parameters, comm: Communicator | None = None, extra=()) -> numpy.ndarray:
     """Sum every parameter's gradient over the ranks in one collective, on one flat buffer, in place.
 
     Each rank's gradients must be those of its share of the global loss (its mean loss times its share of
     the global batch), so that the sums are the gradients of the global loss. A parameter without a
     gradient on this rank contributes zeros (every rank sends the same layout). ``extra``: numbers summed
-    in the same collective (the trainer's loss and hit count), in the gradients' dtype; returned as float64.
+    in the same collective (the trainer's loss and hit count), in the buffer's dtype (the gradients', at least
+    float32: whole numbers up to 2^24 are exact); returned as float64.
     """
     comm = comm or get_communicator()
     trained = [p for p in parameters if p.requires_grad]
@@ -275,7 +303,8 @@ def all_reduce_gradients(parameters, comm: Communicator | None = None, extra=())
     if not trained:
         return comm.all_reduce(extra) if extra.size else extra
     xp = backend.get_array_module(trained[0].data)
-    dtype = numpy.result_type(*(p.dtype for p in trained))     # float32 gradients travel as float32
+    # float32 gradients travel as float32; float16 ones too, so that the extras (hit counts) stay exact to 2^24
+    dtype = numpy.result_type(numpy.float32, *(p.dtype for p in trained))
     flat = xp.zeros(sum(p.data.size for p in trained) + extra.size, dtype)
     start = 0
     for p in trained:

@@ -120,7 +120,8 @@ def tune_process() -> None:
             print(f"tinybn: tuned this process: {change}", file=sys.stderr)
 
 
-def run_train(args) -> int:
+def run_train(args, comm=None) -> int:
+    """``train``; ``comm``: this rank's communicator when an MPI launcher started several (main_in_mpi_job)."""
     from .train import TrainConfig
 
     config = TrainConfig(model=args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -132,16 +133,11 @@ def run_train(args) -> int:
                          override_config=args.override_config, bn_stats=args.bn_stats,
                          distributed=args.distributed, sync_bn=args.sync_bn is not False)
     if not args.distributed:
-        ranks = distributed.launcher_size()
-        if ranks is not None and ranks > 1:
-            raise ValueError(f"this process is one of {ranks} that an MPI launcher started, and without --distributed "
-                             f"each would train its own model into the same folder; add --distributed to train one "
-                             f"model on all of them")
         if args.sync_bn is not None:
             raise ValueError(f"--{'' if args.sync_bn else 'no-'}sync-bn chooses how batch norm works across the ranks "
                              f"of a --distributed run; without --distributed there is one process and plain batch norm")
         return train_in_this_process(config)
-    return train_distributed(config)
+    return train_distributed(config, comm or distributed.init(set_blas_threads=True))
 
 
 def train_in_this_process(config) -> int:
@@ -176,15 +172,29 @@ def train_in_this_process(config) -> int:
             out.rmdir()                       # a run stopped before it wrote anything leaves no empty folder
 
 
-def train_distributed(config) -> int:
+def train_distributed(config, comm) -> int:
     """``train --distributed`` on one rank of an MPI job: rank 0 speaks for the job, and a rank that fails ends
     every rank at once (MPI_Abort), so that none waits for ever in a collective."""
+    started = time.time()
+    try:
+        return _train_distributed(config, comm, started)
+    except KeyboardInterrupt:          # Ctrl-C reaches every rank, wherever each is; rank 0 says it, all stop
+        stop = "\n" if config.progress else ""
+        if comm.rank == 0:
+            print(f"{stop}interrupted. {checkpoint_words(Path(config.out) / 'checkpoint.npz', started, config)}",
+                  file=sys.stderr, flush=True)
+        else:
+            time.sleep(1.0)            # rank 0 first: its MPI_Abort ends this rank, after its line is out
+        comm.abort(130)
+        return 130
+
+
+def _train_distributed(config, comm, started) -> int:
     from ..backend import resolve_device
     from ..fast import parallel
     from .data import load_fashion_mnist
     from .train import Diverged, prepare_output, train
 
-    comm = distributed.init(set_blas_threads=True)     # the command line owns its process: see tune_process
     root = comm.rank == 0
     # A set-up error may be every rank's (a bad setting) or one rank's (no data on its machine): the ranks
     # agree on whether any failed before going on, so it is said once, by the rank it concerns.
@@ -215,7 +225,6 @@ def train_distributed(config) -> int:
         print(f"tinybn: tuned this process: tinybn and OpenBLAS use {parallel.threads()} thread(s) in each of the "
               f"{comm.local_size} rank(s) on this machine; TINYBN_NUM_THREADS overrides", file=sys.stderr)
     created = root and not out.exists()
-    started = time.time()
     stop = "\n" if config.progress else ""
     try:
         with numpy.errstate(all="ignore"):
@@ -226,20 +235,19 @@ def train_distributed(config) -> int:
             print(f"{stop}error: {error}. {checkpoint_words(Path(config.out) / 'checkpoint.npz', started, config)}",
                   file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        if root:
-            print(f"{stop}interrupted. {checkpoint_words(Path(config.out) / 'checkpoint.npz', started, config)}",
-                  file=sys.stderr, flush=True)
-        comm.abort(130)
-    except distributed.StoppedElsewhere:     # another rank failed before training and said why
+    except distributed.StoppedElsewhere:     # another rank failed and said why
         return 2
     except (DataError, FileNotFoundError, ValueError, KeyError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        if isinstance(error, OSError) and root:
+            # only rank 0 writes: a full disk, a folder that became unwritable (files are replaced whole or not at all)
+            message = (f"could not write to {out} ({error.strerror or error}). "
+                       f"{checkpoint_words(out / 'checkpoint.npz', started, config)}")
         print(f"{stop}error{'' if root else f' on rank {comm.rank}'}: {message}", file=sys.stderr, flush=True)
         if not getattr(error, "agreed", False):    # the other ranks may be waiting for this one: end them too
             comm.abort(2)
         return 2
-    except BaseException:
+    except Exception:
         import traceback
         print(f"{stop}rank {comm.rank} of {comm.world_size} failed; ending the job:", file=sys.stderr)
         traceback.print_exc()
@@ -281,13 +289,61 @@ def run_eval(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main_in_mpi_job(argv) -> int:
+    """One of several ranks an MPI launcher started. MPI starts first, so that anything that goes wrong on any
+    rank from here on is agreed on and said once (by the rank it concerns), and no rank waits for ever."""
+    from ..fast import parallel
+
     try:
+        comm = distributed.MPICommunicator()
+    except distributed.MPIUnavailableError as error:     # every rank meets this
         if distributed.launcher_rank() in (None, 0):
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    root = comm.rank == 0
+    said, failure = io.StringIO(), None
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):   # help, argparse's errors
             args = build_parser().parse_args(argv)
-        else:    # in an MPI job every rank gets the same arguments: rank 0 alone prints help or their errors
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                args = build_parser().parse_args(argv)
+        parallel.threads()     # a bad TINYBN_NUM_THREADS is reported now, in one line, not in the middle of a run
+        distributed.init(comm, set_blas_threads=True)    # the command line owns its process: see tune_process
+        if args.command == "train" and not args.distributed:
+            raise ValueError(f"this process is one of {comm.world_size} that an MPI launcher started, and without "
+                             f"--distributed each would train its own model into the same folder; add --distributed "
+                             f"to train one model on all of them")
+        if args.command != "train":
+            raise ValueError(f"this process is one of {comm.world_size} that an MPI launcher started, and "
+                             f"`{args.command}` would run in each of them alone; run it as one process (under MPI, "
+                             f"tinybn runs train --distributed)")
+    except (SystemExit, Exception) as error:    # noqa: BLE001 - agreed on below
+        failure = error
+    try:
+        distributed.agree(comm, failure)
+    except distributed.StoppedElsewhere:
+        return 2
+    except SystemExit as stop:            # --help, or an argument argparse refused: its own words, once
+        text = said.getvalue()
+        print(text if root else "".join(f"rank {comm.rank}: {line}\n" for line in text.splitlines()),
+              end="", file=sys.stdout if stop.code == 0 else sys.stderr)
+        return stop.code if isinstance(stop.code, int) else 2
+    except Exception as error:            # noqa: BLE001
+        print(f"error{'' if root else f' on rank {comm.rank}'}: {error}", file=sys.stderr)
+        return 2
+    try:
+        return run_train(args, comm)
+    except (DataError, DeviceUnavailableError, FileNotFoundError, ValueError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        if root:                           # argument checks before MPI's work: the same on every rank
+            print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def main(argv=None) -> int:
+    ranks = distributed.launcher_size()
+    if ranks is not None and ranks > 1:
+        return main_in_mpi_job(argv)
+    try:
+        args = build_parser().parse_args(argv)
         from ..fast import parallel
         parallel.threads()  # a bad TINYBN_NUM_THREADS is reported now, in one line, not in the middle of a run
         if args.command == "train":
@@ -299,8 +355,7 @@ def main(argv=None) -> int:
     except (DataError, DeviceUnavailableError, FileNotFoundError, ValueError, KeyError,
             distributed.MPIUnavailableError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        if distributed.launcher_rank() in (None, 0):   # in an MPI job, rank 0 says what every rank would
-            print(f"error: {message}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except OSError as error:       # a file that cannot be read or written: one line, not a traceback
         print(f"error: {error}", file=sys.stderr)

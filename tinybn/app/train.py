@@ -147,15 +147,15 @@ def train_epoch(model, optimizer, loader, epoch: int, lr_at, step0: int, progres
             start = time.perf_counter()
             optimizer.lr = lr_at(step0 + step - 1)
             logits = model(images)
-            loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad()
             n = len(labels)
             if comm is None:
+                loss = F.cross_entropy(logits, labels)
                 loss.backward()
                 hits = (logits.data.argmax(axis=1) == labels.data).sum()
             else:
                 n = global_sizes[step - 1]
-                share = loss * (len(labels) / n)
+                share = dist.shard_loss(logits, labels, n)    # an empty shard gives 0 (and still runs backward)
                 share.backward()
                 hits = (logits.data.argmax(axis=1) == labels.data).sum()
                 loss_sum_hits = dist.all_reduce_gradients(optimizer.params, comm, extra=(share.data, hits))
@@ -331,9 +331,13 @@ def train(config: TrainConfig, log=print, data=None, model=None, comm=None) -> d
     checkpoint to resume, which any number of ranks may do (docs/distributed.md). ``comm`` may name another
     communicator.
     """
-    comm = (comm or dist.get_communicator()) if config.distributed else None
-    if comm is None:
+    if not config.distributed:
+        if comm is not None:
+            raise ValueError("train: a communicator was given but config.distributed is False; set "
+                             "distributed=True to train one model on its ranks")
+        dist.check_single_process("train()")
         return _run(_prepare(config, log, data, model, None))
+    comm = comm or dist.get_communicator()
     error = None      # until the ranks first talk, a rank that fails must tell the others (dist.agree)
     try:
         job = _prepare(config, log if comm.rank == 0 else _silent, data, model, comm)
@@ -358,6 +362,7 @@ class _Job:
     precise: DataLoader | None
     best_by: str
     sizes: str          # "N train / M test examples"
+    has_bn: bool
 
 
 def _prepare(config: TrainConfig, log, data, model, comm) -> _Job:
@@ -380,8 +385,10 @@ def _prepare(config: TrainConfig, log, data, model, comm) -> _Job:
     shard, min_batch = (0, 1), 2
     if comm is not None:
         shard = (comm.rank, comm.world_size)
-        # every rank needs an image of each batch; per-shard batch norm needs 2
-        min_batch = max(2, comm.world_size) if config.sync_bn or not has_bn else 2 * comm.world_size
+        # synchronized BN needs 2 images in the whole batch, as one process does (a rank's shard may be empty);
+        # batch norm on each rank's shard needs 2 on every rank
+        if has_bn and not config.sync_bn:
+            min_batch = 2 * comm.world_size
         if config.sync_bn and has_bn:
             model = SyncBatchNorm.convert_sync_batchnorm(model, comm)
         if not all(is_materialized(t) for t in (*model.parameters(), *model.buffers())):
@@ -421,13 +428,51 @@ def _prepare(config: TrainConfig, log, data, model, comm) -> _Job:
                          f"and batch norm needs at least {min_batch} images in a batch"
                          + (f" when {comm.world_size} ranks share it" if comm is not None else "")
                          + "; use more (--train-subset)")
+    dropped = len(train_y) % config.batch_size
+    if comm is not None and min_batch > 2 and 2 <= dropped < min_batch:
+        log(f"each epoch's last batch of {dropped} images is left out: per-shard batch norm (--no-sync-bn) needs "
+            f"2 images on each of the {comm.world_size} ranks")
     if comm is not None and config.batch_size < min_batch:
         raise ValueError(f"--batch-size {config.batch_size} is too small for {comm.world_size} ranks: each rank needs "
-                         f"{'2 images' if min_batch > comm.world_size else 'an image'} of every batch "
-                         f"(at least {min_batch} in all)" + ("; or keep --sync-bn, which needs one image per rank"
-                                                             if min_batch > comm.world_size else ""))
+                         f"2 images of every batch for batch norm on its shard (at least {min_batch} in all); "
+                         f"or keep --sync-bn, which normalizes over the whole batch")
     return _Job(config, log, comm, device, out, model, optimizer, train_loader, evaluations, precise, best_by,
-                f"{len(train_y)} train / {len(test_y)} test examples")
+                f"{len(train_y)} train / {len(test_y)} test examples", has_bn)
+
+
+def _resume(job: _Job, ckpt_path) -> tuple[list, int]:
+    """Load ``ckpt_path`` into the job's model, optimizer and generators; returns (history, epochs done)."""
+    config, log, model, optimizer, train_loader, best_by = (job.config, job.log, job.model, job.optimizer,
+                                                            job.train_loader, job.best_by)
+    model_state, optim_state, meta = checkpoint.load(ckpt_path)
+    if meta["config"]["model"] != config.model:
+        raise ValueError(f"--resume: {ckpt_path} holds a {meta['config']['model']!r} model, not {config.model!r}")
+    changed = config_changes(meta["config"], config)
+    if changed and not config.override_config:
+        raise ValueError(f"--resume: {ckpt_path} was trained with other settings ({'; '.join(changed)}); "
+                         f"give the same ones, or add --override-config to continue with the new ones")
+    if changed:
+        log(f"resuming with changed settings: {'; '.join(changed)}")
+    try:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+    except (KeyError, ValueError) as error:
+        message = error.args[0] if error.args else error
+        raise ValueError(f"--resume: {ckpt_path} does not fit this run: {message}") from None
+    try:
+        train_loader.set_state(meta["loader_rng"])
+        tb_random.generator(numpy).bit_generator.state = meta["tinybn_rng"]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"--resume: {ckpt_path} is damaged: its random generators' states cannot be restored "
+                         f"({type(error).__name__}: {error})") from None
+    history, start_epoch = meta["history"], meta["epoch"]
+    log(f"resuming from {ckpt_path} after epoch {start_epoch}")
+    if start_epoch >= config.epochs:
+        log(f"the checkpoint already has {plural(start_epoch, 'epoch')}; ask for more with --epochs")
+    if config.keep_best and history and any(best_by not in row for row in history):
+        log(f"--keep-best: the earlier epochs have no {best_by}, so the best is chosen among the epochs from "
+            f"now on")
+    return history, start_epoch
 
 
 def _run(job: _Job) -> dict:
@@ -438,39 +483,22 @@ def _run(job: _Job) -> dict:
     root = comm is None or comm.rank == 0
     ckpt_path, best_path = out / "checkpoint.npz", out / "best.npz"
     history, start_epoch = [], 0
+    failed = None
     if config.resume and root:
-        model_state, optim_state, meta = checkpoint.load(ckpt_path)
-        if meta["config"]["model"] != config.model:
-            raise ValueError(f"--resume: {ckpt_path} holds a {meta['config']['model']!r} model, not {config.model!r}")
-        changed = config_changes(meta["config"], config)
-        if changed and not config.override_config:
-            raise ValueError(f"--resume: {ckpt_path} was trained with other settings ({'; '.join(changed)}); "
-                             f"give the same ones, or add --override-config to continue with the new ones")
-        if changed:
-            log(f"resuming with changed settings: {'; '.join(changed)}")
         try:
-            model.load_state_dict(model_state)
-            optimizer.load_state_dict(optim_state)
-        except (KeyError, ValueError) as error:
-            message = error.args[0] if error.args else error
-            raise ValueError(f"--resume: {ckpt_path} does not fit this run: {message}") from None
-        try:
-            train_loader.set_state(meta["loader_rng"])
-            tb_random.generator(numpy).bit_generator.state = meta["tinybn_rng"]
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"--resume: {ckpt_path} is damaged: its random generators' states cannot be restored "
-                             f"({type(error).__name__}: {error})") from None
-        history, start_epoch = meta["history"], meta["epoch"]
-        log(f"resuming from {ckpt_path} after epoch {start_epoch}")
-        if start_epoch >= config.epochs:
-            log(f"the checkpoint already has {plural(start_epoch, 'epoch')}; ask for more with --epochs")
-        if config.keep_best and history and any(best_by not in row for row in history):
-            log(f"--keep-best: the earlier epochs have no {best_by}, so the best is chosen among the epochs from "
-                f"now on")
+            history, start_epoch = _resume(job, ckpt_path)
+        except Exception as error:     # noqa: BLE001 - raised below, with the other ranks told first
+            if comm is None:
+                raise
+            failed = error
     if comm is not None:   # rank 0's model and place in the data, resumed or new: the ranks need no shared files
-        state = comm.broadcast({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
+        state = comm.broadcast(None if failed is not None else {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
                                 "epoch": start_epoch, "loader_rng": train_loader.get_state(),
                                 "tinybn_rng": tb_random.generator(numpy).bit_generator.state} if root else None)
+        if state is None:                   # rank 0 could not resume: every rank stops here, rank 0 says why
+            error = failed if root else dist.StoppedElsewhere("rank 0 could not resume (it said why)")
+            error.agreed = True
+            raise error
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         train_loader.set_state(state["loader_rng"])
@@ -497,9 +525,10 @@ def _run(job: _Job) -> dict:
         log(f"training {config.model} on {device}: {job.sizes}, "
             f"batch {config.batch_size}, lr {config.lr:g} ({config.schedule}), {plural(config.epochs, 'epoch')}")
         if comm is not None:
+            norm = ("the model has no batch norm" if not job.has_bn else "batch norm over the whole batch "
+                    "(SyncBatchNorm)" if config.sync_bn else "batch norm over each rank's shard (--no-sync-bn)")
             log(f"data parallel over {plural(comm.world_size, 'rank')}: each takes its shard of every batch of "
-                f"{config.batch_size}, " + ("batch norm over the whole batch (SyncBatchNorm)" if config.sync_bn
-                                            else "batch norm over each rank's shard (--no-sync-bn)"))
+                f"{config.batch_size}, {norm}")
         check_every = 1 if device == "cpu" else 25
         for epoch in range(start_epoch + 1, config.epochs + 1):
             started = time.perf_counter()

@@ -11,7 +11,7 @@ Forward (training mode)
 ::
 
     on each rank:  μ_r  = (1/m_r) Σ x_r        M2_r = Σ (x_r − μ_r)²       (two passes; 0 and 0 for an empty shard)
-    all_gather:    (m_r, μ_r, M2_r) of every rank: 2C + 1 numbers per rank, one collective
+    all_gather:    (C, m_r, μ_r, M2_r) of every rank: 2C + 2 numbers per rank (float64), one collective
     on each rank:  M    = Σ_r m_r
                    μ    = Σ_r m_r μ_r / M
                    σ²   = (Σ_r M2_r + Σ_r m_r (μ_r − μ)²) / M                (Chan et al.'s parallel update)
@@ -26,7 +26,7 @@ Backward
 Batch norm's closed form, with its two per-channel sums taken over the whole batch::
 
     on each rank:  dβ_r = Σ dy_r           dγ_r = Σ dy_r · x̂_r
-    all_reduce:    dβ = Σ_r dβ_r,  dγ = Σ_r dγ_r: 2C numbers, one collective
+    all_reduce:    dβ = Σ_r dβ_r,  dγ = Σ_r dγ_r: 2C numbers (float64), one collective
     on each rank:  dx_r = (γ / √(σ² + ε)) · (dy_r − dβ/M − x̂_r · dγ/M)
 
 The gradients returned for γ and β are this rank's dγ_r and dβ_r: the data-parallel step sums every
@@ -65,9 +65,15 @@ def sync_batch_norm_forward(x, gamma, beta, moving_mean, moving_var, eps=DEFAULT
         m2_r = (x_centered * x_centered).sum(axis=axes)
     else:
         mu_r = m2_r = xp.zeros(channels, x.dtype)
-    local = xp.concatenate([xp.full(1, m, numpy.float64), mu_r.astype(numpy.float64), m2_r.astype(numpy.float64)])
-    gathered = comm.all_gather(local)                       # (P, 2C + 1), the same on every rank
-    counts, means, m2s = gathered[:, :1], gathered[:, 1:channels + 1], gathered[:, channels + 1:]
+    # [C, m_r, μ_r, M2_r] in float64 (ranks may compute in different dtypes). C goes first so that ranks that
+    # disagree on it are caught: MPI fails on the rank with fewer channels, and this check on the others.
+    local = xp.concatenate([xp.asarray([channels, m], numpy.float64), mu_r.astype(numpy.float64),
+                            m2_r.astype(numpy.float64)])
+    gathered = comm.all_gather(local)                       # (P, 2C + 2), the same on every rank
+    if bool((gathered[:, 0] != channels).any()):
+        raise ValueError(f"sync_batch_norm: the ranks disagree on the number of channels (this rank, "
+                         f"{comm.rank}, has {channels}); every rank must run the same layer")
+    counts, means, m2s = gathered[:, 1:2], gathered[:, 2:channels + 2], gathered[:, channels + 2:]
     M = int(counts.sum())
     if M == 1:
         raise ValueError(f"sync_batch_norm in training mode needs more than one value per channel over all the "
@@ -96,7 +102,8 @@ def sync_batch_norm_backward(dy, cache):
     dbeta_r = dy.sum(axis=axes, keepdims=True)               # this rank's share: the parameters' gradients
     dgamma_r = (dy * x_hat).sum(axis=axes, keepdims=True)
     channels = x_hat.shape[1]
-    sums = cache.comm.all_reduce(xp.concatenate([dbeta_r.reshape(-1), dgamma_r.reshape(-1)]))
+    local = xp.concatenate([dbeta_r.reshape(-1), dgamma_r.reshape(-1)]).astype(numpy.float64)  # one dtype on all ranks
+    sums = cache.comm.all_reduce(local).astype(x_hat.dtype)
     dbeta, dgamma = _per_channel(sums[:channels], x_hat), _per_channel(sums[channels:], x_hat)
     M = max(cache.M, 1)                                       # M = 0: nothing to send back, and no 0/0
     dx = (cache.gamma * cache.inv_std) * (dy - dbeta / M - x_hat * (dgamma / M))
