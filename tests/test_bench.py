@@ -34,6 +34,16 @@ def test_bench_compare_torch(variant):
         assert entry["train"] > 0 and entry["predict"] > 0 and entry["peak_memory_mb"] > 0, name
 
 
+def test_bench_compare_fold():
+    out = bench("--compare", "fold", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    folded = result["frameworks"]["tinybn, BN folded (nn.fold_batch_norm)"]
+    assert folded["predict"] > 0 and folded["train"] is None and result["ratio_fold_predict"] > 0
+    refused = bench("--compare", "fold", "--model", "lenet")
+    assert refused.returncode == 2 and "no batch norm to fold" in refused.stderr
+
+
 def test_bench_reference_kernels_only():
     out = bench("--no-fast", "--profile")
     assert out.returncode == 0, out.stderr

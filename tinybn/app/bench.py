@@ -48,8 +48,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--blocks", type=positive_int, default=3,
                         help="timed blocks per process; a process reports its fastest block")
     parser.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first, in each process")
-    parser.add_argument("--compare", choices=("torch",), default=None,
-                        help="also run PyTorch, alternating fresh processes with tinybn's")
+    parser.add_argument("--compare", choices=("torch", "fold"), default=None,
+                        help="also run PyTorch, or tinybn's prediction with batch norm folded into the layers "
+                             "before it (nn.fold_batch_norm), alternating fresh processes with tinybn's")
     parser.add_argument("--torch-variant", choices=("builtin", "scratch"), default="builtin",
                         help="PyTorch side: nn.BatchNorm2d/1d, or the chapter's from-scratch BN")
     parser.add_argument("--threads", type=positive_int, default=None,
@@ -227,6 +228,10 @@ def run(args) -> int:
         raise ValueError(f"--batch-size {args.batch_size}: {args.model} trains with batch norm, which needs at least "
                          f"2 images per batch")
     frameworks = ["tinybn"]
+    if args.compare == "fold":
+        if args.model == "lenet":
+            raise ValueError("--compare fold: lenet has no batch norm to fold; use lenet-bn or lenet-bn-concise")
+        frameworks.append("fold")
     if args.compare == "torch":
         try:
             import torch  # noqa: F401
@@ -247,17 +252,25 @@ def run(args) -> int:
                "blocks": args.blocks, "threads": first["threads"], "numpy": numpy.__version__,
                "method": "each measurement in a fresh process; frameworks alternate", "frameworks": {}}
     for framework in frameworks:
-        entry = {what: statistics.median(r[what] for r in runs[framework]) for what in ("train", "predict")}
-        entry["runs"] = [{what: round(r[what], 1) for what in ("train", "predict")} for r in runs[framework]]
+        kinds = ("predict",) if framework == "fold" else ("train", "predict")     # a folded model only predicts
+        entry = {what: statistics.median(r[what] for r in runs[framework]) if what in kinds else None
+                 for what in ("train", "predict")}
+        entry["runs"] = [{what: round(r[what], 1) for what in kinds} for r in runs[framework]]
         peaks = [r["peak_gpu_bytes"] for r in runs[framework] if r.get("peak_gpu_bytes")]
-        if peaks:
+        if framework == "fold":
+            peak = None
+        elif peaks:
             peak = max(peaks)
         else:
             peak = peak_rss_growth(framework, args.model, args.batch_size, numpy.dtype(args.dtype), args.threads,
                                    args.torch_variant)
         entry["peak_memory_mb"] = None if peak is None else round(peak / 2**20, 1)
         results["frameworks"][runs[framework][0]["name"]] = entry
-    if len(frameworks) == 2:
+    if args.compare == "fold":
+        ratios = [b["predict"] / a["predict"] for a, b in zip(runs["tinybn"], runs["fold"])]
+        results["ratio_fold_predict"] = statistics.median(ratios)
+        results["ratio_fold_predict_range"] = [min(ratios), max(ratios)]
+    if args.compare == "torch":
         for what in ("train", "predict"):
             ratios = [a[what] / b[what] for a, b in zip(runs["tinybn"], runs["torch"])]
             results[f"ratio_{what}"] = statistics.median(ratios)
@@ -278,7 +291,12 @@ def run(args) -> int:
     print(f"{'framework':44s} {'train ex/s':>11s} {'predict ex/s':>13s} {memory:>11s}")
     for name, entry in results["frameworks"].items():
         peak = "n/a" if entry["peak_memory_mb"] is None else f"{entry['peak_memory_mb']:.1f}"
-        print(f"{name:44s} {entry['train']:11.0f} {entry['predict']:13.0f} {peak:>11s}")
+        train = "-" if entry["train"] is None else f"{entry['train']:.0f}"
+        print(f"{name:44s} {train:>11s} {entry['predict']:13.0f} {peak:>11s}")
+    if "ratio_fold_predict" in results:
+        low, high = results["ratio_fold_predict_range"]
+        print(f"prediction with BN folded / as trained (median of {args.repeats} pairs, min-max): "
+              f"{results['ratio_fold_predict']:.2f}x ({low:.2f}-{high:.2f}) (above 1 is faster)")
     if "ratio_train" in results:
         memory = f", memory {results['ratio_memory']:.2f}x" if "ratio_memory" in results else ""
         low, high = results["ratio_train_range"]
@@ -328,11 +346,11 @@ def worker(spec: dict) -> dict:
     """One fresh process's measurement: warm up, then the fastest of ``blocks`` timed blocks of each kind."""
     if spec["threads"]:
         _set_threads(spec["threads"])
-    if spec["framework"] == "tinybn" and fast.enabled():
+    if spec["framework"] in ("tinybn", "fold") and fast.enabled():
         fast.tune_process()                   # as the command line tunes itself
     images, labels, source = sample_batch(spec["batch_size"])
     dtype = numpy.dtype(spec["dtype"])
-    if spec["framework"] == "tinybn":
+    if spec["framework"] in ("tinybn", "fold"):
         runner = TinybnRunner(spec["model"], images, labels, spec["device"], dtype)
     else:
         import torch
@@ -341,8 +359,15 @@ def worker(spec: dict) -> dict:
     for _ in range(spec["warmup"]):
         runner.train_step()
         runner.predict()
+    kinds = ("train", "predict")
+    if spec["framework"] == "fold":        # trained a little, then folded: the model a deployment would run
+        from ..nn import fold_batch_norm
+        runner.model = fold_batch_norm(runner.model.eval())
+        runner.name, kinds = "tinybn, BN folded (nn.fold_batch_norm)", ("predict",)
+        for _ in range(spec["warmup"]):
+            runner.predict()
     result = {"name": runner.name, "data": source, "threads": spec["threads"] or fast.parallel.threads()}
-    for what in ("train", "predict"):
+    for what in kinds:
         seconds = min(_time(runner, what, spec["steps"]) for _ in range(spec["blocks"]))
         result[what] = spec["batch_size"] * spec["steps"] / seconds
     if spec["device"].startswith("cuda"):
