@@ -492,9 +492,12 @@ def _run(job: _Job) -> dict:
                 raise
             failed = error
     if comm is not None:   # rank 0's model and place in the data, resumed or new: the ranks need no shared files
-        state = comm.broadcast(None if failed is not None else {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
-                                "epoch": start_epoch, "loader_rng": train_loader.get_state(),
-                                "tinybn_rng": tb_random.generator(numpy).bit_generator.state} if root else None)
+        state = None
+        if root and failed is None:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
+                     "epoch": start_epoch, "loader_rng": train_loader.get_state(),
+                     "tinybn_rng": tb_random.generator(numpy).bit_generator.state}
+        state = comm.broadcast(state)
         if state is None:                   # rank 0 could not resume: every rank stops here, rank 0 says why
             error = failed if root else dist.StoppedElsewhere("rank 0 could not resume (it said why)")
             error.agreed = True
