@@ -245,3 +245,14 @@ def test_eval_under_mpi_is_refused_once_and_a_model_without_bn_is_described_trul
                   "--no-plot", "--out", str(tmp_path / "plain"))
     assert done.returncode == 0, done.stderr
     assert "the model has no batch norm" in done.stdout
+
+
+def test_a_checkpoint_rank_0_cannot_resume_from_is_said_once_without_aborting(tmp_path):
+    args = ("--no-progress", "--no-plot", "--precise-bn", "0", "--train-subset", "64", "--epochs", "1")
+    first = subprocess.run([sys.executable, "-m", "tinybn", "train", *args, "--out", str(tmp_path)],
+                           capture_output=True, text=True, env={**os.environ, "TINYBN_NUM_THREADS": "1"}, timeout=240)
+    assert first.returncode == 0, first.stderr
+    done = launch(2, "-m", "tinybn", "train", "--distributed", *args, "--epochs", "2", "--lr", "0.5", "--resume",
+                  "--out", str(tmp_path), timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count("was trained with other settings") == 1 and "Abort(" not in done.stderr
