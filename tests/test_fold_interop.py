@@ -72,7 +72,7 @@ def test_folding_decorrelated_bn_and_batch_renorm_and_a_layer_without_bias():
 def test_folding_refuses_what_it_cannot_fold():
     with pytest.raises(ValueError, match="1 .* is in training mode"):
         nn.fold_batch_norm(build_model("lenet-bn"))
-    with pytest.raises(ValueError, match="follows Sigmoid"):
+    with pytest.raises(ValueError, match=r"follows 1 \(Sigmoid"):
         nn.fold_batch_norm(nn.Sequential(nn.Linear(2, 3), nn.Sigmoid(), nn.BatchNorm1d(3)).eval())
     with pytest.raises(ValueError, match="has no size yet"):
         nn.fold_batch_norm(build_model("lenet-bn-concise").eval())
@@ -82,7 +82,7 @@ def test_folding_refuses_what_it_cannot_fold():
             super().__init__()
             self.norm = nn.BatchNorm1d(3)
 
-    with pytest.raises(ValueError, match="norm .* not inside a Sequential"):
+    with pytest.raises(ValueError, match="norm .* not inside a plain Sequential"):
         nn.fold_batch_norm(Custom().eval())
     no_bn = build_model("lenet").eval()                         # nothing to fold: a copy, the same function
     x = Tensor(images(4).astype(numpy.float32))
@@ -180,3 +180,93 @@ def test_interop_imports_without_pytorch():
             "try:\n    i.torch_state_dict(build_model('lenet'))\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "needs PyTorch" in out and "as_tensors=False" in out
+
+
+# ------------------------------------------------------------------ found by an outside test, kept as rows
+
+def small_trained(net):
+    x = Tensor(numpy.random.default_rng(0).standard_normal((6, 3)))
+    net.to(dtype=numpy.float64)
+    net(x), net(x * 2 + 1)
+    return net.eval(), x
+
+
+def test_folding_refuses_shared_layers_subclassed_sequentials_and_two_bns_in_a_row():
+    shared = nn.Linear(3, 3)
+    net, _ = small_trained(nn.Sequential(shared, nn.BatchNorm1d(3), nn.ReLU(), shared))
+    with pytest.raises(ValueError, match="used in more than one place"):
+        nn.fold_batch_norm(net)
+
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x)
+
+    net, _ = small_trained(nn.Sequential(Residual(nn.Linear(3, 3), nn.BatchNorm1d(3)), nn.ReLU()))
+    with pytest.raises(ValueError, match="0.1 .* not inside a plain Sequential"):
+        nn.fold_batch_norm(net)
+    net, _ = small_trained(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.BatchNorm1d(3)))
+    with pytest.raises(ValueError, match="follows another BN layer, already folded into 0"):
+        nn.fold_batch_norm(net)
+    net, x = small_trained(nn.Sequential(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), nn.ReLU()))
+    numpy.testing.assert_allclose(nn.fold_batch_norm(net)(x).data, net(x).data, atol=1e-12)   # nested: fine
+
+
+@needs_torch
+def test_a_torch_module_brings_every_normalizations_eps_and_instance_norms_momentum():
+    theirs = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.GroupNorm(2, 4, eps=0.1),
+                                 torch.nn.InstanceNorm2d(4, eps=0.2, momentum=0.3, track_running_stats=True),
+                                 torch.nn.Flatten(), torch.nn.LayerNorm(4 * 6 * 6, eps=0.05)).double()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    theirs(x)
+    theirs.eval()
+    ours = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.InstanceNorm2d(4, track_running_stats=True),
+                         nn.Flatten(), nn.LayerNorm(4 * 6 * 6)).to(dtype=numpy.float64)
+    interop.load_torch_state_dict(ours, theirs)
+    assert (ours[1].eps, ours[2].eps, ours[4].eps) == (0.1, 0.2, 0.05) and ours[2].momentum == pytest.approx(0.7)
+    ours.eval()
+    ours[2].moving_var.data = theirs[2].running_var.numpy().copy()   # the unbiased/biased note aside
+    numpy.testing.assert_allclose(ours(Tensor(x.numpy())).data, theirs(x).detach().numpy(), atol=1e-9)
+
+
+@needs_torch
+def test_interop_corner_cases():
+    # the chapter's from-scratch PyTorch layer: moving statistics outside the state dict, no counter
+    class ChapterBN(torch.nn.Module):
+        def __init__(self, channels):
+            super().__init__()
+            self.gamma = torch.nn.Parameter(torch.rand(1, channels, 1, 1, dtype=torch.float64) + 0.5)
+            self.beta = torch.nn.Parameter(torch.randn(1, channels, 1, 1, dtype=torch.float64))
+            self.moving_mean = torch.randn(1, channels, 1, 1, dtype=torch.float64)
+            self.moving_var = torch.rand(1, channels, 1, 1, dtype=torch.float64) + 0.5
+
+    theirs = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3).double(), ChapterBN(2))
+    ours = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm(2, num_dims=4)).to(dtype=numpy.float64)
+    interop.load_torch_state_dict(ours, theirs)
+    numpy.testing.assert_array_equal(ours[1].moving_var.data, theirs[1].moving_var.numpy())
+    assert int(ours[1].num_batches_tracked.item()) == 0
+    # a layer used twice is listed twice, as PyTorch does, both ways
+    shared = torch.nn.Linear(3, 3).double()
+    theirs = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    mine = nn.Linear(3, 3)
+    ours = nn.Sequential(mine, nn.ReLU(), mine).to(dtype=numpy.float64)
+    interop.load_torch_state_dict(ours, theirs.state_dict())
+    back = interop.torch_state_dict(ours)
+    assert set(back) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    theirs.load_state_dict(back)
+    # the counter stays 0-d; bfloat16 loads; messages use PyTorch's names and list every problem
+    bn = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in bn.state_dict().items()}
+    target = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    interop.load_torch_state_dict(target, state)
+    assert interop.torch_state_dict(target)["1.num_batches_tracked"].shape == ()
+    broken = dict(bn.state_dict())
+    del broken["1.running_var"]
+    broken["1.running_mean"] = torch.zeros(2, 2)
+    broken["9.weight"] = torch.zeros(1)
+    with pytest.raises(KeyError) as caught:
+        interop.load_torch_state_dict(target, broken)
+    text = str(caught.value)
+    assert "1.running_var" in text and "9.weight" in text and "1.running_mean has shape (2, 2)" in text
+    no_affine = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, affine=False))
+    with pytest.raises(KeyError, match="affine=False"):
+        interop.load_torch_state_dict(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), no_affine.state_dict())

@@ -311,3 +311,28 @@ def test_argument_checks_say_what_is_wrong():
         nn.LayerNorm(3, eps=0)
     with pytest.raises(ValueError, match="moving_whitening has shape"):
         F.decorrelated_batch_norm(x, numpy.ones(6), numpy.zeros(6), numpy.zeros(6), numpy.eye(5), training=True)
+
+
+def test_found_by_an_outside_test():
+    ints = Tensor(numpy.array([[1, 2, 3, 4, 5]]))
+    for call in (lambda: F.layer_norm(ints, 5), lambda: F.group_norm(ints, 1),
+                 lambda: F.batch_norm(ints, numpy.ones(5), numpy.zeros(5), numpy.zeros(5), numpy.ones(5), training=False)):
+        with pytest.raises(ValueError, match="floating-point input"):
+            call()
+    x = Tensor(numpy.random.default_rng(0).standard_normal((2, 4, 3, 3)))
+    numpy.testing.assert_array_equal(nn.GroupNorm(numpy.int64(2), 4)(x).data, nn.GroupNorm(2, 4)(x).data)
+    assert nn.LayerNorm(numpy.int64(3)).normalized_shape == (3,) == nn.LayerNorm([numpy.int64(3)]).normalized_shape
+    nn.DecorrelatedBatchNorm(4, group_size=numpy.int64(2), iterations=numpy.int64(2))(x)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        F.layer_norm(x, 5.0)
+    layer = nn.InstanceNorm2d(numpy.int64(4), track_running_stats=True)
+    with pytest.raises(ValueError, match="more than one position"):
+        layer(Tensor(numpy.zeros((2, 4, 1, 1))))
+    with pytest.raises(ValueError, match="4 channels"):
+        layer(Tensor(numpy.zeros((2, 3, 2, 2))))
+    assert int(layer.num_batches_tracked.item()) == 0           # failed calls changed nothing
+    for make in (lambda: nn.InstanceNorm2d(3, momentum=None), lambda: nn.DecorrelatedBatchNorm(3, momentum=None)):
+        with pytest.raises(ValueError, match="cumulative average"):
+            make()
+    with pytest.raises(ValueError, match="at least 0"):
+        renorm_limits(-5, 3.0, 5.0, 10)

@@ -38,49 +38,77 @@ _BN_NAMES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "
              "num_batches_tracked": "num_batches_tracked"}
 _INSTANCE_NAMES = {"weight": "weight", "bias": "bias", "moving_mean": "running_mean", "moving_var": "running_var",
                    "num_batches_tracked": "num_batches_tracked"}
-# the chapter's from-scratch PyTorch layer keeps tinybn's names
-_CHAPTER_NAMES = {name: name for name in ("gamma", "beta", "moving_mean", "moving_var")}
 
 
-def _entries(model):
-    """``(tinybn name, PyTorch name, alternative PyTorch name or None, the tinybn module)`` for every entry."""
-    owners = {}
-    for prefix, module in model.named_modules():
-        for own in (*module._parameters, *module._buffers):
-            owners[f"{prefix}.{own}" if prefix else own] = (prefix, own, module)
-    for name, _ in model.state_dict().items() if _all_sized(model) else _names(model):
-        prefix, own, module = owners[name]
-        dotted = (prefix + ".") if prefix else ""
+def _module_paths(model) -> dict:
+    """Every dotted path of every module, aliases included (a layer used twice has two, as in PyTorch's
+    state dicts), in PyTorch's order: id(module) -> [prefix, ...]."""
+    paths = {}
+
+    def walk(module, prefix, active):
+        paths.setdefault(id(module), []).append(prefix)
+        if id(module) in active:
+            return
+        for name, child in module._modules.items():
+            if child is not None:
+                walk(child, f"{prefix}.{name}" if prefix else name, active | {id(module)})
+
+    walk(model, "", frozenset())
+    return paths
+
+
+class _Entry:
+    """One tinybn parameter or buffer and the PyTorch keys that may hold it."""
+
+    def __init__(self, name, module, own, prefixes):
         if isinstance(module, (_BatchRenormBase, DecorrelatedBatchNorm)):
-            raise ValueError(f"{prefix} ({module!r}) has no PyTorch counterpart, so its state cannot be converted")
-        if isinstance(module, _BatchNormBase):
-            alternative = _CHAPTER_NAMES.get(own)
-            yield name, dotted + _BN_NAMES[own], alternative and dotted + alternative, module
-        elif isinstance(module, InstanceNorm2d):
-            yield name, dotted + _INSTANCE_NAMES[own], None, module
-        else:
-            yield name, name, None, module
+            raise ValueError(f"{prefixes[0] or 'the model'} ({module!r}) has no PyTorch counterpart, so its state "
+                             f"cannot be converted")
+        self.name, self.module, self.own = name, module, own
+        names = (_BN_NAMES if isinstance(module, _BatchNormBase) else
+                 _INSTANCE_NAMES if isinstance(module, InstanceNorm2d) else {})
+        torch_own = names.get(own, own)
+        self.torch_keys = [f"{prefix}.{torch_own}" if prefix else torch_own for prefix in prefixes]
+        self.keys = list(self.torch_keys)         # the keys accepted on loading
+        if isinstance(module, _BatchNormBase) and own != "num_batches_tracked":   # the chapter's from-scratch layer
+            self.keys += [f"{prefix}.{own}" if prefix else own for prefix in prefixes]
+        self.is_bn = isinstance(module, _BatchNormBase)
 
 
-def _all_sized(model):
-    from .nn.module import is_materialized
-    return all(is_materialized(t) for t in (*model.parameters(), *model.buffers()))
-
-
-def _names(model):
-    for name, _, _, _ in model._named_entries(("_parameters", "_buffers")):
-        yield name, None
+def _entries(model) -> list:
+    paths = _module_paths(model)
+    return [_Entry(name, owner, own, paths[id(owner)]) for name, owner, own, _ in
+            model._named_entries(("_parameters", "_buffers"))]
 
 
 def _as_numpy(value):
     if hasattr(value, "detach"):                     # a torch.Tensor, on any device
-        return value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":     # NumPy has no bfloat16
+            value = value.float()
+        return value.numpy()
     return numpy.asarray(value)
+
+
+def _fits(entry, value):
+    """``value`` in the shape the tinybn entry needs, or None: a BN layer's (C,) and the chapter layer's
+    (1, C[, 1, 1]) both fit either kind of tinybn BN layer, and nothing else is reshaped."""
+    tensor = getattr(entry.module, entry.own)
+    from .nn.module import is_materialized
+    if entry.is_bn and value.ndim > 0:
+        if value.ndim > 1 and (value.shape[0] != 1 or any(n != 1 for n in value.shape[2:])):
+            return None
+        channels = value.shape[0] if value.ndim == 1 else value.shape[1]
+        value = value.reshape(entry.module._param_shape(channels))
+    if is_materialized(tensor) and tuple(value.shape) != tuple(tensor.shape):
+        return None
+    return value
 
 
 def torch_state_dict(model, as_tensors: bool = True) -> "OrderedDict":
     """``model``'s parameters and buffers under PyTorch's names and shapes, for a PyTorch model with the same
-    layers (``torch_model.load_state_dict(...)``): torch tensors, or NumPy arrays with ``as_tensors=False``."""
+    layers (``torch_model.load_state_dict(...)``): torch tensors, or NumPy arrays with ``as_tensors=False``.
+    A layer used in two places appears under both names, as in PyTorch."""
     if as_tensors:
         try:
             import torch
@@ -89,43 +117,86 @@ def torch_state_dict(model, as_tensors: bool = True) -> "OrderedDict":
                               "as_tensors=False gives NumPy arrays") from None
     state = model.state_dict()
     result = OrderedDict()
-    for name, torch_name, _, module in _entries(model):
-        value = state[name]
-        if isinstance(module, _BatchNormBase) and value.ndim > 0:
+    for entry in _entries(model):
+        value = state[entry.name]
+        if entry.is_bn and value.ndim > 0:
             value = value.reshape(-1)
-        result[torch_name] = torch.from_numpy(numpy.ascontiguousarray(value)) if as_tensors else value
+        for key in entry.torch_keys:
+            copy = numpy.array(value, order="C")          # keeps a 0-d counter 0-d
+            result[key] = torch.from_numpy(copy) if as_tensors else copy
     return result
+
+
+def _torch_settings(model, torch_module) -> list:
+    """``(tinybn module, attribute, value)`` for each eps and momentum to take from a PyTorch module: BN layers'
+    and instance norm's momentum (1 − PyTorch's), and the eps of every normalization layer."""
+    settings = []
+    ours = {prefix: module for prefix, module in model.named_modules()}
+    for prefix, layer in torch_module.named_modules():
+        mine = ours.get(prefix)
+        if mine is None:
+            continue
+        if hasattr(layer, "eps") and hasattr(mine, "eps"):
+            settings.append((mine, "eps", float(layer.eps)))
+        if hasattr(layer, "momentum") and isinstance(mine, (_BatchNormBase, InstanceNorm2d)):
+            if layer.momentum is None and isinstance(mine, InstanceNorm2d):
+                raise ValueError(f"{prefix}: PyTorch's momentum=None (a cumulative average) has no counterpart in "
+                                 f"tinybn's InstanceNorm2d; give the PyTorch layer a momentum")
+            settings.append((mine, "momentum", None if layer.momentum is None else 1.0 - float(layer.momentum)))
+    return settings
 
 
 def load_torch_state_dict(model, state) -> None:
     """Copy a PyTorch state dict (tensors or NumPy arrays), or a PyTorch module's state, into ``model``.
 
-    Every entry is matched before anything is copied: missing, unexpected or mis-shaped entries raise a
-    ``KeyError``/``ValueError`` that lists them all, and the model is left as it was. Values take the model's
-    dtype and device. When ``state`` is a PyTorch module, each batch-norm layer's ``momentum`` (1 − PyTorch's;
-    ``None``, a cumulative average, stays ``None``) and ``eps`` are taken too. See the module docstring for
-    what cannot be converted exactly.
+    Every entry is matched and its shape checked before anything is copied: missing, unexpected and mis-shaped
+    entries are listed together (under PyTorch's names) in one ``KeyError``/``ValueError``, and the model is
+    left as it was. A missing ``num_batches_tracked`` is taken as 0, as PyTorch does for old checkpoints. Values
+    take the model's dtype and device. When ``state`` is a PyTorch module, the ``eps`` of every normalization
+    layer is taken too, and the ``momentum`` of batch norm and instance norm (1 − PyTorch's; ``None``, a
+    cumulative average, stays ``None`` for batch norm), as are the chapter's from-scratch layer's moving
+    statistics, which it keeps outside its state dict. See the module docstring for what cannot be converted
+    exactly.
     """
     torch_module = state if hasattr(state, "state_dict") and hasattr(state, "named_modules") else None
     source = dict(torch_module.state_dict() if torch_module is not None else state)
-    converted, used = OrderedDict(), set()
-    for name, torch_name, alternative, module in _entries(model):
-        key = torch_name if torch_name in source else alternative if alternative in source else None
-        if key is None:
-            continue                                  # load_state_dict reports it as missing
-        value = _as_numpy(source[key])
-        if isinstance(module, _BatchNormBase) and value.ndim > 0:     # (C,) or (1, C[, 1, 1]) into the layer's shape
-            value = value.reshape(module._param_shape(value.size))
-        converted[name] = value
-        used.add(key)
-    unexpected = [key for key in source if key not in used]
-    if unexpected:
-        raise KeyError(f"load_torch_state_dict: entries that match nothing in {type(model).__name__}: {unexpected}")
-    model.load_state_dict(converted)
     if torch_module is not None:
-        tinybn_layers = dict(model.named_modules())
         for prefix, layer in torch_module.named_modules():
-            ours = tinybn_layers.get(prefix)
-            if isinstance(ours, _BatchNormBase) and hasattr(layer, "momentum") and hasattr(layer, "eps"):
-                ours.momentum = None if layer.momentum is None else 1.0 - float(layer.momentum)
-                ours.eps = float(layer.eps)
+            for own in ("moving_mean", "moving_var"):
+                key = f"{prefix}.{own}" if prefix else own
+                if key not in source and hasattr(getattr(layer, own, None), "detach"):
+                    source[key] = getattr(layer, own)
+    settings = _torch_settings(model, torch_module) if torch_module is not None else []
+    converted, used, missing, wrong = OrderedDict(), set(), [], []
+    for entry in _entries(model):
+        present = [key for key in entry.keys if key in source]
+        used.update(present)
+        if not present:
+            if entry.own == "num_batches_tracked":
+                converted[entry.name] = numpy.zeros((), numpy.int64)
+            else:
+                hint = (" (a PyTorch BatchNorm with affine=False has no weight and bias; tinybn's batch norm always "
+                        "has them)" if entry.is_bn and entry.own in ("gamma", "beta") else "")
+                missing.append(entry.keys[0] + hint)
+            continue
+        values = [_as_numpy(source[key]) for key in present]
+        value = _fits(entry, values[0])
+        if value is None:
+            from .nn.module import is_materialized
+            tensor = getattr(entry.module, entry.own)
+            wrong.append(f"{present[0]} has shape {values[0].shape}, {entry.name} needs "
+                         f"{tuple(tensor.shape) if is_materialized(tensor) else 'one value per channel'}")
+            continue
+        if any(not numpy.array_equal(values[0], other) for other in values[1:]):
+            wrong.append(f"{', '.join(present)} name one tinybn tensor ({entry.name}) but hold different values")
+            continue
+        converted[entry.name] = value
+    unexpected = [key for key in source if key not in used]
+    if missing or unexpected:
+        raise KeyError(f"load_torch_state_dict: missing entries {missing}, entries that match nothing in "
+                       f"{type(model).__name__} {unexpected}" + (f"; and {'; '.join(wrong)}" if wrong else ""))
+    if wrong:
+        raise ValueError("load_torch_state_dict: " + "; ".join(wrong))
+    model.load_state_dict(converted)
+    for module, attribute, value in settings:
+        setattr(module, attribute, value)

@@ -110,11 +110,20 @@ def compute_dtype(xp, dtype):
     return xp.promote_types(dtype, xp.float32)
 
 
+def check_floating(op: str, x) -> None:
+    """Normalized values are fractions: an integer input would have them rounded back to integers."""
+    kind = getattr(getattr(x, "dtype", None), "kind", "f")
+    if kind != "f":
+        raise ValueError(f"{op} expects a floating-point input, got dtype {x.dtype}; convert it first, e.g. "
+                         f"x.astype('float32')")
+
+
 def check_arguments(x, per_channel, training: bool, eps: float, whole_batch: bool = True) -> None:
     """Every check batch norm makes, for every implementation: the rank, one value per channel in each of
     γ, β and the moving averages, more than one value per channel (when ``x`` is the whole batch, not one
     rank's shard of it) and a positive eps in training."""
     reduction_axes(x)
+    check_floating("batch_norm", x)
     for value in per_channel:
         if value.size != x.shape[1]:
             raise ValueError(f"batch_norm: a per-channel array of shape {tuple(value.shape)} does not match the "

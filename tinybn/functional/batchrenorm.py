@@ -39,7 +39,9 @@ def renorm_limits(step: int, r_max: float, d_max: float, warmup_steps: int) -> t
     """The limits at training step ``step`` (0-based): r_max from 1 and d_max from 0, linearly, reaching the
     given values after ``warmup_steps`` (at once when 0). Early on the moving averages are still far from
     the data's statistics, and correcting towards them would only add noise."""
-    progress = 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+    if step < 0 or warmup_steps < 0:
+        raise ValueError(f"renorm_limits: step and warmup_steps must be at least 0, got {step} and {warmup_steps}")
+    progress = 1.0 if warmup_steps == 0 else min(1.0, step / warmup_steps)
     return 1.0 + (r_max - 1.0) * progress, d_max * progress
 
 

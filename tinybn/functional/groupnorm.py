@@ -18,10 +18,12 @@ inside each group (:func:`tinybn.functional.layernorm.standardize_backward`)::
 """
 from __future__ import annotations
 
+import numpy
+
 from .. import ops
 from ..autograd import Cache, apply
 from ..backend import get_array_module
-from .batchnorm import compute_dtype
+from .batchnorm import check_floating, compute_dtype
 from .layernorm import DEFAULT_EPS, standardize, standardize_backward
 
 
@@ -66,8 +68,10 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=DEFAULT_EPS):
     ``weight`` and ``bias`` (C,); PyTorch's ``F.group_norm(input, num_groups, weight, bias, eps)``."""
     if len(x.shape) < 2:
         raise ValueError(f"group_norm expects an input of shape (N, C, ...), got shape {tuple(x.shape)}")
+    check_floating("group_norm", x)
     channels = x.shape[1]
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, (int, numpy.integer)) or num_groups < 1 \
+            or channels % num_groups:
         raise ValueError(f"group_norm: num_groups must be a whole number of at least 1 that divides the {channels} "
                          f"channels, got {num_groups!r}")
     for name, value in (("weight", weight), ("bias", bias)):
@@ -77,7 +81,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=DEFAULT_EPS):
         raise ValueError(f"group_norm: eps must be positive, got {eps}: a constant group would divide by zero")
     if x.shape[0] == 0:
         return x * 1.0
-    return apply("group_norm", x, weight, bias, num_groups=num_groups, eps=eps)
+    return apply("group_norm", x, weight, bias, num_groups=int(num_groups), eps=eps)
 
 
 def instance_statistics(x):

@@ -20,10 +20,12 @@ between modes.
 """
 from __future__ import annotations
 
+import numpy
+
 from .. import ops
 from ..autograd import Cache, apply
 from ..backend import get_array_module
-from .batchnorm import compute_dtype
+from .batchnorm import check_floating, compute_dtype
 
 DEFAULT_EPS = 1e-5
 
@@ -74,17 +76,22 @@ ops.define("layer_norm", layer_norm_forward, layer_norm_backward)
 
 def normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
     """PyTorch's ``normalized_shape``: an int or a sequence of ints, each at least 1."""
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if not shape or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape):
+    whole = (int, numpy.integer)
+    try:
+        shape = (normalized_shape,) if isinstance(normalized_shape, whole) else tuple(normalized_shape)
+    except TypeError:
+        shape = ()
+    if not shape or not all(isinstance(n, whole) and not isinstance(n, bool) and n >= 1 for n in shape):
         raise ValueError(f"layer_norm: normalized_shape must be a positive whole number or a non-empty sequence of "
                          f"them, got {normalized_shape!r}")
-    return shape
+    return tuple(int(n) for n in shape)
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=DEFAULT_EPS):
     """Layer normalization over the last axes of ``x``, which must equal ``normalized_shape``; PyTorch's
     ``F.layer_norm(input, normalized_shape, weight, bias, eps)``. See the module docstring."""
     shape = normalized_shape_tuple(normalized_shape)
+    check_floating("layer_norm", x)
     if tuple(x.shape[len(x.shape) - len(shape):]) != shape or len(x.shape) < len(shape):
         raise ValueError(f"layer_norm: the last axes of an input of shape {tuple(x.shape)} must be normalized_shape "
                          f"{shape}")

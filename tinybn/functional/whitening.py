@@ -48,10 +48,12 @@ Backward, for one group (dx̂ = γ · dy; every step is a matrix product, undone
 """
 from __future__ import annotations
 
+import numpy
+
 from .. import ops
 from ..autograd import Cache, Tensor, apply
 from ..backend import get_array_module
-from .batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM, compute_dtype, moving_average
+from .batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM, check_floating, compute_dtype, moving_average
 
 DEFAULT_ITERATIONS = 5
 
@@ -179,8 +181,9 @@ def decorrelated_batch_norm(x, gamma, beta, moving_mean, moving_whitening, *, tr
         if tuple(value.shape) != shape:
             raise ValueError(f"decorrelated_batch_norm: {name} has shape {tuple(value.shape)}, expected {shape} for "
                              f"an input of shape {tuple(x.shape)}")
+    check_floating("decorrelated_batch_norm", x)
     for name, value in (("group_size", group_size), ("iterations", iterations)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < 1:
             raise ValueError(f"decorrelated_batch_norm: {name} must be a whole number of at least 1, got {value!r}")
     if training and x.size and x.size == channels:
         raise ValueError(f"decorrelated_batch_norm in training mode needs more than one value per channel, got an "
@@ -191,7 +194,7 @@ def decorrelated_batch_norm(x, gamma, beta, moving_mean, moving_whitening, *, tr
         raise ValueError(f"decorrelated_batch_norm: momentum must be in [0, 1], got {momentum}")
     training = training and x.size > 0
     y, mu, W = apply("decorrelated_batch_norm", x, gamma, beta, moving_mean, moving_whitening, training=training,
-                     group_size=group_size, iterations=iterations, eps=eps)
+                     group_size=int(group_size), iterations=int(iterations), eps=eps)
     moving_mean, moving_whitening = _data(moving_mean), _data(moving_whitening)
     if training:
         moving_mean = moving_average(moving_mean, mu.data, momentum)

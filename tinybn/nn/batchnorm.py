@@ -239,6 +239,10 @@ class SyncBatchNorm(_BatchNormBase):
 def recompute_batch_norm_statistics(model, batches, num_batches: int | None = None) -> int:
     """Replace every batch-norm layer's moving mean and variance by the exact statistics of ``batches``.
 
+    Batch-norm layers are tinybn's BN layers of every kind (the chapter's, the concise ones, SyncBatchNorm and
+    batch renorm); the moving statistics of DecorrelatedBatchNorm and InstanceNorm2d are of other kinds (a
+    whitening matrix, per-example statistics) and are left as they are.
+
     "Precise BN": with the weights frozen and no graph recorded, the model runs over ``batches``
     (any iterable of inputs, as tensors or anything ``numpy.asarray`` takes, or of ``(inputs, labels)``
     tuples as a DataLoader yields them; only the first ``num_batches`` when given; empty batches are

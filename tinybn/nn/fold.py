@@ -54,6 +54,21 @@ def _fold_into(layer, norm) -> None:
         layer.bias.data = backend.to_device(new_bias.astype(dtype), device)
 
 
+def _uses(model: Module) -> dict:
+    """How many places (parent, name) hold each module: a layer used twice has 2."""
+    counts, stack, seen = {}, [model], set()
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for child in module._modules.values():
+            if child is not None:
+                counts[id(child)] = counts.get(id(child), 0) + 1
+                stack.append(child)
+    return counts
+
+
 def fold_batch_norm(model: Module) -> Module:
     """A new model for prediction in which every Conv2d or Linear layer followed, in a Sequential, by a batch-norm
     layer in prediction mode has absorbed it, and the BN layers are gone. ``model`` itself is unchanged.
@@ -61,37 +76,45 @@ def fold_batch_norm(model: Module) -> Module:
     Folds tinybn's BN layers of every kind (``BatchNorm``, ``BatchNorm1d/2d``, ``SyncBatchNorm``, batch renorm,
     whose prediction mode is batch norm's) and ``DecorrelatedBatchNorm``. Refused, naming the layer: a model or
     BN layer in training mode (its output depends on the batch; call ``model.eval()``), a BN layer that does
-    not directly follow a Conv2d or Linear layer in a Sequential, and a layer whose size is not known yet.
+    not directly follow a Conv2d or Linear layer in a plain ``Sequential`` (a subclass may have its own forward,
+    which removing a layer would change), a layer used in more than one place (folding would change its other
+    uses too), and a layer whose size is not known yet.
     """
     for name, module in model.named_modules():
         if isinstance(module, FOLDABLE) and module.training:
             raise ValueError(f"fold_batch_norm: {name or 'the model'} ({module!r}) is in training mode, where batch "
                              f"norm uses each batch's statistics and cannot be folded; call model.eval() first")
         if isinstance(module, FOLDABLE) and not all(is_materialized(t) for t in (module.gamma, module.moving_mean)):
-            raise ValueError(f"fold_batch_norm: {name} ({module!r}) has no size yet; run one batch through the model "
-                             f"first")
+            raise ValueError(f"fold_batch_norm: {name or 'the model'} ({module!r}) has no size yet; run one batch "
+                             f"through the model first")
     folded = copy.deepcopy(model)
-    absorbed = set()           # a layer used in two places must not absorb two BN layers
+    uses = _uses(folded)
 
     def fold(module, prefix):
-        if isinstance(module, Sequential):
-            layers = []
+        if type(module) is Sequential:
+            layers, names = [], []
             for name, layer in module._modules.items():
                 path = f"{prefix}{name}"
                 if isinstance(layer, FOLDABLE):
                     before = layers[-1] if layers else None
+                    if isinstance(before, _Folded):
+                        raise ValueError(f"fold_batch_norm: {path} ({layer!r}) follows another BN layer, already "
+                                         f"folded into {names[-1]}; each BN layer needs a Conv2d or Linear layer of "
+                                         f"its own right before it")
                     if not isinstance(before, (Conv2d, Linear)):
-                        raise ValueError(f"fold_batch_norm: {path} ({layer!r}) follows "
-                                         f"{'nothing' if before is None else repr(before)}, not a Conv2d or Linear "
-                                         f"layer, so there is no layer to fold it into")
-                    if id(before) in absorbed:
-                        raise ValueError(f"fold_batch_norm: {path} follows a layer that is used in more than one "
-                                         f"place and has absorbed a BN layer already")
+                        what = "nothing" if before is None else f"{names[-1]} ({before!r})"
+                        raise ValueError(f"fold_batch_norm: {path} ({layer!r}) follows {what}, not a Conv2d or "
+                                         f"Linear layer, so there is no layer to fold it into")
+                    for shared, name_of in ((before, names[-1]), (layer, path)):
+                        if uses.get(id(shared), 1) > 1:
+                            raise ValueError(f"fold_batch_norm: {name_of} ({shared!r}) is used in more than one place, "
+                                             f"and folding would change every use; such a model cannot be folded")
                     _fold_into(before, layer)
-                    absorbed.add(id(before))
+                    layers[-1] = _Folded(before)       # a BN right after this one has nothing left to fold into
                     continue
                 layers.append(fold(layer, path + "."))
-            return Sequential(*layers).train(module.training)
+                names.append(path)
+            return Sequential(*(getattr(layer, "layer", layer) for layer in layers)).train(module.training)
         for name, child in list(module._modules.items()):
             if child is not None:
                 setattr(module, name, fold(child, f"{prefix}{name}."))
@@ -100,6 +123,13 @@ def fold_batch_norm(model: Module) -> Module:
     result = fold(folded, "")
     for name, module in result.named_modules():
         if isinstance(module, FOLDABLE):
-            raise ValueError(f"fold_batch_norm: {name} ({module!r}) is not inside a Sequential right after a Conv2d "
-                             f"or Linear layer, so there is no layer to fold it into")
+            raise ValueError(f"fold_batch_norm: {name or 'the model'} ({module!r}) is not inside a plain Sequential "
+                             f"right after a Conv2d or Linear layer, so there is no layer to fold it into")
     return result
+
+
+class _Folded:
+    """A layer that has absorbed a BN layer, while its Sequential is rebuilt."""
+
+    def __init__(self, layer):
+        self.layer = layer

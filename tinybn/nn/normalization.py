@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy
 
 from .. import backend
@@ -26,6 +28,13 @@ from .module import Module, Parameter
 
 def _tensor(value, device):
     return backend.to_device(value, device)
+
+
+def _check_momentum(layer, momentum):
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{layer}: momentum must be a number in [0, 1] (the weight of the old average), got "
+                         f"{momentum!r}" + ("; momentum=None (a cumulative average) is offered by the batch-norm "
+                                            "layers only" if momentum is None else ""))
 
 
 def _check_eps(layer, eps):
@@ -65,6 +74,7 @@ class GroupNorm(Module):
         super().__init__()
         check_size("GroupNorm", "num_groups", num_groups)
         check_size("GroupNorm", "num_channels", num_channels)
+        num_groups, num_channels = int(num_groups), int(num_channels)
         if num_channels % num_groups:
             raise ValueError(f"GroupNorm: num_groups {num_groups} does not divide num_channels {num_channels}")
         _check_eps("GroupNorm", eps)
@@ -98,9 +108,9 @@ class InstanceNorm2d(Module):
                  track_running_stats: bool = False, device=None, dtype=numpy.float32):
         super().__init__()
         check_size("InstanceNorm2d", "num_features", num_features)
+        num_features = int(num_features)
         _check_eps("InstanceNorm2d", eps)
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"InstanceNorm2d: momentum must be in [0, 1] (the weight of the old average), got {momentum}")
+        _check_momentum("InstanceNorm2d", momentum)
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
         for name, value in (("weight", numpy.ones), ("bias", numpy.zeros)):
@@ -113,18 +123,22 @@ class InstanceNorm2d(Module):
     def forward(self, x):
         check_input(self, x, 4, "(N, C, H, W)", self.num_features)
         data = x.data if isinstance(x, Tensor) else x
+        if self.training and data.size and data.shape[2] * data.shape[3] == 1:
+            raise ValueError(f"{self!r} in training mode needs more than one position per channel, got an input of "
+                             f"shape {tuple(data.shape)}: every output would be 0 and nothing could be learned")
         if self.track_running_stats and not self.training:
             xp = backend.get_array_module(data)
             ones = xp.ones(self.num_features, self.moving_mean.dtype)
             gamma = self.weight if self.affine else ones
             beta = self.bias if self.affine else ones * 0
             return F.batch_norm(x, gamma, beta, self.moving_mean, self.moving_var, training=False, eps=self.eps)[0]
+        y = F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)    # checks x before anything changes
         if self.track_running_stats and data.shape[0] > 0:
             mean, var = instance_statistics(data)
             self.moving_mean.data = moving_average(self.moving_mean.data, mean, self.momentum)
             self.moving_var.data = moving_average(self.moving_var.data, var, self.momentum)
             self.num_batches_tracked.data = self.num_batches_tracked.data + 1
-        return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+        return y
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
@@ -195,9 +209,9 @@ class DecorrelatedBatchNorm(Module):
         check_size("DecorrelatedBatchNorm", "num_features", num_features)
         check_size("DecorrelatedBatchNorm", "group_size", group_size)
         check_size("DecorrelatedBatchNorm", "iterations", iterations)
+        num_features, group_size, iterations = int(num_features), int(group_size), int(iterations)
         _check_eps("DecorrelatedBatchNorm", eps)
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"DecorrelatedBatchNorm: momentum must be in [0, 1], got {momentum}")
+        _check_momentum("DecorrelatedBatchNorm", momentum)
         self.num_features, self.group_size, self.iterations = num_features, group_size, iterations
         self.momentum, self.eps = momentum, eps
         self.gamma = Parameter(_tensor(numpy.ones(num_features, dtype), device))
