@@ -143,7 +143,8 @@ def test_ranks_without_distributed_are_refused_once(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("--bn-stats",), "--bn-stats records what one process sees"),
-    (("--batch-size", "3", "--no-sync-bn"), "--batch-size 3 is too small for 2 ranks"),
+    (("--batch-size", "3", "--no-sync-bn"), "needs 2 images on each of the 2 ranks"),
+    (("--batch-size", "1"), "batch norm needs at least 2 images in a batch, as in one process"),
     (("--train-subset", "2", "--batch-size", "8", "--no-sync-bn"), "no training batch"),
 ])
 def test_a_setting_every_rank_refuses_is_said_once(tmp_path, args, message):
@@ -256,3 +257,20 @@ def test_a_checkpoint_rank_0_cannot_resume_from_is_said_once_without_aborting(tm
                   "--out", str(tmp_path), timeout=120)
     assert done.returncode == 2
     assert done.stderr.count("was trained with other settings") == 1 and "Abort(" not in done.stderr
+
+
+def test_ranks_started_with_other_arguments_are_refused_once(tmp_path):
+    command = ["-m", "tinybn", "train", "--distributed", *COMMON, "--no-progress", "--no-plot", "--out", str(tmp_path)]
+    for extra in (["--epochs", "2"], ["--lr", "0.1"], ["--no-sync-bn"]):
+        done = launch(None, ["-n", "1", sys.executable, *command], ["-n", "1", sys.executable, *command, *extra],
+                      timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("error") == 1 and "error on rank 1: this rank was started with other arguments" \
+            in done.stderr, done.stderr
+
+
+def test_a_model_without_batch_norm_trains_with_batch_size_one(tmp_path):
+    done = launch(2, "-m", "tinybn", "train", "--distributed", "--model", "lenet", "--batch-size", "1",
+                  "--train-subset", "8", "--epochs", "1", "--precise-bn", "0", "--no-progress", "--no-plot",
+                  "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr

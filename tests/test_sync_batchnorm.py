@@ -37,7 +37,7 @@ def sync_on_shards(x, gamma, beta, mean, var, dy, bounds, training=True, momentu
         b_r = tinybn.tensor(beta, device=device, requires_grad=True)
         y, new_mean, new_var, count = F.sync_batch_norm(
             x_r, g_r, b_r, tinybn.tensor(mean, device=device).data, tinybn.tensor(var, device=device).data,
-            training=training, momentum=momentum, eps=eps, comm=comm)
+            training=training, momentum=momentum, eps=eps, comm=comm, check_channels=False)
         (y * tinybn.tensor(dy[rows], device=device)).sum().backward()
         host = tinybn.backend.to_numpy
         return (host(y.data), host(x_r.grad), host(g_r.grad), host(b_r.grad), host(new_mean.data), host(new_var.data),
@@ -317,3 +317,23 @@ def test_no_blas_warning_when_the_ranks_already_share_one_thread_each(monkeypatc
             assert distributed.share_cores(ThreeRanksHere()) == 1
     finally:
         parallel.set_threads(saved)
+
+
+def test_ranks_that_disagree_on_channels_all_say_so_and_a_layer_checks_once():
+    def work(comm):
+        x = Tensor(numpy.ones((4, 3 + comm.rank)) * numpy.arange(3 + comm.rank))
+        try:
+            F.sync_batch_norm(x, *(numpy.ones(3 + comm.rank),) * 4, training=True, comm=comm)
+        except ValueError as error:
+            return str(error)
+
+    assert all("disagree on the number of channels (3, 4 on ranks 0 to 1)" in said for said in run_ranks(2, work))
+
+    def layer_work(comm):
+        layer = nn.SyncBatchNorm(2, comm=comm)
+        for _ in range(3):
+            layer(Tensor(numpy.random.default_rng(comm.rank).standard_normal((3, 2))))
+        return comm.calls
+
+    for calls in run_ranks(2, layer_work):
+        assert [kind for kind, _ in calls] == ["all_gather", "all_gather"] + ["all_gather"] * 2

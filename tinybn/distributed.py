@@ -40,7 +40,7 @@ import numpy
 
 from . import backend
 
-__all__ = ["Communicator", "LocalCommunicator", "MPICommunicator", "MPIUnavailableError", "StoppedElsewhere", "agree",
+__all__ = ["CommunicationError", "Communicator", "LocalCommunicator", "MPICommunicator", "MPIUnavailableError", "StoppedElsewhere", "agree",
            "all_reduce_gradients", "check_single_process", "get_communicator", "init", "is_initialized",
            "launcher_rank", "launcher_size", "shard_loss", "share_cores"]
 
@@ -49,6 +49,11 @@ INSTALL_HINT = "pip install 'tinybn[mpi]' (mpi4py and MPICH, both from PyPI)"
 
 class MPIUnavailableError(RuntimeError):
     """mpi4py, or the MPI library under it, cannot be loaded."""
+
+
+class CommunicationError(RuntimeError):
+    """A collective failed on this rank (MPI's own words follow): most often the ranks passed arrays of
+    different sizes."""
 
 
 # Launchers say who is who in the environment before MPI starts: MPICH's hydra and Open MPI's mpirun.
@@ -101,12 +106,17 @@ class Communicator:
         return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size})"
 
 
+def _check_summable(array) -> None:
+    if array.dtype.kind not in "iufc":
+        raise TypeError(f"all_reduce sums numbers; got an array of dtype {array.dtype}"
+                        + (" (convert booleans to int)" if array.dtype.kind == "b" else ""))
+
+
 class LocalCommunicator(Communicator):
     """One process: every collective returns (a copy of) its input."""
 
     def all_reduce(self, array):
-        if array.dtype.kind not in "iuf":
-            raise TypeError(f"all_reduce sums numbers; got an array of dtype {array.dtype} (convert booleans to int)")
+        _check_summable(array)
         return array.copy()
 
     def all_gather(self, array):
@@ -151,18 +161,24 @@ class MPICommunicator(Communicator):
         host = numpy.asarray(backend.to_numpy(array), order="C")     # (ascontiguousarray would make 0-d 1-d)
         return host, (lambda result: result if device == "cpu" else backend.to_device(result, device))
 
+    def _call(self, name, *args, **kwargs):
+        try:
+            return getattr(self.comm, name)(*args, **kwargs)
+        except self._mpi.Exception as error:
+            raise CommunicationError(f"{name} failed on rank {self.rank}: {error.Get_error_string().splitlines()[0]}"
+                                     ) from None
+
     def all_reduce(self, array):
         host, back = self._host(array)
-        if host.dtype.kind not in "iuf":
-            raise TypeError(f"all_reduce sums numbers; got an array of dtype {host.dtype} (convert booleans to int)")
+        _check_summable(host)
         result = numpy.empty_like(host)
-        self.comm.Allreduce(host, result, op=self._mpi.SUM)
+        self._call("Allreduce", host, result, op=self._mpi.SUM)
         return back(result)
 
     def all_gather(self, array):
         host, back = self._host(array)
         result = numpy.empty((self.world_size,) + host.shape, host.dtype)
-        self.comm.Allgather(host, result)
+        self._call("Allgather", host, result)
         return back(result)
 
     def broadcast(self, value, root: int = 0):
@@ -176,11 +192,11 @@ class MPICommunicator(Communicator):
             return self.comm.bcast(value if self.rank == root else None, root=root)
         shape, dtype = is_array
         result = numpy.asarray(value, order="C") if self.rank == root else numpy.empty(shape, numpy.dtype(dtype))
-        self.comm.Bcast(result, root=root)
+        self._call("Bcast", result, root=root)
         return result
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        self._call("Barrier")
 
     def abort(self, code: int = 1) -> None:
         self.comm.Abort(code)
@@ -220,7 +236,8 @@ def share_cores(comm: Communicator, set_blas_threads: bool = False) -> int:
     if set_blas_threads:
         blas.set_threads(count)
     blas_threads = blas.get_threads()
-    if blas_threads is not None and blas_threads > count and blas_threads * comm.local_size > parallel._cores():
+    if (comm.rank == 0 and blas_threads is not None and blas_threads > count
+            and blas_threads * comm.local_size > parallel._cores()):
         warnings.warn(f"OpenBLAS runs {blas_threads} threads in each of the {comm.local_size} ranks on this machine's "
                       f"{parallel._cores()} cores, and its waiting threads spin: a LeNet step ran 90x slower so. "
                       f"Launch with OPENBLAS_NUM_THREADS={count} (mpiexec -genv OPENBLAS_NUM_THREADS {count} ...), or "

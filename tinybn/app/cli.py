@@ -178,13 +178,16 @@ def train_distributed(config, comm) -> int:
     started = time.time()
     try:
         return _train_distributed(config, comm, started)
-    except KeyboardInterrupt:          # Ctrl-C reaches every rank, wherever each is; rank 0 says it, all stop
+    except KeyboardInterrupt:          # Ctrl-C reaches every rank, wherever each is; one says it, all stop
         stop = "\n" if config.progress else ""
-        if comm.rank == 0:
-            print(f"{stop}interrupted. {checkpoint_words(Path(config.out) / 'checkpoint.npz', started, config)}",
-                  file=sys.stderr, flush=True)
-        else:
-            time.sleep(1.0)            # rank 0 first: its MPI_Abort ends this rank, after its line is out
+        path = Path(config.out) / "checkpoint.npz"
+        if comm.rank != 0:
+            # rank 0 first: its MPI_Abort ends this rank after its line is out. But rank 0 may be waiting inside a
+            # collective, where Python cannot see the signal; then this rank speaks for it.
+            time.sleep(1.0)
+        words = (checkpoint_words(path, started, config) if comm.rank == 0 or path.parent.exists()
+                 else "Rank 0 keeps the checkpoint of the last complete epoch, if one finished.")
+        print(f"{stop}interrupted. {words}", file=sys.stderr, flush=True)
         comm.abort(130)
         return 130
 
@@ -289,6 +292,18 @@ def run_eval(args) -> int:
     return 0
 
 
+def _code_fingerprint() -> str:
+    """A digest of tinybn's Python source, so that ranks running different versions are told apart."""
+    import hashlib
+
+    root = Path(__file__).parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def main_in_mpi_job(argv) -> int:
     """One of several ranks an MPI launcher started. MPI starts first, so that anything that goes wrong on any
     rank from here on is agreed on and said once (by the rank it concerns), and no rank waits for ever."""
@@ -307,6 +322,16 @@ def main_in_mpi_job(argv) -> int:
             args = build_parser().parse_args(argv)
         parallel.threads()     # a bad TINYBN_NUM_THREADS is reported now, in one line, not in the middle of a run
         distributed.init(comm, set_blas_threads=True)    # the command line owns its process: see tune_process
+        ours = {"arguments": vars(args), "tinybn": _code_fingerprint()}
+        theirs = comm.broadcast(ours)                    # every rank must run rank 0's command with rank 0's code
+        if ours["tinybn"] != theirs["tinybn"]:
+            raise ValueError(f"this rank runs another tinybn ({Path(__file__).parents[1]}) than rank 0: the ranks "
+                             f"must run the same version")
+        differ = [f"--{name.replace('_', '-')} {ours['arguments'][name]} (rank 0: {theirs['arguments'].get(name)})"
+                  for name in ours["arguments"] if ours["arguments"][name] != theirs["arguments"].get(name)]
+        if differ:
+            raise ValueError(f"this rank was started with other arguments than rank 0: {'; '.join(differ)}; every "
+                             f"rank must run the same command")
         if args.command == "train" and not args.distributed:
             raise ValueError(f"this process is one of {comm.world_size} that an MPI launcher started, and without "
                              f"--distributed each would train its own model into the same folder; add --distributed "

@@ -432,10 +432,11 @@ def _prepare(config: TrainConfig, log, data, model, comm) -> _Job:
     if comm is not None and min_batch > 2 and 2 <= dropped < min_batch:
         log(f"each epoch's last batch of {dropped} images is left out: per-shard batch norm (--no-sync-bn) needs "
             f"2 images on each of the {comm.world_size} ranks")
-    if comm is not None and config.batch_size < min_batch:
-        raise ValueError(f"--batch-size {config.batch_size} is too small for {comm.world_size} ranks: each rank needs "
-                         f"2 images of every batch for batch norm on its shard (at least {min_batch} in all); "
-                         f"or keep --sync-bn, which normalizes over the whole batch")
+    if comm is not None and has_bn and config.batch_size < min_batch:
+        raise ValueError(f"--batch-size {config.batch_size}: " + (
+            f"batch norm on each rank's shard (--no-sync-bn) needs 2 images on each of the {comm.world_size} ranks "
+            f"(a batch of at least {min_batch}); or leave out --no-sync-bn, to normalize over the whole batch"
+            if not config.sync_bn else "batch norm needs at least 2 images in a batch, as in one process"))
     return _Job(config, log, comm, device, out, model, optimizer, train_loader, evaluations, precise, best_by,
                 f"{len(train_y)} train / {len(test_y)} test examples", has_bn)
 

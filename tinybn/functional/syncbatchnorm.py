@@ -42,14 +42,14 @@ from __future__ import annotations
 
 import numpy
 
-from .. import ops
+from .. import backend, ops
 from ..autograd import Cache, Tensor, apply
 from ..backend import get_array_module
 from .batchnorm import (DEFAULT_EPS, DEFAULT_MOMENTUM, _in_input_dtypes, _per_channel, batch_norm, check_arguments,
                         compute_dtype, moving_average, reduction_axes)
 
 
-def sync_batch_norm_forward(x, gamma, beta, moving_mean, moving_var, eps=DEFAULT_EPS, comm=None):
+def sync_batch_norm_forward(x, gamma, beta, moving_mean, moving_var, eps=DEFAULT_EPS, comm=None, check_channels=True):
     """Training-mode forward over the ranks of ``comm``; returns ``((y, μ, σ², M), cache)``: μ and σ² per channel
     (C,) over the global batch, M the global number of values per channel (a 0-d array). With no value on any
     rank (M = 0) the moving averages normalize, as for an empty batch in plain batch norm."""
@@ -67,6 +67,12 @@ def sync_batch_norm_forward(x, gamma, beta, moving_mean, moving_var, eps=DEFAULT
         mu_r = m2_r = xp.zeros(channels, x.dtype)
     # [C, m_r, μ_r, M2_r] in float64 (ranks may compute in different dtypes). C goes first so that ranks that
     # disagree on it are caught: MPI fails on the rank with fewer channels, and this check on the others.
+    if check_channels:    # gathers of different sizes are an MPI error that ends some ranks and not others
+        others = comm.all_gather(xp.asarray([channels], numpy.float64)).reshape(-1)
+        if bool((others != channels).any()):
+            raise ValueError(f"sync_batch_norm: the ranks disagree on the number of channels "
+                             f"({', '.join(str(int(c)) for c in backend.to_numpy(others))} on ranks 0 to "
+                             f"{len(others) - 1}); every rank must run the same layer")
     local = xp.concatenate([xp.asarray([channels, m], numpy.float64), mu_r.astype(numpy.float64),
                             m2_r.astype(numpy.float64)])
     gathered = comm.all_gather(local)                       # (P, 2C + 2), the same on every rank
@@ -114,7 +120,7 @@ ops.define("sync_batch_norm", sync_batch_norm_forward, sync_batch_norm_backward)
 
 
 def sync_batch_norm(x, gamma, beta, moving_mean, moving_var, *, training, momentum=DEFAULT_MOMENTUM, eps=DEFAULT_EPS,
-                    comm=None):
+                    comm=None, check_channels=True):
     """Batch-normalize this rank's shard ``x`` with the statistics of the global batch; returns
     ``(y, new_moving_mean, new_moving_var, M)``, M the number of values per channel in the global batch.
 
@@ -123,6 +129,10 @@ def sync_batch_norm(x, gamma, beta, moving_mean, moving_var, *, training, moment
     are, and a layer should not count it). ``comm`` is a :class:`tinybn.distributed.Communicator`
     (default: :func:`tinybn.distributed.get_communicator`). With one rank, or in prediction mode, this is
     plain batch norm and communicates nothing.
+
+    ``check_channels`` first makes sure every rank has the same number of channels, with one more small
+    collective: ranks that disagree then all get this error, instead of MPI's "message truncated" on some and
+    nothing on others. :class:`tinybn.nn.SyncBatchNorm` checks on its first training call only.
     """
     from ..distributed import get_communicator
 
@@ -138,7 +148,8 @@ def sync_batch_norm(x, gamma, beta, moving_mean, moving_var, *, training, moment
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"sync_batch_norm: momentum must be in [0, 1] (the weight of the old moving average), "
                          f"got {momentum}")
-    y, mu, var, count = apply("sync_batch_norm", x, gamma, beta, moving_mean, moving_var, eps=eps, comm=comm)
+    y, mu, var, count = apply("sync_batch_norm", x, gamma, beta, moving_mean, moving_var, eps=eps, comm=comm,
+                              check_channels=check_channels)
     moving_mean, moving_var = _data(moving_mean), _data(moving_var)
     count = int(count.data)
     if count:

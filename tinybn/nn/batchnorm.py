@@ -195,8 +195,12 @@ class SyncBatchNorm(_BatchNormBase):
                     channels)
 
     def _normalize(self, x, momentum):
-        return F.sync_batch_norm(x, self.gamma, self.beta, self.moving_mean, self.moving_var, training=self.training,
-                                 momentum=momentum, eps=self.eps, comm=self.comm)
+        checked = self.__dict__.get("_channels_agreed", False)      # the ranks agree on the channels once
+        result = F.sync_batch_norm(x, self.gamma, self.beta, self.moving_mean, self.moving_var, training=self.training,
+                                   momentum=momentum, eps=self.eps, comm=self.comm, check_channels=not checked)
+        if self.training:
+            object.__setattr__(self, "_channels_agreed", True)
+        return result
 
     @classmethod
     def convert_sync_batchnorm(cls, module: Module, comm=None) -> Module:
