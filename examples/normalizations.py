@@ -50,6 +50,8 @@ else:
                 sweep.append(common.run_variant(args, data, out, name, lambda norm=NORMS[name]: build_lenet(norm),
                                                 lr=args.lr * size / 256, batch_size=size, precise_bn=0,
                                                 epochs=args.sweep_epochs))
+                # saved after every run: a long sweep stopped early keeps what it measured (--replot draws it)
+                (out / "results.json").write_text(json.dumps({"compare": compare, "sweep": sweep}, indent=1))
     (out / "results.json").write_text(json.dumps({"compare": compare, "sweep": sweep}, indent=1))
     print(f"wrote {out / 'results.json'}")
 
