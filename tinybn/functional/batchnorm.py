@@ -225,18 +225,27 @@ def batch_norm(x, gamma, beta, moving_mean, moving_var, *, training, momentum=DE
     equal has σ² = 0, and 1/√(σ² + 0) would turn its outputs into NaN.
     """
     check_arguments(x, (gamma, beta, moving_mean, moving_var), training, eps)
-    if training and not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"batch_norm: momentum must be in [0, 1] (the weight of the old moving average), got {momentum}")
+    if training:
+        check_momentum("batch_norm", momentum)
     # An empty batch has no statistics: it is normalized (into nothing) with the moving averages, which it
     # leaves as they are, as in PyTorch; averaging over no values would make them NaN for good.
     training = training and x.size > 0
     y, mu, var = apply("batch_norm", x, gamma, beta, moving_mean, moving_var, training=training, eps=eps)
-    moving_mean, moving_var = _data(moving_mean), _data(moving_var)
-    if training:
-        moving_mean, moving_var = moving_average(moving_mean, mu.data, momentum), moving_average(moving_var, var.data,
-                                                                                                 momentum)
-    return y, Tensor(moving_mean), Tensor(moving_var)
+    return (y, *new_moving_averages((moving_mean, mu), (moving_var, var), momentum=momentum, update=training))
 
 
-def _data(value):
-    return value.data if isinstance(value, Tensor) else value
+def check_momentum(op: str, momentum) -> None:
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{op}: momentum must be in [0, 1] (the weight of the old moving average), got {momentum}")
+
+
+def new_moving_averages(*pairs, momentum, update: bool):
+    """For each ``(moving, batch_statistic)`` pair, the moving average after this step, as a tensor: updated by
+    :func:`moving_average` when ``update``, else as it was. The layers store what this returns."""
+    result = []
+    for moving, statistic in pairs:
+        moving = moving.data if isinstance(moving, Tensor) else moving
+        if update:
+            moving = moving_average(moving, statistic.data if isinstance(statistic, Tensor) else statistic, momentum)
+        result.append(Tensor(moving))
+    return result

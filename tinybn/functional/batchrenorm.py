@@ -27,10 +27,10 @@ Prediction mode is batch norm's: x̂ = (x − moving_mean) / σ.
 from __future__ import annotations
 
 from .. import ops
-from ..autograd import Cache, Tensor, apply
+from ..autograd import Cache, apply
 from ..backend import get_array_module
-from .batchnorm import (DEFAULT_EPS, _in_input_dtypes, _per_channel, check_arguments, compute_dtype, moving_average,
-                        reduction_axes)
+from .batchnorm import (DEFAULT_EPS, _in_input_dtypes, _per_channel, check_arguments, check_momentum, compute_dtype,
+                        new_moving_averages, reduction_axes)
 
 DEFAULT_MOMENTUM = 0.99    # the moving averages take part in training here: they must be smooth (the paper: 0.99)
 
@@ -96,18 +96,9 @@ def batch_renorm(x, gamma, beta, moving_mean, moving_var, *, training, r_max=3.0
     if not r_max >= 1.0 or not d_max >= 0.0:
         raise ValueError(f"batch_renorm: r_max must be at least 1 and d_max at least 0 (1 and 0 are batch norm), got "
                          f"r_max={r_max}, d_max={d_max}")
-    if training and not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"batch_renorm: momentum must be in [0, 1] (the weight of the old moving average), got "
-                         f"{momentum}")
+    if training:
+        check_momentum("batch_renorm", momentum)
     training = training and x.size > 0
     y, mu, var = apply("batch_renorm", x, gamma, beta, moving_mean, moving_var, training=training, r_max=r_max,
                        d_max=d_max, eps=eps)
-    moving_mean, moving_var = _data(moving_mean), _data(moving_var)
-    if training:
-        moving_mean, moving_var = moving_average(moving_mean, mu.data, momentum), moving_average(moving_var, var.data,
-                                                                                                 momentum)
-    return y, Tensor(moving_mean), Tensor(moving_var)
-
-
-def _data(value):
-    return value.data if isinstance(value, Tensor) else value
+    return (y, *new_moving_averages((moving_mean, mu), (moving_var, var), momentum=momentum, update=training))

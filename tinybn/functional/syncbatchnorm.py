@@ -46,7 +46,7 @@ from .. import backend, ops
 from ..autograd import Cache, Tensor, apply
 from ..backend import get_array_module
 from .batchnorm import (DEFAULT_EPS, DEFAULT_MOMENTUM, _in_input_dtypes, _per_channel, batch_norm, check_arguments,
-                        compute_dtype, moving_average, reduction_axes)
+                        check_momentum, compute_dtype, new_moving_averages, reduction_axes)
 
 
 def sync_batch_norm_forward(x, gamma, beta, moving_mean, moving_var, eps=DEFAULT_EPS, comm=None, check_channels=True):
@@ -145,18 +145,8 @@ def sync_batch_norm(x, gamma, beta, moving_mean, moving_var, *, training, moment
                                       else 0)
     # the single value per channel that plain batch norm refuses is checked over all the shards, in the forward
     check_arguments(x, (gamma, beta, moving_mean, moving_var), training, eps, whole_batch=False)
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"sync_batch_norm: momentum must be in [0, 1] (the weight of the old moving average), "
-                         f"got {momentum}")
+    check_momentum("sync_batch_norm", momentum)
     y, mu, var, count = apply("sync_batch_norm", x, gamma, beta, moving_mean, moving_var, eps=eps, comm=comm,
                               check_channels=check_channels)
-    moving_mean, moving_var = _data(moving_mean), _data(moving_var)
     count = int(count.data)
-    if count:
-        moving_mean, moving_var = moving_average(moving_mean, mu.data, momentum), moving_average(moving_var, var.data,
-                                                                                                 momentum)
-    return y, Tensor(moving_mean), Tensor(moving_var), count
-
-
-def _data(value):
-    return value.data if isinstance(value, Tensor) else value
+    return (y, *new_moving_averages((moving_mean, mu), (moving_var, var), momentum=momentum, update=count > 0), count)

@@ -51,9 +51,9 @@ from __future__ import annotations
 import numpy
 
 from .. import ops
-from ..autograd import Cache, Tensor, apply
+from ..autograd import Cache, apply
 from ..backend import get_array_module
-from .batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM, check_floating, compute_dtype, moving_average
+from .batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM, check_floating, check_momentum, compute_dtype, new_moving_averages
 
 DEFAULT_ITERATIONS = 5
 
@@ -190,17 +190,9 @@ def decorrelated_batch_norm(x, gamma, beta, moving_mean, moving_whitening, *, tr
                          f"input of shape {tuple(x.shape)}; use a larger batch, or switch the layer to eval mode")
     if not eps > 0:
         raise ValueError(f"decorrelated_batch_norm: eps must be positive, got {eps}")
-    if training and not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"decorrelated_batch_norm: momentum must be in [0, 1], got {momentum}")
+    if training:
+        check_momentum("decorrelated_batch_norm", momentum)
     training = training and x.size > 0
     y, mu, W = apply("decorrelated_batch_norm", x, gamma, beta, moving_mean, moving_whitening, training=training,
                      group_size=int(group_size), iterations=int(iterations), eps=eps)
-    moving_mean, moving_whitening = _data(moving_mean), _data(moving_whitening)
-    if training:
-        moving_mean = moving_average(moving_mean, mu.data, momentum)
-        moving_whitening = moving_average(moving_whitening, W.data, momentum)
-    return y, Tensor(moving_mean), Tensor(moving_whitening)
-
-
-def _data(value):
-    return value.data if isinstance(value, Tensor) else value
+    return (y, *new_moving_averages((moving_mean, mu), (moving_whitening, W), momentum=momentum, update=training))
