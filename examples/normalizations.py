@@ -24,6 +24,7 @@ p = common.parser(__doc__.splitlines()[0])
 p.add_argument("--part", choices=("compare", "batch-sizes", "both"), default="both")
 p.add_argument("--batch-sizes", default="2,4,8,16,32,256", help="batch sizes of part 2")
 p.add_argument("--sweep-epochs", type=int, default=10, help="epochs of each run in part 2")
+p.add_argument("--sweep-norms", default="batch norm,group norm,batch renorm", help="normalizations of part 2")
 p.add_argument("--replot", action="store_true", help="redraw the figures and tables from results.json")
 args = p.parse_args()
 
@@ -46,7 +47,7 @@ else:
     if args.part in ("batch-sizes", "both"):
         sweep = []
         for size in (int(b) for b in args.batch_sizes.split(",")):
-            for name in SWEPT:
+            for name in args.sweep_norms.split(","):
                 sweep.append(common.run_variant(args, data, out, name, lambda norm=NORMS[name]: build_lenet(norm),
                                                 lr=args.lr * size / 256, batch_size=size, precise_bn=0,
                                                 epochs=args.sweep_epochs))
