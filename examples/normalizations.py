@@ -82,7 +82,8 @@ if sweep:
                 highs.append(max(values) - numpy.mean(values))
         ax.errorbar(sizes, means, yerr=[lows, highs], marker=marker, capsize=3, label=name)
     common.table(rows)
-    seeds = len(sweep[0]["runs"])
+    counts = sorted({len(common.finished(r)) for r in sweep})
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
     epochs = max(len(run["history"]) for r in sweep for run in r["runs"])
     ax.set_xscale("log", base=2)
     sizes = sorted({r["batch_size"] for r in sweep})
@@ -93,7 +94,7 @@ if sweep:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax.set_title(f"LeNet on Fashion-MNIST, {epochs} epoch{'s' if epochs != 1 else ''}: mean of {seeds} "
-                 f"seed{'s' if seeds != 1 else ''}, bars = lowest to highest", fontsize=9)
+                 f"seed{'s' if seeds != '1' else ''} per point, bars = lowest to highest", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "batch_sizes.png")
     print(f"wrote {out / 'batch_sizes.png'}")
