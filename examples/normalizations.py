@@ -24,13 +24,18 @@ p = common.parser(__doc__.splitlines()[0])
 p.add_argument("--part", choices=("compare", "batch-sizes", "both"), default="both")
 p.add_argument("--batch-sizes", default="2,4,8,16,32,256", help="batch sizes of part 2")
 p.add_argument("--sweep-epochs", type=int, default=10, help="epochs of each run in part 2")
+p.add_argument("--compare-norms", default="batch norm,layer norm,group norm,batch renorm,decorrelated BN",
+               help="normalizations of part 1 (the others keep their saved results)")
 p.add_argument("--sweep-norms", default="batch norm,group norm,batch renorm", help="normalizations of part 2")
 p.add_argument("--replot", action="store_true", help="redraw the figures and tables from results.json")
 args = p.parse_args()
 
 NORMS = {"batch norm": "scratch", "layer norm": "layer", "group norm": "group", "batch renorm": "renorm",
          "decorrelated BN": "decorrelated"}
-SWEPT = ("batch norm", "group norm", "batch renorm")
+for option, names in (("--compare-norms", args.compare_norms), ("--sweep-norms", args.sweep_norms)):
+    unknown = [name for name in names.split(",") if name not in NORMS]
+    if unknown:
+        p.error(f"{option}: unknown normalization {', '.join(map(repr, unknown))}; choose from {', '.join(NORMS)}")
 
 if args.replot:
     out = Path(args.out or "runs/examples/normalizations")
@@ -42,8 +47,11 @@ else:
     saved = json.loads(previous.read_text()) if previous.is_file() else {"compare": [], "sweep": []}
     compare, sweep = saved["compare"], saved["sweep"]
     if args.part in ("compare", "both"):
-        compare = [common.run_variant(args, data, out, name, lambda norm=norm: build_lenet(norm))
-                   for name, norm in NORMS.items()]
+        chosen = args.compare_norms.split(",")
+        runs = {result["label"]: result for result in compare if result["label"] not in chosen}
+        for name in chosen:
+            runs[name] = common.run_variant(args, data, out, name, lambda norm=NORMS[name]: build_lenet(norm))
+        compare = [runs[name] for name in NORMS if name in runs]
     if args.part in ("batch-sizes", "both"):
         sweep = []
         for size in (int(b) for b in args.batch_sizes.split(",")):
@@ -66,7 +74,8 @@ if sweep:
 
     rows, fig = [], Figure(figsize=(6.4, 4.2), dpi=120)
     ax = fig.subplots()
-    for name, marker in zip(SWEPT, ("o", "s", "^")):
+    swept = [name for name in NORMS if any(r["label"] == name for r in sweep)]
+    for name, marker in zip(swept, ("o", "s", "^", "D", "v")):
         results = sorted((r for r in sweep if r["label"] == name), key=lambda r: r["batch_size"])
         sizes, means, lows, highs = [], [], [], []
         for result in results:

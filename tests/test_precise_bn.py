@@ -182,3 +182,76 @@ def test_on_every_device_the_statistics_stay_there_and_match_the_host(device):
         results[where] = [model[i].moving_var.numpy() for i in (1, 5)]
     for host, other in zip(results["cpu"], results[device]):
         numpy.testing.assert_allclose(other, host, rtol=1e-12)
+
+
+# ------------------------------------------------------------------ decorrelated batch norm (whitening)
+
+def whitening_oracle(values, group_size, eps):
+    """Σ^(−1/2) by an eigendecomposition, block by block, of the biased covariance of every value per channel,
+    with ε on the diagonal, and the mean: an oracle apart from the Newton–Schulz code."""
+    X = (values if values.ndim == 2 else values.transpose(0, 2, 3, 1).reshape(-1, values.shape[1])).T
+    mean, covariance = X.mean(axis=1), numpy.cov(X, bias=True).reshape(X.shape[0], X.shape[0])
+    W = numpy.zeros_like(covariance)
+    for first in range(0, len(W), group_size):
+        block = slice(first, first + group_size)
+        lam, U = numpy.linalg.eigh(covariance[block, block] + eps * numpy.eye(len(W[block])))
+        W[block, block] = U @ numpy.diag(lam ** -0.5) @ U.T
+    return mean, W
+
+
+@budget(30)
+@given(n=st.integers(2, 30), sizes=st.lists(st.integers(1, 11), min_size=1, max_size=5), seed=st.integers(0, 2**31),
+       conv=st.booleans(), channels=st.integers(1, 6), group_size=st.integers(1, 4), layout=st.sampled_from(LAYOUTS))
+def test_decorrelated_statistics_are_the_whitening_of_all_the_values_seen(n, sizes, seed, conv, channels, group_size,
+                                                                         layout):
+    """The mean and whitening matrix after the pass are those of one batch holding every batch: equal to
+    training mode's on the concatenation (momentum 0), and, with enough iterations, to Σ^(−1/2)."""
+    rng = numpy.random.default_rng(seed)
+    mixing = numpy.eye(channels) + rng.uniform(-0.5, 0.5, (channels, channels))   # correlated channels
+    data = rng.standard_normal((n, 4, 3, channels) if conv else (n, channels)) @ mixing * rng.uniform(0.1, 10)
+    data = (data.transpose(0, 3, 1, 2) if conv else data) + rng.uniform(-5, 5, channels).reshape(
+        (1, channels) + (1, 1) * conv)
+    batches = [b for b in cut(data, sizes) if len(b) >= 2 or conv]    # a batch of 1 only where H·W gives values
+    assume(batches)
+    layer = nn.DecorrelatedBatchNorm(channels, group_size=group_size, iterations=40, dtype=numpy.float64)
+    layer.moving_mean.data = rng.standard_normal(channels)            # whatever the buffers held before is replaced
+    assert recompute(layer, [with_layout(b, layout) for b in batches]) == len(batches)
+    assert layer.training
+    everything = numpy.concatenate(batches)
+    _, mean, W = F.decorrelated_batch_norm(tinybn.tensor(everything), layer.gamma, layer.beta, layer.moving_mean,
+                                           layer.moving_whitening, training=True, group_size=group_size,
+                                           iterations=40, momentum=0.0, eps=layer.eps)
+    numpy.testing.assert_allclose(layer.moving_mean.numpy(), mean.numpy(), rtol=1e-9, atol=1e-9)
+    numpy.testing.assert_allclose(layer.moving_whitening.numpy(), W.numpy(), rtol=1e-7, atol=1e-7)
+    mean, W = whitening_oracle(everything, group_size, layer.eps)
+    numpy.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-9, atol=1e-9)
+    scale = abs(W).max()
+    numpy.testing.assert_allclose(layer.moving_whitening.numpy() / scale, W / scale, atol=1e-6)
+
+
+def test_decorrelated_layer_after_batch_norm_sees_its_normalized_input_and_prediction_uses_the_result():
+    tinybn.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6, dtype=numpy.float64), nn.BatchNorm1d(6, dtype=numpy.float64), nn.Sigmoid(),
+                          nn.DecorrelatedBatchNorm(6, group_size=4, dtype=numpy.float64))
+    data = numpy.random.default_rng(3).standard_normal((48, 5))
+    batches = [data[i:i + 12] for i in range(0, 48, 12)]
+    params = [p.numpy().copy() for p in model.parameters()]
+    recompute(model, batches)
+    for before, p in zip(params, model.parameters()):
+        numpy.testing.assert_array_equal(before, p.numpy())
+    seen = []      # what the whitening layer saw: each batch through Linear, BN on that batch's statistics, sigmoid
+    for batch in batches:
+        h = model[0](tinybn.tensor(batch))
+        h = F.batch_norm(h, model[1].gamma, model[1].beta, model[1].moving_mean, model[1].moving_var, training=True,
+                         eps=model[1].eps)[0]
+        seen.append(model[2](h).numpy())
+    seen = numpy.concatenate(seen)
+    layer = model[3]
+    _, mean, W = F.decorrelated_batch_norm(tinybn.tensor(seen), layer.gamma, layer.beta, layer.moving_mean,
+                                           layer.moving_whitening, training=True, group_size=4, momentum=0.0)
+    numpy.testing.assert_allclose(layer.moving_mean.numpy(), mean.numpy(), rtol=1e-10, atol=1e-12)
+    numpy.testing.assert_allclose(layer.moving_whitening.numpy(), W.numpy(), rtol=1e-8, atol=1e-10)
+    model.eval()
+    x = tinybn.tensor(numpy.random.default_rng(4).standard_normal((3, 6)))
+    numpy.testing.assert_allclose(layer(x).numpy(), (x.numpy() - mean.numpy()) @ W.numpy().T, rtol=1e-10,
+                                  atol=1e-12)

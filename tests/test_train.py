@@ -383,6 +383,26 @@ def test_precise_bn_changes_no_weight_and_reports_both_accuracies(tmp_path, fash
     numpy.testing.assert_array_equal(moving["1.moving_mean"], plain["model"].state_dict()["1.moving_mean"])
 
 
+def test_precise_statistics_for_decorrelated_batch_norm(tmp_path, fashion):
+    """A LeNet whose BN slots whiten gets precise statistics too: its mean and whitening matrix are recomputed,
+    saved with the checkpoint, used by the model returned, and the moving averages are kept beside them."""
+    lines = []
+    result = train(config(tmp_path, epochs=1, precise_bn=3), log=lines.append, data=fashion,
+                   model=models.build_lenet("decorrelated"))
+    assert "test_acc_precise" in result["history"][-1]
+    saved = checkpoint.load_precise(result["checkpoint"])
+    state = result["model"].state_dict()
+    assert sorted(saved) == sorted(k for k in state if k.endswith(("moving_mean", "moving_whitening")))
+    assert any(k.endswith("moving_whitening") for k in saved)
+    for name, value in saved.items():
+        numpy.testing.assert_array_equal(state[name], value)
+    moving = checkpoint.load(result["checkpoint"])[0]
+    assert any(not numpy.array_equal(moving[k], saved[k]) for k in saved if k.endswith("moving_whitening"))
+    from tinybn.app.train import evaluate
+    test = data.DataLoader(fashion[2][:1000], fashion[3][:1000], 1000)
+    assert round(evaluate(result["model"], test), 6) == result["history"][-1]["test_acc_precise"]
+
+
 @needs_data
 def test_eval_reports_moving_and_precise_accuracies(tmp_path):
     run = run_cli("train", "--epochs", "1", "--train-subset", "2000", "--precise-bn", "3", "--no-progress",

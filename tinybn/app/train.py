@@ -16,7 +16,8 @@ from .. import distributed as dist
 from .. import functional as F
 from .. import random as tb_random
 from ..autograd import Tensor, no_grad
-from ..nn import BatchNorm, BatchNorm1d, SyncBatchNorm, is_materialized, recompute_batch_norm_statistics
+from ..nn import (BatchNorm, BatchNorm1d, DecorrelatedBatchNorm, SyncBatchNorm, is_materialized,
+                  recompute_batch_norm_statistics)
 from ..optim import SGD, learning_rate
 from . import checkpoint
 from .checkpoint import replace_atomically
@@ -280,18 +281,22 @@ def precise_batches(train_x, train_y, num_batches: int, batch_size: int, seed: i
     return DataLoader(train_x[chosen], train_y[chosen], batch_size, device=device, min_batch=2)
 
 
+MOVING_STATISTICS = ("moving_mean", "moving_var", "moving_whitening")   # what precise BN recomputes
+
+
 def bn_statistics(model) -> dict:
-    """Copies of every batch-norm layer's moving statistics, by state-dict name."""
+    """Copies of every batch-norm layer's moving statistics (and decorrelated BN's), by state-dict name."""
     return {name: tensor.data.copy() for name, tensor in model.named_buffers()
-            if name.rsplit(".", 1)[-1] in ("moving_mean", "moving_var")}
+            if name.rsplit(".", 1)[-1] in MOVING_STATISTICS}
 
 
 def set_bn_statistics(model, statistics: dict) -> None:
     """Put BN statistics (as :func:`bn_statistics` returns them) into ``model``; checks them all first."""
     buffers = dict(model.named_buffers())
     for name, value in statistics.items():
-        if name not in buffers or name.rsplit(".", 1)[-1] not in ("moving_mean", "moving_var"):
-            raise ValueError(f"precise BN statistics: {name} is not a moving mean or variance of this model")
+        if name not in buffers or name.rsplit(".", 1)[-1] not in MOVING_STATISTICS:
+            raise ValueError(f"precise BN statistics: {name} is not a moving mean, variance or whitening matrix "
+                             f"of this model")
         if tuple(value.shape) != buffers[name].shape:
             raise ValueError(f"precise BN statistics: {name} has shape {tuple(value.shape)}, "
                              f"the model's {buffers[name].shape}")
@@ -411,8 +416,9 @@ def _prepare(config: TrainConfig, log, data, model, comm) -> _Job:
         val_loader = held_out(val_x, val_y)
         evaluations["val_acc"] = lambda m: evaluate(m, val_loader, comm)
     precise = None
-    precise_count = PRECISE_BN_BATCHES if config.precise_bn is None and has_bn else config.precise_bn
-    if precise_count and has_bn:
+    recomputable = has_bn or any(isinstance(m, DecorrelatedBatchNorm) for m in model.modules())
+    precise_count = PRECISE_BN_BATCHES if config.precise_bn is None and recomputable else config.precise_bn
+    if precise_count and recomputable:
         precise = precise_batches(train_x, train_y, precise_count, config.batch_size, config.seed, device)
     elif precise_count:
         log(f"{config.model} has no batch norm, so --precise-bn has nothing to recompute")

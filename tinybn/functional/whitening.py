@@ -31,6 +31,8 @@ and stayed there at 100 (tests/test_normalization.py).
 
 Prediction mode uses moving averages of μ and of W (``moving_whitening``: all the groups' W in one
 block-diagonal (C, C) matrix), updated with batch norm's convention, so x̂ = W_moving (x − μ_moving).
+Precise statistics replace them by the mean of many training batches together and the W of their
+covariance (:func:`whitening_matrix`), as precise BN does for the mean and variance.
 
 Backward, for one group (dx̂ = γ · dy; every step is a matrix product, undone with its transposes)::
 
@@ -75,23 +77,55 @@ def _back_to_input_shape(X, shape):
     return X.reshape(c, n, h, w).transpose(1, 0, 2, 3)
 
 
+def newton_schulz(sigma, iterations):
+    """``(W, entries)``: W ≈ Σ^(−1/2) for a regularized covariance Σ (g, g) by ``iterations`` coupled
+    Newton–Schulz steps, and the iterates the backward needs (the forward above, from S = Σ / tr(Σ))."""
+    xp = get_array_module(sigma)
+    trace = xp.trace(sigma)
+    identity = xp.eye(sigma.shape[0], dtype=sigma.dtype)
+    Y, Z, T = [sigma / trace], [identity], []
+    for _ in range(iterations):
+        T.append(1.5 * identity - 0.5 * (Z[-1] @ Y[-1]))
+        Y.append(Y[-1] @ T[-1])
+        Z.append(T[-1] @ Z[-1])
+    W = Z[-1] / xp.sqrt(trace)
+    return W, dict(sigma=sigma, trace=trace, Y=Y, Z=Z, T=T, W=W)
+
+
 def whiten_group(X, eps, iterations):
     """``(x̂, μ, W, cache entries)`` for one group's X (g, m): the forward above."""
     xp = get_array_module(X)
     g, m = X.shape
     mu = X.mean(axis=1, keepdims=True)
     Xc = X - mu
-    sigma = Xc @ Xc.T / m + eps * xp.eye(g, dtype=X.dtype)
-    trace = xp.trace(sigma)
-    S = sigma / trace
-    identity = xp.eye(g, dtype=X.dtype)
-    Y, Z, T = [S], [identity], []
-    for _ in range(iterations):
-        T.append(1.5 * identity - 0.5 * (Z[-1] @ Y[-1]))
-        Y.append(Y[-1] @ T[-1])
-        Z.append(T[-1] @ Z[-1])
-    W = Z[-1] / xp.sqrt(trace)
-    return W @ Xc, mu, W, dict(Xc=Xc, sigma=sigma, trace=trace, Y=Y, Z=Z, T=T, W=W)
+    W, entries = newton_schulz(Xc @ Xc.T / m + eps * xp.eye(g, dtype=X.dtype), iterations)
+    return W @ Xc, mu, W, dict(entries, Xc=Xc)
+
+
+def batch_covariance(x):
+    """``(μ (C,), Σ (C, C), m)`` in float64: the mean and biased covariance over the m values of each channel of
+    x (N, C) or (N, C, H, W), without ε (what :func:`whitening_matrix` takes)."""
+    X = _channels_first(x).astype(numpy.float64)
+    m = X.shape[1]
+    mu = X.mean(axis=1)
+    Xc = X - mu[:, None]
+    return mu, Xc @ Xc.T / m, m
+
+
+def whitening_matrix(covariance, group_size, iterations=DEFAULT_ITERATIONS, eps=DEFAULT_EPS):
+    """The block-diagonal whitening matrix (C, C) that training mode computes for a batch whose biased
+    covariance over the values of each channel is ``covariance`` (C, C; only its diagonal blocks are used).
+
+    Precise statistics for decorrelated BN (:func:`tinybn.nn.recompute_batch_norm_statistics`) are this
+    matrix for the covariance of many batches together: the whitening of one batch holding them all, as
+    precise BN's variance is that batch's variance."""
+    xp = get_array_module(covariance)
+    channels = covariance.shape[0]
+    W = xp.zeros((channels, channels), covariance.dtype)
+    for first, last in groups(channels, group_size):
+        sigma = covariance[first:last, first:last] + eps * xp.eye(last - first, dtype=covariance.dtype)
+        W[first:last, first:last] = newton_schulz(sigma, iterations)[0]
+    return W
 
 
 def whiten_group_backward(dx_hat, saved):

@@ -29,6 +29,7 @@ import numpy
 from .. import backend
 from .. import functional as F
 from ..functional.batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM
+from ..functional.whitening import whitening_matrix
 from ..autograd import Tensor, no_grad
 from .layers import check_input, check_size
 from .module import Module, UninitializedBuffer, UninitializedParameter, is_materialized
@@ -244,8 +245,9 @@ def recompute_batch_norm_statistics(model, batches, num_batches: int | None = No
     """Replace every batch-norm layer's moving mean and variance by the exact statistics of ``batches``.
 
     Batch-norm layers are tinybn's BN layers of every kind (the chapter's, the concise ones, SyncBatchNorm and
-    batch renorm); the moving statistics of DecorrelatedBatchNorm and InstanceNorm2d are of other kinds (a
-    whitening matrix, per-example statistics) and are left as they are.
+    batch renorm), and DecorrelatedBatchNorm, whose moving whitening matrix becomes the whitening of the
+    covariance of all the batches together (below). InstanceNorm2d's running statistics are per-example
+    statistics averaged, of another kind, and are left as they are.
 
     "Precise BN": with the weights frozen and no graph recorded, the model runs over ``batches``
     (any iterable of inputs, as tensors or anything ``numpy.asarray`` takes, or of ``(inputs, labels)``
@@ -258,7 +260,9 @@ def recompute_batch_norm_statistics(model, batches, num_batches: int | None = No
 
     combined batch by batch (Chan's pairwise update, in float64), so they do not depend on how the data
     was cut into batches and include the spread between the batches' means, which an average of
-    per-batch variances would miss. The layers other than batch norm run in prediction mode (no
+    per-batch variances would miss. Decorrelated BN pools the covariance Σ = (1/M) Σ_values (x − μ)(x − μ)ᵀ
+    the same way (δ² becomes δδᵀ) and keeps the whitening matrix that training mode would compute for one
+    batch with that covariance (:func:`tinybn.functional.whitening.whitening_matrix`). The layers other than batch norm run in prediction mode (no
     dropout), as they will when these statistics are used. ``num_batches_tracked`` is left as it is.
 
     Every layer's and the model's mode is restored, and no statistic changes unless the whole pass
@@ -268,23 +272,27 @@ def recompute_batch_norm_statistics(model, batches, num_batches: int | None = No
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, (int, numpy.integer))
                                     or num_batches < 1):
         raise ValueError(f"num_batches must be a whole number of at least 1 or None (all), got {num_batches!r}")
-    layers = [module for module in model.modules() if isinstance(module, _BatchNormBase)]
+    from .normalization import DecorrelatedBatchNorm       # (that module imports this one)
+    layers = [module for module in model.modules() if isinstance(module, (_BatchNormBase, DecorrelatedBatchNorm))]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no batch-norm layer whose statistics could be recomputed")
-    totals = {}          # id(layer) -> [count, mean, M2] per channel, float64
+    totals = {}          # id(layer) -> [count, mean, M2] per channel (M2 a (C, C) matrix for whitening), float64
 
     def sink(layer, mean, var, count):
+        """``var``: the batch's variance per channel, or its covariance (C, C) from decorrelated BN."""
         xp = backend.get_array_module(mean)
         mean = mean.astype(numpy.float64).reshape(-1)
-        m2 = var.astype(numpy.float64).reshape(-1) * count
+        m2 = var.astype(numpy.float64) * count
+        m2 = m2 if isinstance(layer, DecorrelatedBatchNorm) else m2.reshape(-1)
         if id(layer) not in totals:
             totals[id(layer)] = [count, mean, m2]
             return
         total = totals[id(layer)]
         n = total[0] + count
         delta = mean - total[1]
+        spread = xp.outer(delta, delta) if m2.ndim == 2 else xp.square(delta)
         total[1] = total[1] + delta * (count / n)
-        total[2] = total[2] + m2 + xp.square(delta) * (total[0] * count / n)
+        total[2] = total[2] + m2 + spread * (total[0] * count / n)
         total[0] = n
 
     modes = [(module, module.training) for module in model.modules()]
@@ -317,5 +325,9 @@ def recompute_batch_norm_statistics(model, batches, num_batches: int | None = No
             count, mean, m2 = totals[id(layer)]
             shape, dtype = layer.moving_mean.shape, layer.moving_mean.dtype
             layer.moving_mean.data = mean.reshape(shape).astype(dtype)
-            layer.moving_var.data = (m2 / count).reshape(shape).astype(dtype)
+            if isinstance(layer, DecorrelatedBatchNorm):
+                layer.moving_whitening.data = whitening_matrix(m2 / count, layer.group_size, layer.iterations,
+                                                               layer.eps).astype(dtype)
+            else:
+                layer.moving_var.data = (m2 / count).reshape(shape).astype(dtype)
     return used

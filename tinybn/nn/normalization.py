@@ -20,7 +20,7 @@ from ..functional.batchrenorm import renorm_limits
 from ..functional.batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM, moving_average
 from ..functional.groupnorm import instance_statistics
 from ..functional.layernorm import normalized_shape_tuple
-from ..functional.whitening import DEFAULT_ITERATIONS
+from ..functional.whitening import DEFAULT_ITERATIONS, batch_covariance
 from .batchnorm import BatchNorm1d, _BatchNormBase
 from .layers import check_input, check_size
 from .module import Module, Parameter
@@ -200,7 +200,8 @@ class DecorrelatedBatchNorm(Module):
     (IterNorm; :mod:`tinybn.functional.whitening`), then scaled by ``gamma`` and shifted by ``beta``.
 
     Buffers: ``moving_mean`` (C,) and ``moving_whitening`` (C, C), block-diagonal, the identity at first;
-    prediction mode normalizes with them.
+    prediction mode normalizes with them. :func:`tinybn.nn.recompute_batch_norm_statistics` recomputes them
+    (the mean and the whitening of many training batches together: precise statistics).
     """
 
     def __init__(self, num_features: int, group_size: int = 16, iterations: int = DEFAULT_ITERATIONS,
@@ -224,6 +225,13 @@ class DecorrelatedBatchNorm(Module):
         ndim = getattr(data, "ndim", None)
         check_input(self, x, ndim if ndim in (2, 4) else 4, "(N, C)" if ndim == 2 else "(N, C, H, W)",
                     self.num_features)
+        sink = self.__dict__.get("_statistics_sink")
+        if sink is not None and self.training:   # recompute_batch_norm_statistics: hand over the batch's statistics
+            if data.size > 0:
+                sink(self, *batch_covariance(data))
+            return F.decorrelated_batch_norm(x, self.gamma, self.beta, self.moving_mean, self.moving_whitening,
+                                             training=True, group_size=self.group_size, iterations=self.iterations,
+                                             momentum=0.0, eps=self.eps)[0]      # the buffers are left alone
         y, mean, whitening = F.decorrelated_batch_norm(x, self.gamma, self.beta, self.moving_mean,
                                                        self.moving_whitening, training=self.training,
                                                        group_size=self.group_size, iterations=self.iterations,
