@@ -11,6 +11,14 @@ averages for BN and batch renorm; group norm has none), because that is what the
 Each batch size trains for ``--sweep-epochs`` epochs.
 
 ``--replot`` redraws both figures and tables from ``results.json`` without training.
+
+Merging (``--merge FOLDER ...``): small batches keep one core busy, so a long sweep runs faster as several
+processes, each with ``TINYBN_NUM_THREADS=1`` and its own ``--out``, e.g. one per normalization, batch size and
+seed. ``--merge`` combines their results: the runs of a normalization and batch size are gathered by seed (a
+later folder wins for a seed run twice). A batch-256 point that no sweep folder has is taken from part 1's
+runs of that normalization when they trained for the same number of epochs: at batch 256 the sweep's recipe
+(lr 1.0 · 256 / 256, the same seeds) is part 1's, so the weights are the same (precise BN changes none), and
+only the prediction-mode accuracy with the moving averages is kept.
 """
 import json
 from pathlib import Path
@@ -28,6 +36,9 @@ p.add_argument("--compare-norms", default="batch norm,layer norm,group norm,batc
                help="normalizations of part 1 (the others keep their saved results)")
 p.add_argument("--sweep-norms", default="batch norm,group norm,batch renorm", help="normalizations of part 2")
 p.add_argument("--replot", action="store_true", help="redraw the figures and tables from results.json")
+p.add_argument("--merge", nargs="+", metavar="FOLDER",
+               help="combine the results.json of these folders (a sweep split across processes) into "
+                    "--out/results.json (replacing it), then draw; see 'Merging' in the docstring")
 args = p.parse_args()
 
 NORMS = {"batch norm": "scratch", "layer norm": "layer", "group norm": "group", "batch renorm": "renorm",
@@ -37,7 +48,40 @@ for option, names in (("--compare-norms", args.compare_norms), ("--sweep-norms",
     if unknown:
         p.error(f"{option}: unknown normalization {', '.join(map(repr, unknown))}; choose from {', '.join(NORMS)}")
 
-if args.replot:
+
+
+def merged(folders) -> tuple[list, list]:
+    """(compare, sweep) from several folders' results.json; see 'Merging' in the docstring."""
+    compare, sweep = {}, {}
+    missing = [folder for folder in folders if not (Path(folder) / "results.json").is_file()]
+    if missing:
+        p.error(f"--merge: no results.json in {', '.join(missing)} (a run that has not finished a variant yet?)")
+    for folder in folders:
+        saved = json.loads((Path(folder) / "results.json").read_text())
+        compare.update((result["label"], result) for result in saved["compare"])
+        for result in saved["sweep"]:
+            entry = sweep.setdefault((result["label"], result["batch_size"]), {**result, "runs": []})
+            by_seed = {run["seed"]: run for run in entry["runs"] + result["runs"]}
+            entry["runs"] = [by_seed[seed] for seed in sorted(by_seed)]
+    epochs = {len(run["history"]) for result in sweep.values() for run in result["runs"]}
+    for label, result in compare.items():
+        if ((label, 256) not in sweep and any(name == label for name, _ in sweep) and result["batch_size"] == 256
+                and result["lr"] == args.lr and {len(run["history"]) for run in result["runs"]} <= epochs):
+            sweep[label, 256] = {"label": label, "lr": result["lr"], "batch_size": 256, "runs": [
+                {**run, "history": [{k: v for k, v in row.items() if not k.endswith("_precise")}
+                                    for row in run["history"]]} for run in result["runs"]]}
+    order = list(NORMS)
+    return ([compare[name] for name in order if name in compare],
+            [sweep[key] for key in sorted(sweep, key=lambda key: (key[1], order.index(key[0])))])
+
+
+if args.merge:
+    out = Path(args.out or "runs/examples/normalizations")
+    out.mkdir(parents=True, exist_ok=True)
+    compare, sweep = merged(args.merge)
+    (out / "results.json").write_text(json.dumps({"compare": compare, "sweep": sweep}, indent=1))
+    print(f"merged {len(args.merge)} folders into {out / 'results.json'}")
+elif args.replot:
     out = Path(args.out or "runs/examples/normalizations")
     saved = json.loads((out / "results.json").read_text())
     compare, sweep = saved["compare"], saved["sweep"]
