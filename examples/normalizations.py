@@ -17,8 +17,9 @@ processes, each with ``TINYBN_NUM_THREADS=1`` and its own ``--out``, e.g. one pe
 seed. ``--merge`` combines their results: the runs of a normalization and batch size are gathered by seed (a
 later folder wins for a seed run twice). A batch-256 point that no sweep folder has is taken from part 1's
 runs of that normalization when they trained for the same number of epochs: at batch 256 the sweep's recipe
-(lr 1.0 · 256 / 256, the same seeds) is part 1's, so the weights are the same (precise BN changes none), and
-only the prediction-mode accuracy with the moving averages is kept.
+(lr 1.0 · 256 / 256, the same seeds) is part 1's, and precise BN changes no weight, so the runs are the same
+(to float32 rounding, which differs with the number of threads); only the prediction-mode accuracy with the
+moving averages is kept.
 """
 import json
 from pathlib import Path
