@@ -14,9 +14,10 @@ Each batch size trains for ``--sweep-epochs`` epochs.
 
 Merging (``--merge FOLDER ...``): small batches keep one core busy, so a long sweep runs faster as several
 processes, each with ``TINYBN_NUM_THREADS=1`` and its own ``--out``, e.g. one per normalization, batch size and
-seed. ``--merge`` combines their results: the runs of a normalization and batch size are gathered by seed (a
-later folder wins for a seed run twice). A batch-256 point that no sweep folder has is taken from part 1's
-runs of that normalization when they trained for the same number of epochs: at batch 256 the sweep's recipe
+seed. ``--merge`` combines their results into ``--out``: the runs of a normalization and batch size (in either
+part) are gathered by seed; it refuses runs of one point with different learning rates or epochs, and a seed
+found twice with different histories. A batch-256 point that no sweep folder has is taken from part 1's
+runs of that normalization when their learning rate and epochs match the sweep's: at batch 256 the sweep's recipe
 (lr 1.0 · 256 / 256, the same seeds) is part 1's, and precise BN changes no weight, so the runs are the same
 (to float32 rounding, which differs with the number of threads); only the prediction-mode accuracy with the
 moving averages is kept.
@@ -51,35 +52,72 @@ for option, names in (("--compare-norms", args.compare_norms), ("--sweep-norms",
 
 
 
+def epochs_of(result) -> set:
+    """The epochs of a variant's runs that finished (one number when its runs share a recipe)."""
+    return {len(run["history"]) for run in result["runs"] if not run["diverged"]}
+
+
+def read_results(folder) -> dict:
+    path = Path(folder) / "results.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        p.error(f"--merge: cannot read {path} ({type(error).__name__}); is a run still writing it?")
+    if not (isinstance(saved, dict) and all(isinstance(saved.get(part), list) for part in ("compare", "sweep"))):
+        p.error(f"--merge: {path} is not this example's results (no 'compare' and 'sweep' lists)")
+    for result in saved["compare"] + saved["sweep"]:
+        if result.get("label") not in NORMS:
+            p.error(f"--merge: {path} has results of {result.get('label')!r}, not one of {', '.join(NORMS)}")
+    return saved
+
+
 def merged(folders) -> tuple[list, list]:
-    """(compare, sweep) from several folders' results.json; see 'Merging' in the docstring."""
-    compare, sweep = {}, {}
-    missing = [folder for folder in folders if not (Path(folder) / "results.json").is_file()]
-    if missing:
-        p.error(f"--merge: no results.json in {', '.join(missing)} (a run that has not finished a variant yet?)")
-    for folder in folders:
-        saved = json.loads((Path(folder) / "results.json").read_text())
-        compare.update((result["label"], result) for result in saved["compare"])
-        for result in saved["sweep"]:
-            entry = sweep.setdefault((result["label"], result["batch_size"]), {**result, "runs": []})
-            by_seed = {run["seed"]: run for run in entry["runs"] + result["runs"]}
-            entry["runs"] = [by_seed[seed] for seed in sorted(by_seed)]
-    epochs = {len(run["history"]) for result in sweep.values() for run in result["runs"]}
-    for label, result in compare.items():
-        if ((label, 256) not in sweep and any(name == label for name, _ in sweep) and result["batch_size"] == 256
-                and result["lr"] == args.lr and {len(run["history"]) for run in result["runs"]} <= epochs):
+    """(compare, sweep) from several folders' results.json; see 'Merging' in the docstring. Runs of one
+    normalization and batch size must share the learning rate and the number of epochs; a seed found twice
+    must have the same history in both places."""
+    parts = {"compare": {}, "sweep": {}}
+    for folder in dict.fromkeys(folders):                 # a folder named twice is read once
+        saved = read_results(folder)
+        for part, gathered in parts.items():
+            for result in saved[part]:
+                if not result["runs"]:
+                    continue
+                where = f"{result['label']} at batch {result['batch_size']} ({part})"
+                entry = gathered.setdefault((result["label"], result["batch_size"]), {**result, "runs": []})
+                if entry["lr"] != result["lr"]:
+                    p.error(f"--merge: {where} ran with lr {entry['lr']:g} in one folder and {result['lr']:g} in "
+                            f"{folder}; runs of different recipes cannot share a point")
+                by_seed = {run["seed"]: run for run in entry["runs"]}
+                for run in result["runs"]:
+                    if run["seed"] in by_seed and by_seed[run["seed"]] != run:
+                        p.error(f"--merge: {where}, seed {run['seed']}, is in two folders with different histories "
+                                f"(the second is {folder}); leave out the one that should not count")
+                    by_seed[run["seed"]] = run
+                entry["runs"] = [by_seed[seed] for seed in sorted(by_seed)]
+                if len(epochs_of(entry)) > 1:
+                    p.error(f"--merge: {where} has runs of {' and '.join(map(str, sorted(epochs_of(entry))))} epochs "
+                            f"(up to {folder}); runs of different lengths cannot share a point")
+    compare, sweep = parts["compare"], parts["sweep"]
+    for (label, _), result in compare.items():          # part 1's runs as the sweep's batch-256 point
+        swept = [r for (name, _), r in sweep.items() if name == label]
+        if (label, 256) in sweep or result["batch_size"] != 256 or not swept:
+            continue
+        base_lr = {r["lr"] * 256 / r["batch_size"] for r in swept}
+        if base_lr == {result["lr"]} and epochs_of(result) == set().union(*map(epochs_of, swept)):
             sweep[label, 256] = {"label": label, "lr": result["lr"], "batch_size": 256, "runs": [
                 {**run, "history": [{k: v for k, v in row.items() if not k.endswith("_precise")}
                                     for row in run["history"]]} for run in result["runs"]]}
     order = list(NORMS)
-    return ([compare[name] for name in order if name in compare],
+    return ([compare[key] for key in sorted(compare, key=lambda key: order.index(key[0]))],
             [sweep[key] for key in sorted(sweep, key=lambda key: (key[1], order.index(key[0])))])
 
 
 if args.merge:
-    out = Path(args.out or "runs/examples/normalizations")
-    out.mkdir(parents=True, exist_ok=True)
+    if not args.out:
+        p.error("--merge needs --out: the folder to write the merged results.json into")
     compare, sweep = merged(args.merge)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"compare": compare, "sweep": sweep}, indent=1))
     print(f"merged {len(args.merge)} folders into {out / 'results.json'}")
 elif args.replot:
@@ -94,6 +132,12 @@ else:
     if args.part in ("compare", "both"):
         chosen = args.compare_norms.split(",")
         runs = {result["label"]: result for result in compare if result["label"] not in chosen}
+        for label, result in runs.items():          # the variants kept must share this run's recipe
+            kept = (result["lr"], result["batch_size"], sorted(run["seed"] for run in result["runs"]), epochs_of(result))
+            if kept != (args.lr, 256, sorted(args.seed_list), {args.epochs}):
+                p.error(f"--compare-norms: {previous} holds {label} with lr {kept[0]:g}, seeds {kept[2]} and "
+                        f"{' or '.join(map(str, sorted(kept[3])))} epochs, not this run's lr {args.lr:g}, seeds "
+                        f"{args.seed_list} and {args.epochs} epochs; rerun it too, or use another --out")
         for name in chosen:
             runs[name] = common.run_variant(args, data, out, name, lambda norm=NORMS[name]: build_lenet(norm))
         compare = [runs[name] for name in NORMS if name in runs]

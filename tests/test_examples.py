@@ -25,40 +25,69 @@ def write(folder: Path, compare=(), sweep=()):
     return str(folder)
 
 
-def merge(tmp_path, *folders):
+def merge(tmp_path, *folders, out=True):
     pytest.importorskip("matplotlib")
-    out = tmp_path / "out"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--merge", *folders, "--out", str(out)], capture_output=True,
-                          text=True, timeout=120)
-    return done, (json.loads((out / "results.json").read_text()) if done.returncode == 0 else None)
+    target = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--merge", *folders, *(["--out", str(target)] if out else [])],
+                          capture_output=True, text=True, timeout=120)
+    return done, (json.loads((target / "results.json").read_text()) if done.returncode == 0 else None)
 
 
 def test_merge_gathers_runs_by_seed_and_takes_batch_256_from_part_1_only_when_it_matches(tmp_path):
-    part1 = write(tmp_path / "part1", compare=[variant("batch norm", 256, [run(s, 3, 0.8, precise=True)
-                                                                          for s in (0, 1)]),
-                                               variant("group norm", 256, [run(0, 5, 0.7)])])
+    part1 = write(tmp_path / "part1", compare=[variant("batch norm", 256, [run(0, 3, 0.8, precise=True)], lr=1.0),
+                                               variant("group norm", 256, [run(0, 5, 0.7)], lr=1.0)])
+    part1b = write(tmp_path / "part1b", compare=[variant("batch norm", 256, [run(1, 3, 0.8, precise=True)], lr=1.0)])
     a = write(tmp_path / "a", sweep=[variant("batch norm", 4, [run(1, 3, 0.5)]),
-                                     variant("group norm", 4, [run(0, 3, 0.6)])])
-    b = write(tmp_path / "b", sweep=[variant("batch norm", 4, [run(0, 3, 0.4),
-                                                               run(1, 3, 0.45)])])
-    done, saved = merge(tmp_path, part1, a, b)
+                                     variant("group norm", 4, [run(0, 5, 0.6)])])
+    b = write(tmp_path / "b", sweep=[variant("batch norm", 4, [run(0, 3, 0.4), run(1, 3, 0.5)]),
+                                     variant("group norm", 8, [run(0, 5, 0.6)])])
+    done, saved = merge(tmp_path, part1, part1b, a, b, b)          # b twice: read once
     assert done.returncode == 0, done.stderr
     sweep = {(r["label"], r["batch_size"]): r for r in saved["sweep"]}
     assert [run["seed"] for run in sweep["batch norm", 4]["runs"]] == [0, 1]
-    assert sweep["batch norm", 4]["runs"][1]["history"][-1]["test_acc"] == 0.45      # the later folder wins
-    # batch norm's part-1 runs have the sweep's 3 epochs: they are its batch-256 point, without precise BN;
-    # group norm's trained 5 epochs, so it has no batch-256 point
+    assert [run["seed"] for run in saved["compare"][0]["runs"]] == [0, 1]           # part 1 gathered by seed too
+    # both normalizations' part-1 runs match their own sweep's epochs and lr: they are its batch-256 point,
+    # without precise BN
     assert [run["seed"] for run in sweep["batch norm", 256]["runs"]] == [0, 1]
     assert all("test_acc_precise" not in row for run in sweep["batch norm", 256]["runs"] for row in run["history"])
-    assert ("group norm", 256) not in sweep
-    assert [r["label"] for r in saved["compare"]] == ["batch norm", "group norm"]
     assert [(r["batch_size"], r["label"]) for r in saved["sweep"]] == [(4, "batch norm"), (4, "group norm"),
-                                                                       (256, "batch norm")]
+                                                                       (8, "group norm"), (256, "batch norm"),
+                                                                       (256, "group norm")]
 
 
-def test_merge_names_a_folder_without_results(tmp_path):
-    a = write(tmp_path / "a", sweep=[variant("batch norm", 4, [run(1, 3, 0.5)])])
-    done, _ = merge(tmp_path, a, str(tmp_path / "missing"))
-    assert done.returncode == 2
-    assert "no results.json in" in done.stderr and "missing" in done.stderr
-    assert "Traceback" not in done.stderr
+def test_part_1_is_not_a_batch_256_point_for_a_sweep_of_other_epochs_or_rate(tmp_path):
+    part1 = write(tmp_path / "part1", compare=[variant("batch norm", 256, [run(0, 10, 0.8)], lr=1.0),
+                                               variant("group norm", 256, [run(0, 2, 0.7)], lr=1.0)])
+    a = write(tmp_path / "a", sweep=[variant("batch norm", 4, [run(0, 10, 0.5)], lr=0.5 * 4 / 256),
+                                     variant("group norm", 4, [run(0, 10, 0.6)])])
+    done, saved = merge(tmp_path, part1, a)
+    assert done.returncode == 0, done.stderr
+    assert [r["batch_size"] for r in saved["sweep"]] == [4, 4]
+
+
+@pytest.mark.parametrize("second, message", [
+    ({"sweep": [variant("batch norm", 4, [run(1, 3, 0.5)], lr=0.5)]}, "ran with lr"),
+    ({"sweep": [variant("batch norm", 4, [run(1, 2, 0.5)])]}, "runs of 2 and 3 epochs"),
+    ({"sweep": [variant("batch norm", 4, [run(0, 3, 0.9)])]}, "seed 0, is in two folders with different histories"),
+    ({"sweep": [variant("weight norm", 4, [run(0, 3, 0.9)])]}, "has results of 'weight norm'"),
+    ("{\"compare\": [", "cannot read"),
+    ({}, "is not this example's results"),
+    (None, "cannot read"),
+])
+def test_merge_refuses_what_cannot_share_a_point_in_one_line(tmp_path, second, message):
+    a = write(tmp_path / "a", sweep=[variant("batch norm", 4, [run(0, 3, 0.5)])])
+    folder = tmp_path / "b"
+    if second is not None:
+        folder.mkdir()
+        (folder / "results.json").write_text(second if isinstance(second, str) else json.dumps(
+            {"compare": [], "sweep": [], **second} if second else {}))
+    done, _ = merge(tmp_path, a, str(folder))
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_needs_out(tmp_path):
+    a = write(tmp_path / "a", sweep=[variant("batch norm", 4, [run(0, 3, 0.5)])])
+    done, _ = merge(tmp_path, a, out=False)
+    assert done.returncode == 2 and "--merge needs --out" in done.stderr

@@ -119,6 +119,14 @@ def whitening_matrix(covariance, group_size, iterations=DEFAULT_ITERATIONS, eps=
     Precise statistics for decorrelated BN (:func:`tinybn.nn.recompute_batch_norm_statistics`) are this
     matrix for the covariance of many batches together: the whitening of one batch holding them all, as
     precise BN's variance is that batch's variance."""
+    for name, value in (("group_size", group_size), ("iterations", iterations)):
+        if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < 1:
+            raise ValueError(f"whitening_matrix: {name} must be a whole number of at least 1, got {value!r}")
+    if covariance.ndim != 2 or covariance.shape[0] != covariance.shape[1]:
+        raise ValueError(f"whitening_matrix: the covariance must be a square (C, C) matrix, got shape "
+                         f"{tuple(covariance.shape)}")
+    if not eps > 0:
+        raise ValueError(f"whitening_matrix: eps must be positive, got {eps}")
     xp = get_array_module(covariance)
     channels = covariance.shape[0]
     W = xp.zeros((channels, channels), covariance.dtype)
