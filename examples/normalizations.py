@@ -164,9 +164,10 @@ if sweep:
     rows, fig = [], Figure(figsize=(6.4, 4.2), dpi=120)
     ax = fig.subplots()
     swept = [name for name in NORMS if any(r["label"] == name for r in sweep)]
+    most = max(len(common.finished(r)) for r in sweep)
     for name, marker in zip(swept, ("o", "s", "^", "D", "v")):
         results = sorted((r for r in sweep if r["label"] == name), key=lambda r: r["batch_size"])
-        sizes, means, lows, highs = [], [], [], []
+        sizes, means, lows, highs, fewer = [], [], [], [], []
         for result in results:
             values = [history[-1]["test_acc"] for history in common.finished(result)]
             diverged = sum(1 for run in result["runs"] if run["diverged"])
@@ -178,7 +179,12 @@ if sweep:
                 means.append(numpy.mean(values))
                 lows.append(numpy.mean(values) - min(values))
                 highs.append(max(values) - numpy.mean(values))
-        ax.errorbar(sizes, means, yerr=[lows, highs], marker=marker, capsize=3, label=name)
+                if len(values) < most:                   # a point with fewer seeds than the others says so
+                    fewer.append((result["batch_size"], numpy.mean(values), len(values)))
+        line = ax.errorbar(sizes, means, yerr=[lows, highs], marker=marker, capsize=3, label=name)
+        for size, mean, count in fewer:
+            ax.annotate(f"{count} seed{'s' if count != 1 else ''}", (size, mean), textcoords="offset points",
+                        xytext=(6, -10), fontsize=7, color=line[0].get_color())
     common.table(rows)
     counts = sorted({len(common.finished(r)) for r in sweep})
     seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
@@ -191,7 +197,7 @@ if sweep:
     ax.set_ylabel("final test accuracy, prediction mode")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    ax.set_title(f"LeNet on Fashion-MNIST, {epochs} epoch{'s' if epochs != 1 else ''}: mean of {seeds} "
+    ax.set_title(f"LeNet on Fashion-MNIST, {epochs} epoch{'s' if epochs != 1 else ''}\nmean of {seeds} "
                  f"seed{'s' if seeds != '1' else ''} per point, bars = lowest to highest", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "batch_sizes.png")
