@@ -59,6 +59,8 @@ def epochs_of(result) -> set:
 
 def read_results(folder) -> dict:
     path = Path(folder) / "results.json"
+    if not path.is_file():
+        p.error(f"--merge: no results.json in {folder} (a run that has not finished a variant yet?)")
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as error:

@@ -72,7 +72,7 @@ def test_part_1_is_not_a_batch_256_point_for_a_sweep_of_other_epochs_or_rate(tmp
     ({"sweep": [variant("weight norm", 4, [run(0, 3, 0.9)])]}, "has results of 'weight norm'"),
     ("{\"compare\": [", "cannot read"),
     ({}, "is not this example's results"),
-    (None, "cannot read"),
+    (None, "no results.json in"),
 ])
 def test_merge_refuses_what_cannot_share_a_point_in_one_line(tmp_path, second, message):
     a = write(tmp_path / "a", sweep=[variant("batch norm", 4, [run(0, 3, 0.5)])])
