@@ -51,7 +51,6 @@ for option, names in (("--compare-norms", args.compare_norms), ("--sweep-norms",
         p.error(f"{option}: unknown normalization {', '.join(map(repr, unknown))}; choose from {', '.join(NORMS)}")
 
 
-
 def epochs_of(result) -> set:
     """The epochs of a variant's runs that finished (one number when its runs share a recipe)."""
     return {len(run["history"]) for run in result["runs"] if not run["diverged"]}
@@ -135,7 +134,8 @@ else:
         chosen = args.compare_norms.split(",")
         runs = {result["label"]: result for result in compare if result["label"] not in chosen}
         for label, result in runs.items():          # the variants kept must share this run's recipe
-            kept = (result["lr"], result["batch_size"], sorted(run["seed"] for run in result["runs"]), epochs_of(result))
+            kept = (result["lr"], result["batch_size"], sorted(run["seed"] for run in result["runs"]),
+                    epochs_of(result))
             if kept != (args.lr, 256, sorted(args.seed_list), {args.epochs}):
                 p.error(f"--compare-norms: {previous} holds {label} with lr {kept[0]:g}, seeds {kept[2]} and "
                         f"{' or '.join(map(str, sorted(kept[3])))} epochs, not this run's lr {args.lr:g}, seeds "
@@ -166,7 +166,7 @@ if sweep:
     rows, fig = [], Figure(figsize=(6.4, 4.2), dpi=120)
     ax = fig.subplots()
     swept = [name for name in NORMS if any(r["label"] == name for r in sweep)]
-    most = max(len(common.finished(r)) for r in sweep)
+    counts = sorted({len(common.finished(r)) for r in sweep})      # seeds per point, fewest to most
     for name, marker in zip(swept, ("o", "s", "^", "D", "v")):
         results = sorted((r for r in sweep if r["label"] == name), key=lambda r: r["batch_size"])
         sizes, means, lows, highs, fewer = [], [], [], [], []
@@ -181,14 +181,13 @@ if sweep:
                 means.append(numpy.mean(values))
                 lows.append(numpy.mean(values) - min(values))
                 highs.append(max(values) - numpy.mean(values))
-                if len(values) < most:                   # a point with fewer seeds than the others says so
+                if len(values) < counts[-1]:                 # a point with fewer seeds than the others says so
                     fewer.append((result["batch_size"], numpy.mean(values), len(values)))
         line = ax.errorbar(sizes, means, yerr=[lows, highs], marker=marker, capsize=3, label=name)
         for size, mean, count in fewer:
             ax.annotate(f"{count} seed{'s' if count != 1 else ''}", (size, mean), textcoords="offset points",
                         xytext=(6, -10), fontsize=7, color=line[0].get_color())
     common.table(rows)
-    counts = sorted({len(common.finished(r)) for r in sweep})
     seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
     epochs = max(len(run["history"]) for r in sweep for run in r["runs"])
     ax.set_xscale("log", base=2)

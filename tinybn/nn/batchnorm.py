@@ -263,7 +263,8 @@ def recompute_batch_norm_statistics(model, batches, num_batches: int | None = No
     per-batch variances would miss. Decorrelated BN pools the covariance Σ = (1/M) Σ_values (x − μ)(x − μ)ᵀ
     the same way (δ² becomes δδᵀ) and keeps the whitening matrix that training mode would compute for one
     batch with that covariance (:func:`tinybn.functional.whitening.whitening_matrix`). The layers other than
-    batch norm run in prediction mode (no dropout), as they will when these statistics are used. ``num_batches_tracked`` is left as it is.
+    batch norm run in prediction mode (no dropout), as they will when these statistics are used.
+    ``num_batches_tracked`` is left as it is.
 
     Every layer's and the model's mode is restored, and no statistic changes unless the whole pass
     succeeds (a lazy layer takes its size from the first batch, as on any first call). A layer that no
