@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy
@@ -157,22 +156,60 @@ def test_a_setting_every_rank_refuses_is_said_once(tmp_path, args, message):
 
 # ------------------------------------------------------------------ found by an outside test, kept as rows
 
+def interrupt_job_on(command, environment, starts_with):
+    """Start the job, wait for the first output line that starts with ``starts_with`` ("" for the very first line),
+    press Ctrl-C then, and return (exit status, everything it printed). Waiting for a line, not for a time, keeps
+    the test's meaning on a fast machine and a slow one alike: a run cannot end before the line that stops it."""
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+    seen = []
+    try:
+        for line in job.stdout:
+            seen.append(line)
+            if line.startswith(starts_with):
+                job.send_signal(signal.SIGINT)
+                break
+        else:
+            pytest.fail(f"the job ended without printing a line that starts with {starts_with!r}:\n{''.join(seen)}")
+        rest, _ = job.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        pytest.fail(f"Ctrl-C after the line {seen[-1]!r} left the job running")
+    finally:
+        job.kill()
+    return job.returncode, "".join(seen) + rest
+
+
 def test_ctrl_c_early_in_a_run_ends_every_rank_and_says_so_once(tmp_path):
+    """Ctrl-C during the set-up (at the job's first line) and during training (after epoch 1 of a run far too long
+    to end first) ends every rank, and one rank says so."""
     command = [MPIEXEC, "-n", "2", sys.executable, "-m", "tinybn", "train", "--distributed", "--no-progress",
-               "--no-plot", "--precise-bn", "0", "--train-subset", "2048", "--batch-size", "16", "--epochs", "8",
+               "--no-plot", "--precise-bn", "0", "--train-subset", "2048", "--batch-size", "16", "--epochs", "10000",
                "--out", str(tmp_path / "run")]
-    environment = {**os.environ, "TINYBN_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    for delay in (1.0, 4.0):                    # during the set-up, and during training
-        job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
-        time.sleep(delay)
-        job.send_signal(signal.SIGINT)
-        try:
-            _, stderr = job.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            job.kill()
-            pytest.fail(f"Ctrl-C after {delay} s left the job running")
-        assert job.returncode != 0
-        assert stderr.count("interrupted") <= 1, stderr
+    environment = {**os.environ, "TINYBN_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent), "PYTHONUNBUFFERED": "1"}
+    status, printed = interrupt_job_on(command, environment, "")
+    assert status != 0 and printed.count("interrupted") <= 1, printed
+    status, printed = interrupt_job_on(command, environment, "epoch  1/10000")
+    assert status != 0 and printed.count("interrupted") == 1, printed
+    assert "The checkpoint of the last complete epoch is" in printed, printed
+
+
+def test_ctrl_c_while_rank_0_waits_inside_a_collective_is_said_by_another_rank(tmp_path):
+    """Rank 0 blocked in a collective cannot see the signal; rank 1 waits for rank 0's word, hears none, and
+    speaks for the job, once."""
+    script = ("import sys, time, tinybn.app.cli as cli, tinybn.app.train as t\n"
+              "def stuck(config, comm, started):\n"
+              "    if comm.rank == 0:\n"
+              "        comm.barrier()\n"
+              "    print('rank 1 is ready', flush=True)\n"
+              "    while True:\n"
+              "        time.sleep(0.05)\n"
+              "cli._train_distributed = stuck\n"
+              "sys.exit(cli.main(sys.argv[1:]))\n")
+    command = [MPIEXEC, "-n", "2", sys.executable, "-c", script, "train", "--distributed", "--no-progress",
+               "--out", str(tmp_path / "run")]
+    environment = {**os.environ, "TINYBN_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent), "PYTHONUNBUFFERED": "1"}
+    status, printed = interrupt_job_on(command, environment, "rank 1 is ready")
+    assert status != 0 and printed.count("interrupted") == 1, printed
 
 
 def test_a_rank_that_fails_before_mpi_starts_is_named_and_the_job_ends(tmp_path):

@@ -102,6 +102,14 @@ class Communicator:
     def abort(self, code: int = 1) -> None:
         raise SystemExit(code)
 
+    def tell_stopping(self) -> None:
+        """Rank 0, on Ctrl-C: tell the other ranks, without waiting for them, that it will say so and end the job."""
+
+    def heard_stopping(self, within: float) -> bool:
+        """Whether rank 0 said :meth:`tell_stopping`, waiting at most ``within`` seconds for it (a rank 0 blocked in
+        a collective that this rank left never says it; then this rank must speak for the job)."""
+        return False
+
     def __repr__(self):
         return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size})"
 
@@ -200,6 +208,22 @@ class MPICommunicator(Communicator):
 
     def abort(self, code: int = 1) -> None:
         self.comm.Abort(code)
+
+    _STOPPING = 7301        # the message tag of tell_stopping; tinybn sends no other point-to-point message
+
+    def tell_stopping(self) -> None:
+        for rank in range(1, self.world_size):
+            self.comm.Isend(numpy.zeros(1, numpy.uint8), dest=rank, tag=self._STOPPING)
+
+    def heard_stopping(self, within: float) -> bool:
+        import time
+
+        deadline = time.monotonic() + within
+        while not self.comm.Iprobe(source=0, tag=self._STOPPING):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
 
 _default: Communicator | None = None

@@ -181,10 +181,13 @@ def train_distributed(config, comm) -> int:
     except KeyboardInterrupt:          # Ctrl-C reaches every rank, wherever each is; one says it, all stop
         stop = "\n" if config.progress else ""
         path = Path(config.out) / "checkpoint.npz"
-        if comm.rank != 0:
-            # rank 0 first: its MPI_Abort ends this rank after its line is out. But rank 0 may be waiting inside a
-            # collective, where Python cannot see the signal; then this rank speaks for it.
-            time.sleep(1.0)
+        if comm.rank == 0:
+            comm.tell_stopping()
+        elif comm.heard_stopping(within=5.0):
+            time.sleep(60)             # rank 0 speaks and its MPI_Abort ends this rank; this is the fallback only
+            comm.abort(130)
+        # Rank 0, or a rank whose rank 0 is blocked in a collective that this rank left (where Python cannot see
+        # the signal): it speaks for the job.
         words = (checkpoint_words(path, started, config) if comm.rank == 0 or path.parent.exists()
                  else "Rank 0 keeps the checkpoint of the last complete epoch, if one finished.")
         print(f"{stop}interrupted. {words}", file=sys.stderr, flush=True)
