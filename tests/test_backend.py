@@ -35,8 +35,38 @@ def test_environment_variable_sets_default():
 @pytest.mark.skipif(backend.cupy_available(), reason="a GPU is present")
 @pytest.mark.parametrize("name", ["gpu", "cuda", "cuda:0"])
 def test_gpu_without_cupy_gives_one_clear_error(name):
-    with pytest.raises(tinybn.DeviceUnavailableError, match="cupy-cuda12x.*cupy-cuda13x"):
+    with pytest.raises(tinybn.DeviceUnavailableError, match="cupy-cuda12x.*cupy-cuda13x") as raised:
         tinybn.tensor([1.0], device=name)
+    # tinybn is not on PyPI: the advice installs the extra from the clone, as the README does
+    assert "pip install -e '.[cuda12]'" in str(raised.value) and "tinybn is not on PyPI" in str(raised.value)
+
+
+class _DriverlessCupy:
+    """CuPy as it behaves on a machine without a GPU driver: it imports, and CUDA blames the driver's version."""
+
+    class cuda:
+        class runtime:
+            @staticmethod
+            def getDeviceCount():
+                raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA "
+                                   "runtime version")
+
+
+@pytest.mark.parametrize("driver", [False, True])
+def test_cupy_without_a_gpu_driver_says_no_gpu_was_found_not_reinstall(monkeypatch, driver):
+    """Issue 20: with CuPy installed and no GPU or driver, CUDA's words ("driver version is insufficient") and
+    advice to reinstall CuPy pointed the wrong way."""
+    monkeypatch.setitem(sys.modules, "cupy", _DriverlessCupy)
+    monkeypatch.setattr(backend, "_cupy", None)
+    monkeypatch.setattr(backend, "_driver_present", lambda: driver)
+    with pytest.raises(tinybn.DeviceUnavailableError) as raised:
+        backend.resolve_device("gpu")
+    message = str(raised.value)
+    assert "insufficient" in message          # CUDA's own words stay, in parentheses
+    if driver:
+        assert "driver's CUDA version" in message and ".[cuda12]" in message
+    else:
+        assert "no NVIDIA GPU driver was found" in message and "pip install" not in message
 
 
 def test_cupy_is_imported_lazily():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 
 import numpy
 
@@ -22,13 +23,14 @@ __all__ = [
     "cupy_available",
 ]
 
-_CUPY_HELP = (
-    "Install the CuPy wheel that matches your CUDA version: "
-    "`pip install 'tinybn[cuda12]'` (cupy-cuda12x) for CUDA 12.x or "
-    "`pip install 'tinybn[cuda13]'` (cupy-cuda13x) for CUDA 13.x; "
-    "`nvidia-smi` shows the CUDA version of your driver. "
+_INSTALL_CUPY = (
+    "tinybn is not on PyPI: install the GPU extra from your clone of tinybn, in the environment that runs it, "
+    "e.g. `.venv/bin/python -m pip install -e '.[cuda12]'` (CuPy for CUDA 12.x, cupy-cuda12x) or "
+    "`'.[cuda13]'` (CUDA 13.x, cupy-cuda13x); `nvidia-smi` shows the CUDA version of your driver. "
     "Or run on the CPU with device='cpu' (the default)."
 )
+_NO_GPU = ("Check that this machine has an NVIDIA GPU and its driver (`nvidia-smi` lists them), or run on the CPU "
+           "with device='cpu' (the default).")
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -40,6 +42,21 @@ _extra_modules: dict[str, object] = {}  # device name -> NumPy-compatible module
 _default_device: str | None = None
 
 
+def _driver_present() -> bool:
+    """Whether an NVIDIA driver is loaded (Linux) or its tool is installed."""
+    return os.path.exists("/proc/driver/nvidia") or shutil.which("nvidia-smi") is not None
+
+
+def _unreachable_gpu_message(error) -> str:
+    """What to say when CuPy imports but cannot reach a GPU: no driver (the usual case: a machine without a GPU)
+    looks to CUDA like a driver too old for it, so the driver's presence decides which advice is true."""
+    said = f"{type(error).__name__}: {error}"
+    if not _driver_present():
+        return f"A GPU device was requested, but no NVIDIA GPU driver was found on this machine (CUDA said: {said}). {_NO_GPU}"
+    return (f"A GPU device was requested, but CuPy cannot reach a GPU ({said}). If the driver is older than CuPy's "
+            f"CUDA, install the extra for your driver's CUDA version instead. {_INSTALL_CUPY}")
+
+
 def _import_cupy():
     """Import CuPy on first use and check that a GPU is really there."""
     global _cupy
@@ -48,15 +65,14 @@ def _import_cupy():
     try:
         import cupy
     except ImportError as error:
-        raise DeviceUnavailableError(f"A GPU device was requested but CuPy is not installed ({error}). {_CUPY_HELP}") from None
+        raise DeviceUnavailableError(f"A GPU device was requested but CuPy is not installed ({error}). "
+                                     f"{_INSTALL_CUPY}") from None
     try:
         count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as error:  # CUDA driver missing, or the wheel does not match it
-        raise DeviceUnavailableError(
-            f"A GPU device was requested but CuPy cannot reach a GPU ({type(error).__name__}: {error}). {_CUPY_HELP}"
-        ) from None
+    except Exception as error:  # CUDA driver missing, or older than the CuPy wheel's CUDA
+        raise DeviceUnavailableError(_unreachable_gpu_message(error)) from None
     if count == 0:
-        raise DeviceUnavailableError(f"A GPU device was requested but CUDA reports no GPU. {_CUPY_HELP}")
+        raise DeviceUnavailableError(f"A GPU device was requested, but CUDA reports no GPU. {_NO_GPU}")
     _cupy = cupy
     return cupy
 
