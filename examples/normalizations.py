@@ -10,7 +10,8 @@ figure of group norm's paper. Test accuracy here uses each model's own predictio
 averages for BN and batch renorm; group norm has none), because that is what the batch size does to them.
 Each batch size trains for ``--sweep-epochs`` epochs.
 
-``--replot`` redraws both figures and tables from ``results.json`` without training.
+``--replot`` redraws both figures and tables from ``results.json`` without training. ``--quick`` trains part 1 for one
+epoch on all the images, and part 2 as its own quick settings say (see the quick-mode line it prints).
 
 Merging (``--merge FOLDER ...``): small batches keep one core busy, so a long sweep runs faster as several
 processes, each with ``TINYBN_NUM_THREADS=1`` and its own ``--out``, e.g. one per normalization, batch size and
@@ -37,11 +38,12 @@ p.add_argument("--sweep-epochs", type=int, default=10, help="epochs of each run 
 p.add_argument("--compare-norms", default="batch norm,layer norm,group norm,batch renorm,decorrelated BN",
                help="normalizations of part 1 (the others keep their saved results)")
 p.add_argument("--sweep-norms", default="batch norm,group norm,batch renorm", help="normalizations of part 2")
-p.add_argument("--replot", action="store_true", help="redraw the figures and tables from results.json")
 p.add_argument("--merge", nargs="+", metavar="FOLDER",
                help="combine the results.json of these folders (a sweep split across processes) into "
                     "--out/results.json (replacing it), then draw; see 'Merging' in the docstring")
+p.add_argument("--sweep-subset", type=int, default=None, help="first N training images in part 2 (default: all)")
 args = p.parse_args()
+QUICK = {"batch_sizes": "4,32", "sweep_epochs": 1, "sweep_subset": 12000, "sweep_norms": "batch norm,group norm"}
 
 NORMS = {"batch norm": "scratch", "layer norm": "layer", "group norm": "group", "batch renorm": "renorm",
          "decorrelated BN": "decorrelated"}
@@ -121,39 +123,41 @@ if args.merge:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"compare": compare, "sweep": sweep}, indent=1))
     print(f"merged {len(args.merge)} folders into {out / 'results.json'}")
-elif args.replot:
-    out = Path(args.out or "runs/examples/normalizations")
-    saved = json.loads((out / "results.json").read_text())
-    compare, sweep = saved["compare"], saved["sweep"]
 else:
-    out, data = common.setup(args, "normalizations")
-    previous = out / "results.json"                 # part 1 and part 2 may run separately: keep the other part
-    saved = json.loads(previous.read_text()) if previous.is_file() else {"compare": [], "sweep": []}
-    compare, sweep = saved["compare"], saved["sweep"]
-    if args.part in ("compare", "both"):
+    out, data = common.setup(args, "normalizations", quick=QUICK,
+                             fewer=f"and in part 2 batch norm and group norm at batches 4 and 32, 1 epoch on the first "
+                                   f"{QUICK['sweep_subset']:,} images")
+    saved = args.saved if args.replot else (json.loads((out / "results.json").read_text())
+                                            if (out / "results.json").is_file() else {"compare": [], "sweep": []})
+    compare, sweep = saved["compare"], saved["sweep"]   # part 1 and part 2 may run separately: keep the other part
+    if args.replot:
+        pass
+    elif args.part in ("compare", "both"):
         chosen = args.compare_norms.split(",")
         runs = {result["label"]: result for result in compare if result["label"] not in chosen}
         for label, result in runs.items():          # the variants kept must share this run's recipe
             kept = (result["lr"], result["batch_size"], sorted(run["seed"] for run in result["runs"]),
                     epochs_of(result))
             if kept != (args.lr, 256, sorted(args.seed_list), {args.epochs}):
-                p.error(f"--compare-norms: {previous} holds {label} with lr {kept[0]:g}, seeds {kept[2]} and "
-                        f"{' or '.join(map(str, sorted(kept[3])))} epochs, not this run's lr {args.lr:g}, seeds "
+                p.error(f"--compare-norms: {out / 'results.json'} holds {label} with lr {kept[0]:g}, seeds {kept[2]} "
+                        f"and {' or '.join(map(str, sorted(kept[3])))} epochs, not this run's lr {args.lr:g}, seeds "
                         f"{args.seed_list} and {args.epochs} epochs; rerun it too, or use another --out")
         for name in chosen:
             runs[name] = common.run_variant(args, data, out, name, lambda norm=NORMS[name]: build_lenet(norm))
         compare = [runs[name] for name in NORMS if name in runs]
-    if args.part in ("batch-sizes", "both"):
+    if not args.replot and args.part in ("batch-sizes", "both"):
         sweep = []
+        subset = (data[0][:args.sweep_subset], data[1][:args.sweep_subset], *data[2:]) if args.sweep_subset else data
         for size in (int(b) for b in args.batch_sizes.split(",")):
             for name in args.sweep_norms.split(","):
-                sweep.append(common.run_variant(args, data, out, name, lambda norm=NORMS[name]: build_lenet(norm),
+                sweep.append(common.run_variant(args, subset, out, name, lambda norm=NORMS[name]: build_lenet(norm),
                                                 lr=args.lr * size / 256, batch_size=size, precise_bn=0,
                                                 epochs=args.sweep_epochs))
                 # saved after every run: a long sweep stopped early keeps what it measured (--replot draws it)
                 (out / "results.json").write_text(json.dumps({"compare": compare, "sweep": sweep}, indent=1))
-    (out / "results.json").write_text(json.dumps({"compare": compare, "sweep": sweep}, indent=1))
-    print(f"wrote {out / 'results.json'}")
+    if not args.replot:
+        (out / "results.json").write_text(json.dumps({"compare": compare, "sweep": sweep}, indent=1))
+        print(f"wrote {out / 'results.json'}")
 
 if compare:
     common.table([common.summary(r) for r in compare])

@@ -1,16 +1,19 @@
-"""Print the Markdown tables of docs/results.md from the examples' results.json files.
-
-    python examples/report.py [runs/examples]
-"""
+"""Print the Markdown tables of docs/results.md from the examples' results.json files."""
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import common
 
-root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/examples")
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("folder", nargs="?", default="runs/examples",
+                    help="the folder that holds each example's NAME/results.json, as the examples write them, or "
+                         "NAME.json, as docs/measurements/examples keeps them (default: %(default)s)")
+root = Path(parser.parse_args().folder)
 for name in ("bias_before_bn", "learning_rates", "bn_placement", "dropout_vs_bn", "fixed_gamma_beta"):
     path = root / name / "results.json"
+    if not path.is_file():
+        path = root / f"{name}.json"
     if not path.is_file():
         print(f"\n{name}: no results.json yet")
         continue

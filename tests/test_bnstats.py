@@ -50,6 +50,18 @@ def test_recorded_statistics_are_those_of_the_layer_input():
     assert all(not module.__dict__.get("_forward_hooks") for module in model.modules())
 
 
+def test_layers_are_named_as_a_student_sees_the_model_not_by_position_in_the_sequential():
+    """Issue 20: the figure said "BN layer 1/5/10/13" and "sigmoid 2/6/11/14", positions in the Sequential."""
+    recorder = BNStatsRecorder(models.build_model("lenet-bn"))
+    assert recorder.to_json()["labels"] == {
+        "1": "BN 1 (after conv 1)", "2": "sigmoid 1 (after BN 1)", "5": "BN 2 (after conv 2)",
+        "6": "sigmoid 2 (after BN 2)", "10": "BN 3 (after dense 1)", "11": "sigmoid 3 (after BN 3)",
+        "13": "BN 4 (after dense 2)", "14": "sigmoid 4 (after BN 4)"}
+    plain = BNStatsRecorder(models.build_model("lenet"))
+    assert plain.to_json()["labels"] == {"1": "sigmoid 1 (after conv 1)", "4": "sigmoid 2 (after conv 2)",
+                                         "8": "sigmoid 3 (after dense 1)", "10": "sigmoid 4 (after dense 2)"}
+
+
 def test_bn_stats_change_no_weight_and_cover_every_step(tmp_path, fashion):  # noqa: F811
     plain = train(config(tmp_path, out=str(tmp_path / "plain"), epochs=2), log=quiet, data=fashion)
     watched = train(config(tmp_path, out=str(tmp_path / "watched"), epochs=2, bn_stats=True), log=quiet, data=fashion)

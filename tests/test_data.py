@@ -61,6 +61,14 @@ def test_missing_dataset_names_the_three_ways(tmp_path, monkeypatch):
         data.load_fashion_mnist(tmp_path / "empty")
     message = str(info.value)
     assert "apt-get install dataset-fashion-mnist" in message and "--download" in message and "--data DIR" in message
+    # a named folder is the only place looked at, and where --download saves (issue 20: the advice named the cache)
+    assert f"--download to fetch it from the official source into {tmp_path / 'empty'}" in message
+    assert "leave out --data and TINYBN_DATA" in message and str(tmp_path / "cache") not in message
+    monkeypatch.delenv("TINYBN_DATA", raising=False)
+    with pytest.raises(data.DataError) as info:
+        data.load_fashion_mnist()
+    assert f"into {tmp_path / 'cache' / 'tinybn' / 'fashion-mnist'}" in str(info.value)
+    assert "leave out --data" not in str(info.value)
 
 
 def test_search_order(tmp_path, monkeypatch):

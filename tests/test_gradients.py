@@ -9,6 +9,8 @@ float64 with central differences and a random upstream gradient (tinybn.gradchec
   tests what its name says;
 * layout (CPU): the first input C-contiguous, batch-last (axis 0 stored last) or a strided slice.
 """
+import subprocess
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -171,6 +173,28 @@ def test_gradcheck_catches_a_wrong_backward():
     x = make(randn(4), "cpu", requires_grad=True)
     with pytest.raises(AssertionError, match="input 0"):
         tinybn.gradcheck(lambda t: apply("tests.double_with_a_constant_gradient", t), [x])
+
+
+def test_a_failed_gradcheck_names_the_input_as_the_function_does_and_shows_no_gradcheck_source(tmp_path):
+    """Issue 20: the failure said "input 0" for gamma, after 60 lines of gradcheck's own source in pytest's
+    traceback. It names the parameter, the implementations it checked, and pytest hides gradcheck's frame."""
+    x = make(randn(4, 3), "cpu", requires_grad=True)
+    gamma = make(randn(3), "cpu", requires_grad=True)
+    with pytest.raises(AssertionError) as raised:
+        tinybn.gradcheck(lambda x, gamma: apply("tests.double_with_a_constant_gradient", gamma) * x, [x, gamma])
+    message = str(raised.value)
+    assert "gamma (input 1)" in message and "x (input 0)" not in message
+    assert "tests.double_with_a_constant_gradient [reference]" in message and "mul [reference]" in message
+    assert [name.split(" [")[0] for name in tinybn.gradcheck(F.sigmoid, [x])["checked"]] == ["sigmoid"]
+    failing = tmp_path / "test_failing.py"
+    failing.write_text("import numpy, tinybn\n"
+                       "def test_it():\n"
+                       "    x = tinybn.tensor(numpy.ones(3), requires_grad=True)\n"
+                       "    tinybn.gradcheck(lambda x: x * tinybn.tensor(x.data.copy()), [x])\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(failing)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1 and "x (input 0)" in done.stdout, done.stdout
+    assert "def gradcheck" not in done.stdout and "_to_float64_inputs" not in done.stdout, done.stdout
 
 
 def test_gradcheck_rejects_no_differentiable_input():

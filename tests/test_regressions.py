@@ -822,7 +822,7 @@ def test_gradcheck_fails_where_the_difference_quotient_is_infinite_or_nan():
     with pytest.raises(AssertionError, match=r"index \(1,\).*numeric -?inf"):
         tinybn.gradcheck(lambda a: apply("tests.jumps_to_inf", a), [x])
     report = tinybn.gradcheck(lambda a: a * numpy.nan, [x], raise_on_failure=False)
-    assert not report["ok"] and report["where"] == "input 0, index (0,)"
+    assert not report["ok"] and report["where"] == "a (input 0), index (0,)"
 
 
 def test_backward_takes_numbers_and_lists_as_the_upstream_gradient():

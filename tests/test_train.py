@@ -41,6 +41,16 @@ def test_short_real_training_beats_chance_by_far(tmp_path, fashion):
 
 
 @needs_data
+def test_metrics_record_the_number_of_precise_bn_batches_used_not_the_default(tmp_path, fashion):
+    """Issue 20: metrics.json said "precise_bn": null though 50 batches were used."""
+    train(config(tmp_path, train_subset=600, precise_bn=None), log=quiet, data=fashion)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["config"]["precise_bn"] == 50 and "test_acc_precise" in saved["history"][0]
+    train(config(tmp_path / "plain", model="lenet", train_subset=600, precise_bn=None), log=quiet, data=fashion)
+    assert json.loads((tmp_path / "plain" / "run" / "metrics.json").read_text())["config"]["precise_bn"] == 0
+
+
+@needs_data
 @pytest.mark.parametrize("model", ["lenet-bn", "lenet-bn-concise"])
 def test_resume_continues_exactly(tmp_path, fashion, model):
     straight = train(config(tmp_path / "a", epochs=2, model=model), log=quiet, data=fashion)

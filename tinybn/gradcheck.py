@@ -13,9 +13,11 @@ agree on outputs and gradients.
 """
 from __future__ import annotations
 
+import inspect
+
 import numpy
 
-from . import backend
+from . import backend, ops
 from .autograd import Tensor, enable_grad
 
 
@@ -50,6 +52,82 @@ def _first_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def input_names(fn, count: int) -> list[str]:
+    """What to call each input of ``fn`` in a report: its parameter's name where the signature gives one
+    (``lambda x, gamma: ...`` gives "x" and "gamma"), else "input i"."""
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):          # a builtin or a callable without a signature
+        parameters = []
+    names = []
+    for i in range(count):
+        positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        var = next((p for p in parameters if p.kind == p.VAR_POSITIONAL), None)
+        if i < len(positional):
+            names.append(f"{positional[i].name} (input {i})")
+        elif var is not None:
+            names.append(f"{var.name}[{i - len(positional)}] (input {i})")
+        else:
+            names.append(f"input {i}")
+    return names
+
+
+def _analytic_gradients(fn, inputs, checked, dy_seed):
+    """Run ``fn`` once with autograd, with a random upstream gradient ``dy``; returns ``(dy, gradients, the
+    implementations that ran)``, each gradient a host array of its input's shape."""
+    with enable_grad(), ops.observe(ops.Recorder()) as recorder:
+        out = _first_output(fn(*inputs))
+        dy = backend.to_device(numpy.random.default_rng(dy_seed).standard_normal(out.shape), out.device)
+        dy = dy.astype(numpy.float64)
+        for i in checked:
+            inputs[i].grad = None
+        out.backward(dy)
+    ran = sorted({f"{implementation.op} [{implementation.label}]" for implementation, _ in recorder.calls})
+    grads = {i: backend.to_numpy(inputs[i].grad) if inputs[i].grad is not None else numpy.zeros(inputs[i].shape)
+             for i in checked}
+    return dy, grads, ran
+
+
+def _numeric_gradient(objective, x, eps: float):
+    """Central differences of ``objective()`` with respect to each element of the tensor ``x``, perturbed in
+    place through its index (``x.data`` may be any strided view: a reshaped copy would check nothing)."""
+    numeric = numpy.zeros(x.shape)
+    for index in numpy.ndindex(*x.shape):
+        original = float(x.data[index])
+        try:
+            x.data[index] = original + eps
+            plus = objective()
+            x.data[index] = original - eps
+            minus = objective()
+        finally:
+            x.data[index] = original
+        numeric[index] = (plus - minus) / (2 * eps)
+    return numeric
+
+
+def _compare(name, analytic, numeric, atol, rtol, report) -> str | None:
+    """Update ``report`` with this input's worst element; returns a failure line, or None when all agree."""
+    error = numpy.abs(analytic - numeric)
+    if error.size == 0:      # an empty input: its (empty) gradient has the right shape, nothing else to compare
+        return None
+    worst = numpy.unravel_index(int(error.argmax()), error.shape)
+    abs_err = float(error[worst])
+    if abs_err >= report["worst_abs"]:
+        report.update(worst_abs=abs_err, worst_rel=abs_err / max(float(abs(numeric[worst])), 1e-12),
+                      where=f"{name}, index {tuple(map(int, worst))}")
+    # a NaN or an infinity on either side is a failure (an infinite difference quotient checks nothing)
+    bad = ~((error <= atol + rtol * numpy.abs(numeric)) & numpy.isfinite(numeric) & numpy.isfinite(analytic))
+    if not bad.any():
+        return None
+    k = int(numpy.argmax(numpy.where(bad, error, -1.0)))
+    idx = tuple(map(int, numpy.unravel_index(k, error.shape))) if error.shape else ()
+    if report["where"] is None or not numpy.isfinite(abs_err):
+        report["where"] = f"{name}, index {idx}"
+    return (f"{name}, shape {error.shape}, at index {idx}: analytic {analytic.reshape(-1)[k]:.8g}, numeric "
+            f"{numeric.reshape(-1)[k]:.8g}, |diff| {error.reshape(-1)[k]:.3g} ({int(bad.sum())} of {bad.size} "
+            f"elements out of tolerance)")
+
+
 def gradcheck(fn, inputs, *, eps: float = 1e-6, atol: float = 1e-6, rtol: float = 1e-4, seed: int = 0,
               raise_on_failure: bool = True) -> dict:
     """Check autograd's gradients of ``fn(*inputs)`` against central differences, in float64.
@@ -58,68 +136,37 @@ def gradcheck(fn, inputs, *, eps: float = 1e-6, atol: float = 1e-6, rtol: float 
     ``requires_grad`` is checked, element by element. ``fn`` may return a tensor or a tuple whose
     first item is the differentiable output (as ``batch_norm`` does).
 
-    Returns ``{"ok", "worst_abs", "worst_rel", "where"}``, where ``where`` names the input (by position)
-    and the index of the element with the largest error. Raises :class:`GradcheckError` with that
+    Returns ``{"ok", "worst_abs", "worst_rel", "where", "checked"}``: ``where`` names the input (by its parameter
+    name in ``fn`` where it has one, and position) and the index of the element with the largest error;
+    ``checked`` lists the implementations whose backward was checked, as "op [reference]" or "op [numba]"
+    (the kernels switch, :mod:`tinybn.kernels`, decides which run). Raises :class:`GradcheckError` with that
     report when some element has ``|analytic − numeric| > atol + rtol·|numeric|``.
     """
+    __tracebackhide__ = True       # pytest shows the failure, not this function's source
     inputs = _to_float64_inputs(inputs)
     checked = [i for i, value in enumerate(inputs) if isinstance(value, Tensor) and value.requires_grad]
     if not checked:
         raise ValueError("gradcheck: no input has requires_grad=True, so there is nothing to check")
-    with enable_grad():
-        out = _first_output(fn(*inputs))
-        host_rng = numpy.random.default_rng(seed)
-        dy = backend.to_device(host_rng.standard_normal(out.shape), out.device).astype(numpy.float64)
-        for i in checked:
-            inputs[i].grad = None
-        out.backward(dy)
+    dy, analytic, ran = _analytic_gradients(fn, inputs, checked, seed)
+    names = input_names(fn, len(inputs))
 
     def objective():
         with enable_grad():
             return float((_first_output(fn(*inputs)).data * dy).sum())
 
-    report = {"ok": True, "worst_abs": 0.0, "worst_rel": 0.0, "where": None}
+    report = {"ok": True, "worst_abs": 0.0, "worst_rel": 0.0, "where": None, "checked": ran}
     failures = []
     for i in checked:
-        x = inputs[i]
-        analytic = backend.to_numpy(x.grad) if x.grad is not None else numpy.zeros(x.shape)
-        if analytic.shape != x.shape:
-            raise GradcheckError(f"gradient check failed: input {i} has shape {x.shape} but its gradient {analytic.shape}")
-        numeric = numpy.zeros(x.shape)
-        # Perturb through the index: x.data may be any strided view (x.data.reshape(-1) would then be a copy,
-        # and perturbing the copy would check nothing).
-        for index in numpy.ndindex(*x.shape):
-            original = float(x.data[index])
-            try:
-                x.data[index] = original + eps
-                plus = objective()
-                x.data[index] = original - eps
-                minus = objective()
-            finally:
-                x.data[index] = original
-            numeric[index] = (plus - minus) / (2 * eps)
-        error = numpy.abs(analytic - numeric)
-        if error.size == 0:  # an empty input: its (empty) gradient has the right shape, nothing else to compare
-            continue
-        worst = numpy.unravel_index(int(error.argmax()), x.shape)
-        abs_err = float(error[worst])
-        rel_err = abs_err / max(float(abs(numeric[worst])), 1e-12)
-        if abs_err >= report["worst_abs"]:
-            report.update(worst_abs=abs_err, worst_rel=rel_err, where=f"input {i}, index {tuple(map(int, worst))}")
-        # a NaN or an infinity on either side is a failure (an infinite difference quotient checks nothing)
-        bad = ~((error <= atol + rtol * numpy.abs(numeric)) & numpy.isfinite(numeric) & numpy.isfinite(analytic))
-        if bad.any():
-            k = int(numpy.argmax(numpy.where(bad, error, -1.0)))
-            idx = tuple(map(int, numpy.unravel_index(k, x.shape))) if x.shape else ()
-            if report["where"] is None or not numpy.isfinite(abs_err):
-                report["where"] = f"input {i}, index {idx}"
-            failures.append(f"input {i} (shape {x.shape}) at index {idx}: analytic {analytic.reshape(-1)[k]:.8g}, "
-                            f"numeric {numeric.reshape(-1)[k]:.8g}, |diff| {error.reshape(-1)[k]:.3g} "
-                            f"({int(bad.sum())} of {bad.size} elements out of tolerance)")
+        if analytic[i].shape != inputs[i].shape:
+            raise GradcheckError(f"gradient check failed: {names[i]} has shape {inputs[i].shape} but its gradient "
+                                 f"{analytic[i].shape}")
+        failure = _compare(names[i], analytic[i], _numeric_gradient(objective, inputs[i], eps), atol, rtol, report)
+        failures += [failure] if failure else []
     if failures:
         report["ok"] = False
         if raise_on_failure:
-            raise GradcheckError("gradient check failed:\n  " + "\n  ".join(failures))
+            raise GradcheckError("gradient check failed (implementations checked: " + ", ".join(ran) + "):\n  "
+                                 + "\n  ".join(failures))
     return report
 
 

@@ -17,10 +17,26 @@ from pathlib import Path
 import numpy
 
 from .. import backend
-from ..nn import BatchNorm, BatchNorm1d, Sigmoid
+from ..nn import BatchNorm, BatchNorm1d, Conv2d, Linear, Sigmoid
 from .checkpoint import replace_atomically
 
 SATURATED = (0.05, 0.95)
+
+
+def layer_labels(model) -> dict:
+    """Names as a student sees the model, by module path: "conv 1", "BN 1 (after conv 1)", "sigmoid 1 (after
+    BN 1)", ... counted in the order the model holds them (the paths, "1", "5", are positions in a Sequential)."""
+    labels, counts, last = {}, {}, None
+    kinds = ((Conv2d, "conv"), (Linear, "dense"), (BatchNorm, "BN"), (BatchNorm1d, "BN"), (Sigmoid, "sigmoid"))
+    for name, module in model.named_modules():
+        kind = next((word for cls, word in kinds if isinstance(module, cls)), None)
+        if kind is None:
+            continue
+        counts[kind] = counts.get(kind, 0) + 1
+        short = f"{kind} {counts[kind]}"
+        labels[name] = short if kind in ("conv", "dense") or last is None else f"{short} (after {last})"
+        last = short
+    return labels
 
 
 class BNStatsRecorder:
@@ -38,6 +54,7 @@ class BNStatsRecorder:
         self._handles = [module.register_forward_hook(self._watch_bn) for _, module in self.bn]
         self._handles += [module.register_forward_hook(self._watch_sigmoid) for _, module in self.sigmoids]
         self._names = {id(module): name for name, module in (*self.bn, *self.sigmoids)}
+        self.labels = {name: label for name, label in layer_labels(model).items() if name in self._names.values()}
 
     def close(self) -> None:
         for handle in self._handles:
@@ -87,7 +104,7 @@ class BNStatsRecorder:
 
     def to_json(self) -> dict:
         return {"channels": self.channels, "saturated_below_or_above": list(SATURATED), "first_epoch": self.first_epoch,
-                "epoch_ends": self.epoch_ends,
+                "epoch_ends": self.epoch_ends, "labels": self.labels,
                 "bn_layers": self.layers, "sigmoid_saturation": self.saturation}
 
     def load(self, document: dict, epochs_done: int) -> bool:
@@ -156,7 +173,7 @@ def _layer_panels(document: dict, first: int):
                 color = colors[channel % len(colors)]
                 ax.plot(x, values[:, channel], color=color, alpha=0.25, linewidth=0.6)
                 ax.plot(x, averages[:, channel], color=color, linewidth=1.4, label=f"channel {channel}")
-            ax.set_title(f"BN layer {name}: {label}", fontsize=9)
+            ax.set_title(f"{_label(document, name, 'BN layer')}: {label}", fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.tick_params(labelsize=7)
@@ -176,7 +193,8 @@ def _layer_panels(document: dict, first: int):
             mean = numpy.array([numpy.mean(v) for v in values])
             low_, high_ = numpy.array([numpy.min(v) for v in values]), numpy.array([numpy.max(v) for v in values])
             color = colors[column % len(colors)]
-            ax.plot(epochs, mean, marker="o", markersize=3, color=color, label=f"layer {name}")
+            ax.plot(epochs, mean, marker="o", markersize=3, color=color,
+                    label=_label(document, name, "layer").split(" (")[0])
             ax.fill_between(epochs, low_, high_, color=color, alpha=0.12)
         ax.set_title(f"{'γ' if key == 'gamma' else 'β'} after each epoch\n(line: mean over channels; band: min to max)",
                      fontsize=9)
@@ -210,7 +228,7 @@ def _saturation_panel(ax, document: dict, first: int) -> None:
     for name, values in document["sigmoid_saturation"].items():
         if values:
             ax.plot(step_positions(document["epoch_ends"], first, len(values)), values, linewidth=0.8,
-                    label=f"sigmoid {name}")
+                    label=_label(document, name, "sigmoid"))
     low, high = document["saturated_below_or_above"]
     ax.set_title(f"sigmoid outputs < {low} or > {high}", fontsize=9)
     ax.set_ylabel("fraction of outputs", fontsize=8)
@@ -221,6 +239,11 @@ def _saturation_panel(ax, document: dict, first: int) -> None:
     ax.grid(alpha=0.3)
     if document["sigmoid_saturation"]:
         ax.legend(fontsize=6)
+
+
+def _label(document: dict, name: str, kind: str) -> str:
+    """A layer's label as :func:`layer_labels` gave it (older records have none: then its kind and path)."""
+    return document.get("labels", {}).get(name, f"{kind} {name}")
 
 
 def write(recorder: BNStatsRecorder, out: Path, title: str = "") -> None:

@@ -159,11 +159,16 @@ def download(dest_dir: Path | None = None, base_url: str = OFFICIAL_URL, md5s: d
 # ------------------------------------------------------------------ the dataset
 
 
-def missing_message(dirs: list[Path]) -> str:
+def missing_message(dirs: list[Path], download_to: Path | None = None) -> str:
+    """What to do when the files are in none of ``dirs``. ``download_to``: the folder named with --data or
+    TINYBN_DATA, which is then the only place looked at and where --download saves (else the cache)."""
     searched = ", ".join(str(d) for d in dirs)
+    apt = "sudo apt-get install dataset-fashion-mnist   (Debian/Ubuntu; installs to /usr/share/datasets/fashion-mnist)"
+    if download_to is not None:
+        apt += ", then leave out --data and TINYBN_DATA, which make " + str(download_to) + " the only place looked at"
     return ("Fashion-MNIST was not found (searched: " + searched + "). Get it in one of three ways:\n"
-            "  1. sudo apt-get install dataset-fashion-mnist   (Debian/Ubuntu; installs to /usr/share/datasets/fashion-mnist)\n"
-            "  2. add --download to fetch it from the official source into " + str(cache_dir()) + "\n"
+            "  1. " + apt + "\n"
+            "  2. add --download to fetch it from the official source into " + str(download_to or cache_dir()) + "\n"
             "  3. --data DIR (or TINYBN_DATA=DIR) pointing at a folder with the four *-ubyte(.gz) files")
 
 
@@ -180,7 +185,7 @@ def load_fashion_mnist(data_dir=None, allow_download: bool = False, verify: bool
     paths = {key: _find(key, dirs) for key in FILES}
     if any(path is None for path in paths.values()):
         if not allow_download:
-            raise DataError(missing_message(dirs))
+            raise DataError(missing_message(dirs, dirs[0] if explicit else None))
         target = download(dirs[0] if explicit else cache_dir())
         paths = {key: _find(key, [target]) for key in FILES}
     arrays = {key: load_array(key, path, verify) for key, path in paths.items()}

@@ -422,6 +422,8 @@ def _prepare(config: TrainConfig, log, data, model, comm) -> _Job:
         precise = precise_batches(train_x, train_y, precise_count, config.batch_size, config.seed, device)
     elif precise_count:
         log(f"{config.model} has no batch norm, so --precise-bn has nothing to recompute")
+    # the metrics and the checkpoint record the number of batches used, not "the default"
+    config = dataclasses.replace(config, precise_bn=precise_count if recomputable else 0)
     best_by = ("val_acc" if val_x is not None else "test_acc") + ("_precise" if precise else "")
     best_path = out / "best.npz"
     if config.keep_best:
