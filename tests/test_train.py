@@ -381,6 +381,10 @@ def test_precise_bn_changes_no_weight_and_reports_both_accuracies(tmp_path, fash
     for a, b in zip(plain["history"], precise["history"]):
         assert a["test_acc"] == b["test_acc"] and "test_acc_precise" in b and "test_acc_precise" not in a
     assert any("test acc" in line and "(moving averages) /" in line and "(precise BN)" in line for line in lines)
+    # before the first such figure, one line says what precise BN is (issue 20)
+    said = next(i for i, line in enumerate(lines) if line.startswith("precise BN: after each epoch"))
+    assert "recomputed over 4 training batches with the weights frozen" in lines[said]
+    assert said < next(i for i, line in enumerate(lines) if "(precise BN)" in line)
     # the model returned and the checkpoint hold the precise statistics; prediction with them gives the reported figure
     saved = checkpoint.load_precise(precise["checkpoint"])
     assert sorted(saved) == sorted(k for k in precise["model"].state_dict() if k.endswith(("moving_mean", "moving_var")))

@@ -541,6 +541,10 @@ def _run(job: _Job) -> dict:
                     "(SyncBatchNorm)" if config.sync_bn else "batch norm over each rank's shard (--no-sync-bn)")
             log(f"data parallel over {plural(comm.world_size, 'rank')}: each takes its shard of every batch of "
                 f"{config.batch_size}, {norm}")
+        if precise:
+            log(f"precise BN: after each epoch, BN's statistics are also recomputed over {len(precise)} training batches "
+                f"with the weights frozen (the moving averages lag behind the weights), and the test accuracy is "
+                f"measured with them too")
         check_every = 1 if device == "cpu" else 25
         for epoch in range(start_epoch + 1, config.epochs + 1):
             started = time.perf_counter()
