@@ -205,7 +205,7 @@ def test_folding_refuses_shared_layers_subclassed_sequentials_and_two_bns_in_a_r
     with pytest.raises(ValueError, match="0.1 .* not inside a plain Sequential"):
         nn.fold_batch_norm(net)
     net, _ = small_trained(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.BatchNorm1d(3)))
-    with pytest.raises(ValueError, match="follows another BN layer, already folded into 0"):
+    with pytest.raises(ValueError, match="follows another normalization layer, already folded into 0"):
         nn.fold_batch_norm(net)
     net, x = small_trained(nn.Sequential(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), nn.ReLU()))
     numpy.testing.assert_allclose(nn.fold_batch_norm(net)(x).data, net(x).data, atol=1e-12)   # nested: fine

@@ -21,6 +21,7 @@ import pytest
 import tinybn
 from tinybn import fast, functional as F, ops
 from tinybn.autograd import Cache, apply
+from tinybn.communicator import LocalCommunicator
 
 from conftest import DEVICES, Samples, make
 from props import with_layout
@@ -84,11 +85,18 @@ ROWS = [
     Row("batch_norm 4-D eval", bn(False),
         [(randn(2, 3, 2, 3), True), (positive(3), True), (randn(3), True), (randn(3), False), (positive(3), False)],
         fast=True),
-    # synchronized batch norm with one rank is batch norm; over several ranks (threads) its gradients are checked
-    # by central differences of the global function in test_sync_batchnorm.py
-    Row("sync_batch_norm 4-D train, one rank",
-        lambda x, g, b, mm, mv: F.sync_batch_norm(x, g, b, mm, mv, training=True)[0],
+    # the synchronized ops themselves, over one rank (F.sync_* would hand one rank to the plain op); over several
+    # ranks (threads) their gradients are checked by central differences of the global function in
+    # test_sync_batchnorm.py. Batch renorm's r and d are held at 1 and 0, where holding them is exact.
+    Row("sync_batch_norm 4-D train, the op on one rank",
+        lambda x, g, b, mm, mv: apply("sync_batch_norm", x, g, b, mm, mv, comm=LocalCommunicator())[0],
         [(randn(3, 2, 2, 2), True), (positive(2), True), (randn(2), True), (randn(2), False), (positive(2), False)]),
+    Row("sync_batch_renorm 2-D train, the op on one rank", lambda x, g, b, mm, mv: apply(
+        "sync_batch_renorm", x, g, b, mm, mv, r_max=1.0, d_max=0.0, comm=LocalCommunicator())[0],
+        [(randn(5, 3), True), (positive(3), True), (randn(3), True), (randn(3), False), (positive(3), False)]),
+    Row("sync_decorrelated_batch_norm train, the op on one rank", lambda x, g, b, mm, mw: apply(
+        "sync_decorrelated_batch_norm", x, g, b, mm, mw, group_size=2, eps=1e-2, comm=LocalCommunicator())[0],
+        [(randn(6, 3, 2, 2), True), (positive(3), True), (randn(3), True), (randn(3), False), (numpy.eye(3), False)]),
     # the normalization family (more in test_normalization.py: PyTorch, and batch renorm with r, d held constant)
     Row("layer_norm over (C, H, W)", lambda x, w, b: F.layer_norm(x, (3, 2, 2), w, b),
         [(randn(2, 3, 2, 2) * 2 + 1, True), (positive(3, 2, 2), True), (randn(3, 2, 2), True)]),

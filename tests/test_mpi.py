@@ -32,7 +32,7 @@ except ImportError:
     HAVE_MPI4PY = False
 
 pytestmark = pytest.mark.skipif(MPIEXEC is None or not HAVE_MPI4PY,
-                                reason="MPI is not installed (pip install 'tinybn[mpi]' gives mpi4py and MPICH)")
+                                reason="MPI is not installed (pip install -e '.[mpi]' from the clone gives mpi4py and MPICH)")
 
 
 def launch(ranks, *args, timeout=240, env=None):
@@ -143,7 +143,7 @@ def test_ranks_without_distributed_are_refused_once(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("--bn-stats",), "--bn-stats records what one process sees"),
     (("--batch-size", "3", "--no-sync-bn"), "needs 2 images on each of the 2 ranks"),
-    (("--batch-size", "1"), "batch norm needs at least 2 images in a batch, as in one process"),
+    (("--batch-size", "1"), "cannot train on batches of 1 image(s)"),
     (("--train-subset", "2", "--batch-size", "8", "--no-sync-bn"), "no training batch"),
 ])
 def test_a_setting_every_rank_refuses_is_said_once(tmp_path, args, message):
@@ -282,7 +282,7 @@ def test_eval_under_mpi_is_refused_once_and_a_model_without_bn_is_described_trul
     done = launch(2, "-m", "tinybn", "train", "--distributed", "--model", "lenet", *COMMON, "--no-progress",
                   "--no-plot", "--out", str(tmp_path / "plain"))
     assert done.returncode == 0, done.stderr
-    assert "the model has no batch norm" in done.stdout
+    assert "the model has no layer that normalizes over the batch" in done.stdout
 
 
 def test_a_checkpoint_rank_0_cannot_resume_from_is_said_once_without_aborting(tmp_path):

@@ -132,7 +132,7 @@ def test_arguments_are_checked():
             recompute(model, [data], bad)
     with pytest.raises(ValueError, match="no batch"):
         recompute(model, [])
-    with pytest.raises(ValueError, match="no batch-norm layer"):
+    with pytest.raises(ValueError, match="no normalization layer whose statistics could be recomputed"):
         recompute(nn.Sequential(nn.Linear(5, 2)), [data])
     assert recompute(model, iter([data] * 5), num_batches=2) == 2
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import tinybn
-from tinybn import distributed, functional as F, nn
+from tinybn import communicator, distributed, functional as F, nn
 from tinybn.app.data import DataLoader
 from tinybn.autograd import Tensor
 
@@ -200,14 +200,14 @@ def test_layer_checks():
 
 def test_a_launched_rank_without_init_is_refused(monkeypatch):
     monkeypatch.setenv("PMI_SIZE", "2")
-    monkeypatch.setattr(distributed, "_default", None)
+    monkeypatch.setattr(communicator, "_default", None)
     with pytest.raises(RuntimeError, match="init"):
         nn.SyncBatchNorm(2)(Tensor(numpy.zeros((4, 2))))
 
 
 def test_missing_mpi4py_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)
-    with pytest.raises(distributed.MPIUnavailableError, match=r"pip install 'tinybn\[mpi\]'"):
+    with pytest.raises(distributed.MPIUnavailableError, match=r"pip install -e '\.\[mpi\]'"):
         distributed.MPICommunicator()
 
 

@@ -38,13 +38,16 @@ import warnings
 
 import numpy
 
-from . import backend
+from . import backend, communicator
+from .communicator import (Communicator, LocalCommunicator, check_summable, is_initialized, launcher_rank,
+                           launcher_size)
 
 __all__ = ["CommunicationError", "Communicator", "LocalCommunicator", "MPICommunicator", "MPIUnavailableError", "StoppedElsewhere", "agree",
            "all_reduce_gradients", "check_single_process", "get_communicator", "init", "is_initialized",
            "launcher_rank", "launcher_size", "shard_loss", "share_cores"]
 
-INSTALL_HINT = "pip install 'tinybn[mpi]' (mpi4py and MPICH, both from PyPI)"
+INSTALL_HINT = ("the extra from your clone of tinybn (it is not on PyPI): pip install -e '.[mpi]' (mpi4py and MPICH, "
+                "both from PyPI)")
 
 
 class MPIUnavailableError(RuntimeError):
@@ -77,66 +80,6 @@ def launcher_rank() -> int | None:
 def launcher_size() -> int | None:
     """The number of ranks an MPI launcher started, without starting MPI; None outside a launcher."""
     return _from_environment(_SIZE_VARIABLES)
-
-
-class Communicator:
-    """The collectives tinybn uses; see the module docstring. Subclasses move the bytes."""
-    rank = 0
-    world_size = 1
-    local_size = 1
-
-    def all_reduce(self, array):
-        raise NotImplementedError
-
-    def all_gather(self, array):
-        """The ranks' arrays stacked in rank order; every rank must give the same shape and dtype (MPI's rule:
-        tinybn's own calls see to it, and synchronized batch norm checks it)."""
-        raise NotImplementedError
-
-    def broadcast(self, value, root: int = 0):
-        raise NotImplementedError
-
-    def barrier(self) -> None:
-        raise NotImplementedError
-
-    def abort(self, code: int = 1) -> None:
-        raise SystemExit(code)
-
-    def tell_stopping(self) -> None:
-        """Rank 0, on Ctrl-C: tell the other ranks, without waiting for them, that it will say so and end the job."""
-
-    def heard_stopping(self, within: float) -> bool:
-        """Whether rank 0 said :meth:`tell_stopping`, waiting at most ``within`` seconds for it (a rank 0 blocked in
-        a collective that this rank left never says it; then this rank must speak for the job)."""
-        return False
-
-    def __repr__(self):
-        return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size})"
-
-
-def _check_summable(array) -> None:
-    if array.dtype.kind not in "iufc":
-        raise TypeError(f"all_reduce sums numbers; got an array of dtype {array.dtype}"
-                        + (" (convert booleans to int)" if array.dtype.kind == "b" else ""))
-
-
-class LocalCommunicator(Communicator):
-    """One process: every collective returns (a copy of) its input."""
-
-    def all_reduce(self, array):
-        _check_summable(array)
-        return array.copy()
-
-    def all_gather(self, array):
-        return array[None].copy()
-
-    def broadcast(self, value, root: int = 0):
-        if root != 0:
-            raise ValueError(f"broadcast: root {root} is not a rank of a one-process communicator")
-        return value
-
-    def barrier(self) -> None:
-        pass
 
 
 def _load_mpi():
@@ -178,7 +121,7 @@ class MPICommunicator(Communicator):
 
     def all_reduce(self, array):
         host, back = self._host(array)
-        _check_summable(host)
+        check_summable(host)
         result = numpy.empty_like(host)
         self._call("Allreduce", host, result, op=self._mpi.SUM)
         return back(result)
@@ -226,9 +169,6 @@ class MPICommunicator(Communicator):
         return True
 
 
-_default: Communicator | None = None
-
-
 def init(comm=None, *, set_blas_threads: bool = False) -> Communicator:
     """Start MPI (if it is not running) and make its communicator the default; returns it. The ranks on one
     machine share its cores: tinybn's kernels get ``cores // ranks on this machine`` threads each, and with
@@ -237,10 +177,10 @@ def init(comm=None, *, set_blas_threads: bool = False) -> Communicator:
     ``comm`` may be an mpi4py communicator (``MPI.COMM_WORLD`` when omitted) or a :class:`Communicator`.
     Raises :class:`MPIUnavailableError`, saying what to install, when mpi4py or MPI is missing.
     """
-    global _default
-    _default = comm if isinstance(comm, Communicator) else MPICommunicator(comm)
-    share_cores(_default, set_blas_threads)
-    return _default
+    comm = comm if isinstance(comm, Communicator) else MPICommunicator(comm)
+    communicator.set_default(comm)
+    share_cores(comm, set_blas_threads)
+    return comm
 
 
 def share_cores(comm: Communicator, set_blas_threads: bool = False) -> int:
@@ -269,21 +209,9 @@ def share_cores(comm: Communicator, set_blas_threads: bool = False) -> int:
     return count
 
 
-def is_initialized() -> bool:
-    return _default is not None
-
-
 def get_communicator() -> Communicator:
-    """The communicator :func:`init` made, else a single-process one; refuses to pretend a job of several
-    ranks is one process (each rank would train alone without a word)."""
-    if _default is not None:
-        return _default
-    size = launcher_size()
-    if size is not None and size > 1:
-        raise RuntimeError(f"this process is one of {size} ranks started by an MPI launcher, but "
-                           f"tinybn.distributed.init() was not called, so the ranks cannot talk to each other; "
-                           f"call it first (python -m tinybn train takes --distributed)")
-    return LocalCommunicator()
+    """The communicator :func:`init` made, else a single-process one (:func:`tinybn.communicator.default`)."""
+    return communicator.default()
 
 
 class StoppedElsewhere(RuntimeError):

@@ -139,7 +139,7 @@ def gradcheck(fn, inputs, *, eps: float = 1e-6, atol: float = 1e-6, rtol: float 
     Returns ``{"ok", "worst_abs", "worst_rel", "where", "checked"}``: ``where`` names the input (by its parameter
     name in ``fn`` where it has one, and position) and the index of the element with the largest error;
     ``checked`` lists the implementations whose backward was checked, as "op [reference]" or "op [numba]"
-    (the kernels switch, :mod:`tinybn.kernels`, decides which run). Raises :class:`GradcheckError` with that
+    (the kernel switch decides which run). Raises :class:`GradcheckError` with that
     report when some element has ``|analytic − numeric| > atol + rtol·|numeric|``.
     """
     __tracebackhide__ = True       # pytest shows the failure, not this function's source

@@ -30,14 +30,8 @@ from collections import OrderedDict
 
 import numpy
 
-from .nn.batchnorm import _BatchNormBase
-from .nn.normalization import DecorrelatedBatchNorm, InstanceNorm2d, _BatchRenormBase
-
-# tinybn's name -> PyTorch's, per kind of layer
-_BN_NAMES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_var": "running_var",
-             "num_batches_tracked": "num_batches_tracked"}
-_INSTANCE_NAMES = {"weight": "weight", "bias": "bias", "moving_mean": "running_mean", "moving_var": "running_var",
-                   "num_batches_tracked": "num_batches_tracked"}
+from .nn.module import is_materialized
+from .nn.norm import Normalization
 
 
 def _module_paths(model) -> dict:
@@ -58,21 +52,27 @@ def _module_paths(model) -> dict:
 
 
 class _Entry:
-    """One tinybn parameter or buffer and the PyTorch keys that may hold it."""
+    """One tinybn parameter or buffer and the PyTorch keys that may hold it. A normalization layer says its PyTorch
+    names (``torch_names``; None: it has no PyTorch counterpart); every other layer's names are PyTorch's."""
 
     def __init__(self, name, module, own, prefixes):
-        if isinstance(module, (_BatchRenormBase, DecorrelatedBatchNorm)):
+        norm = isinstance(module, Normalization)
+        if norm and module.torch_names is None:
             raise ValueError(f"{prefixes[0] or 'the model'} ({module!r}) has no PyTorch counterpart, so its state "
                              f"cannot be converted")
         self.name, self.module, self.own = name, module, own
-        names = (_BN_NAMES if isinstance(module, _BatchNormBase) else
-                 _INSTANCE_NAMES if isinstance(module, InstanceNorm2d) else {})
-        torch_own = names.get(own, own)
+        torch_own = module.torch_names.get(own, own) if norm else own
         self.torch_keys = [f"{prefix}.{torch_own}" if prefix else torch_own for prefix in prefixes]
         self.keys = list(self.torch_keys)         # the keys accepted on loading
-        if isinstance(module, _BatchNormBase) and own != "num_batches_tracked":   # the chapter's from-scratch layer
+        if norm and torch_own != own:             # the chapter's from-scratch layer keeps tinybn's names
             self.keys += [f"{prefix}.{own}" if prefix else own for prefix in prefixes]
-        self.is_bn = isinstance(module, _BatchNormBase)
+        self.is_bn = norm and own != "num_batches_tracked" and "gamma" in module.torch_names
+
+    def to_torch(self, value):
+        return self.module.to_torch(self.own, value) if isinstance(self.module, Normalization) else value
+
+    def from_torch(self, value):
+        return self.module.from_torch(self.own, value) if isinstance(self.module, Normalization) else value
 
 
 def _entries(model) -> list:
@@ -91,16 +91,10 @@ def _as_numpy(value):
 
 
 def _fits(entry, value):
-    """``value`` in the shape the tinybn entry needs, or None: a BN layer's (C,) and the chapter layer's
-    (1, C[, 1, 1]) both fit either kind of tinybn BN layer, and nothing else is reshaped."""
+    """``value`` in the shape the tinybn entry needs (the layer reshapes what is its to reshape), or None."""
     tensor = getattr(entry.module, entry.own)
-    from .nn.module import is_materialized
-    if entry.is_bn and value.ndim > 0:
-        if value.ndim > 1 and (value.shape[0] != 1 or any(n != 1 for n in value.shape[2:])):
-            return None
-        channels = value.shape[0] if value.ndim == 1 else value.shape[1]
-        value = value.reshape(entry.module._param_shape(channels))
-    if is_materialized(tensor) and tuple(value.shape) != tuple(tensor.shape):
+    value = entry.from_torch(value)
+    if value is None or (is_materialized(tensor) and tuple(value.shape) != tuple(tensor.shape)):
         return None
     return value
 
@@ -118,9 +112,7 @@ def torch_state_dict(model, as_tensors: bool = True) -> "OrderedDict":
     state = model.state_dict()
     result = OrderedDict()
     for entry in _entries(model):
-        value = state[entry.name]
-        if entry.is_bn and value.ndim > 0:
-            value = value.reshape(-1)
+        value = entry.to_torch(state[entry.name])
         for key in entry.torch_keys:
             copy = numpy.array(value, order="C")          # keeps a 0-d counter 0-d
             result[key] = torch.from_numpy(copy) if as_tensors else copy
@@ -128,21 +120,18 @@ def torch_state_dict(model, as_tensors: bool = True) -> "OrderedDict":
 
 
 def _torch_settings(model, torch_module) -> list:
-    """``(tinybn module, attribute, value)`` for each eps and momentum to take from a PyTorch module: BN layers'
-    and instance norm's momentum (1 − PyTorch's), and the eps of every normalization layer."""
+    """``(tinybn module, attribute, value)`` for each setting to take from a PyTorch module: what each normalization
+    layer says it takes (:meth:`~tinybn.nn.norm.Normalization.torch_settings`: eps, and the momentum of batch norm
+    and instance norm as 1 − PyTorch's)."""
     settings = []
     ours = {prefix: module for prefix, module in model.named_modules()}
     for prefix, layer in torch_module.named_modules():
         mine = ours.get(prefix)
-        if mine is None:
-            continue
-        if hasattr(layer, "eps") and hasattr(mine, "eps"):
-            settings.append((mine, "eps", float(layer.eps)))
-        if hasattr(layer, "momentum") and isinstance(mine, (_BatchNormBase, InstanceNorm2d)):
-            if layer.momentum is None and isinstance(mine, InstanceNorm2d):
-                raise ValueError(f"{prefix}: PyTorch's momentum=None (a cumulative average) has no counterpart in "
-                                 f"tinybn's InstanceNorm2d; give the PyTorch layer a momentum")
-            settings.append((mine, "momentum", None if layer.momentum is None else 1.0 - float(layer.momentum)))
+        if isinstance(mine, Normalization) and mine.torch_names is not None:
+            try:
+                settings += [(mine, name, value) for name, value in mine.torch_settings(layer).items()]
+            except ValueError as error:
+                raise ValueError(f"{prefix}: {error}") from None
     return settings
 
 
@@ -182,7 +171,6 @@ def load_torch_state_dict(model, state) -> None:
         values = [_as_numpy(source[key]) for key in present]
         value = _fits(entry, values[0])
         if value is None:
-            from .nn.module import is_materialized
             tensor = getattr(entry.module, entry.own)
             wrong.append(f"{present[0]} has shape {values[0].shape}, {entry.name} needs "
                          f"{tuple(tensor.shape) if is_materialized(tensor) else 'one value per channel'}")

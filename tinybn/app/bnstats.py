@@ -1,13 +1,16 @@
 """Watching batch norm work (``train --bn-stats``): what each BN layer sees at every training step.
 
-For every BN layer, each training step's batch mean and variance of a few channels next to the layer's
-moving averages after that step (the lag that makes prediction mode swing at a large learning rate); γ and β
-at the end of every epoch; and for every sigmoid, the fraction of its outputs that are saturated (below 0.05
-or above 0.95, where its gradient is under 0.05 of its largest). Written to ``bn_stats.json`` and drawn in
-``bn_stats.png``.
+For every normalization layer with running statistics (batch norm of every kind, batch renorm, decorrelated BN,
+instance norm that tracks them), each training step's batch mean and variance of a few channels next to the
+layer's running statistics after that step (the lag that makes prediction mode swing at a large learning rate):
+what :meth:`tinybn.nn.norm.Normalization.watch` says; its scale and shift (γ and β) at the end of every epoch;
+and for every sigmoid, the fraction of its outputs that are saturated (below 0.05 or above 0.95, where its
+gradient is under 0.05 of its largest). Written to ``bn_stats.json`` and drawn in ``bn_stats.png``.
 
 The recorder only watches, through forward hooks: it changes no value the model computes. Its statistics are
-computed from each layer's input, in float64 on the host, for the first ``channels`` channels only.
+computed from each layer's input, in float64 on the host, for the first ``channels`` channels only. A training
+step is a forward in training mode that records a graph; evaluation and the precise-statistics pass (under
+``no_grad``) are not recorded.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from pathlib import Path
 import numpy
 
 from .. import backend
-from ..nn import BatchNorm, BatchNorm1d, Conv2d, Linear, Sigmoid
+from ..autograd import is_grad_enabled
+from ..nn import Conv2d, Linear, Normalization, Sigmoid
 from .checkpoint import replace_atomically
 
 SATURATED = (0.05, 0.95)
@@ -27,9 +31,11 @@ def layer_labels(model) -> dict:
     """Names as a student sees the model, by module path: "conv 1", "BN 1 (after conv 1)", "sigmoid 1 (after
     BN 1)", ... counted in the order the model holds them (the paths, "1", "5", are positions in a Sequential)."""
     labels, counts, last = {}, {}, None
-    kinds = ((Conv2d, "conv"), (Linear, "dense"), (BatchNorm, "BN"), (BatchNorm1d, "BN"), (Sigmoid, "sigmoid"))
+    kinds = ((Conv2d, "conv"), (Linear, "dense"), (Sigmoid, "sigmoid"))
     for name, module in model.named_modules():
         kind = next((word for cls, word in kinds if isinstance(module, cls)), None)
+        if isinstance(module, Normalization):          # batch norm of any kind is "BN"; the others by name
+            kind = "BN" if module.batch_dependent else type(module).__name__
         if kind is None:
             continue
         counts[kind] = counts.get(kind, 0) + 1
@@ -44,7 +50,8 @@ class BNStatsRecorder:
 
     def __init__(self, model, channels: int = 3, first_epoch: int = 1):
         self.channels, self.first_epoch = channels, first_epoch
-        self.bn = [(name, module) for name, module in model.named_modules() if isinstance(module, (BatchNorm, BatchNorm1d))]
+        self.bn = [(name, module) for name, module in model.named_modules()
+                   if isinstance(module, Normalization) and module.running_statistics]
         self.sigmoids = [(name, module) for name, module in model.named_modules() if isinstance(module, Sigmoid)]
         self.steps = 0                       # training steps recorded so far (over every epoch)
         self.epoch_ends = []                 # the step count at the end of each epoch
@@ -62,21 +69,19 @@ class BNStatsRecorder:
 
     # --------------------------------------------------------------------------------- hooks
 
-    def _recording(self, module) -> bool:
-        # training steps only: not evaluation, and not the precise-BN pass (which hands statistics to a sink)
-        return module.training and "_statistics_sink" not in module.__dict__
+    @staticmethod
+    def _recording(module) -> bool:
+        # training steps only: not evaluation, and not the precise-statistics pass (under no_grad)
+        return module.training and is_grad_enabled()
 
     def _watch_bn(self, module, inputs, output):
         if not self._recording(module):
             return None
-        x = getattr(inputs[0], "data", inputs[0])
-        x = backend.to_numpy(x[:, :self.channels]).astype(numpy.float64)
-        axes = (0,) if x.ndim == 2 else (0, 2, 3)
+        seen = module.watch(getattr(inputs[0], "data", inputs[0]), self.channels)   # running ones after this step
         record = self.layers[self._names[id(module)]]
-        record["batch_mean"].append(x.mean(axis=axes).tolist())
-        record["batch_var"].append(x.var(axis=axes).tolist())
-        for key in ("moving_mean", "moving_var"):       # after this step's update
-            record[key].append(self._first(getattr(module, key)))
+        for key in record:
+            if key in seen:
+                record[key].append(seen[key])
         return None
 
     def _watch_sigmoid(self, module, inputs, output):
@@ -88,9 +93,6 @@ class BNStatsRecorder:
         self.saturation[self._names[id(module)]].append(float(xp.mean((y < low) | (y > high))) if y.size else 0.0)
         return None
 
-    def _first(self, tensor) -> list:
-        return backend.to_numpy(tensor.data).reshape(-1)[:self.channels].astype(numpy.float64).tolist()
-
     # --------------------------------------------------------------------------------- epochs and output
 
     def end_epoch(self) -> None:
@@ -99,8 +101,9 @@ class BNStatsRecorder:
         self.steps = max(counts, default=0)
         self.epoch_ends.append(self.steps)
         for name, module in self.bn:
-            self.layers[name]["gamma"].append(backend.to_numpy(module.gamma.data).reshape(-1).astype(float).tolist())
-            self.layers[name]["beta"].append(backend.to_numpy(module.beta.data).reshape(-1).astype(float).tolist())
+            for key, tensor in zip(("gamma", "beta"), module.scale_and_shift()):
+                if tensor is not None:
+                    self.layers[name][key].append(backend.to_numpy(tensor.data).reshape(-1).astype(float).tolist())
 
     def to_json(self) -> dict:
         return {"channels": self.channels, "saturated_below_or_above": list(SATURATED), "first_epoch": self.first_epoch,
@@ -172,7 +175,8 @@ def _layer_panels(document: dict, first: int):
             for channel in range(values.shape[1]):
                 color = colors[channel % len(colors)]
                 ax.plot(x, values[:, channel], color=color, alpha=0.25, linewidth=0.6)
-                ax.plot(x, averages[:, channel], color=color, linewidth=1.4, label=f"channel {channel}")
+                if averages.size:          # (decorrelated BN keeps a whitening matrix, not a variance per channel)
+                    ax.plot(x, averages[:, channel], color=color, linewidth=1.4, label=f"channel {channel}")
             ax.set_title(f"{_label(document, name, 'BN layer')}: {label}", fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))

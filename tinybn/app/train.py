@@ -16,8 +16,8 @@ from .. import distributed as dist
 from .. import functional as F
 from .. import random as tb_random
 from ..autograd import Tensor, no_grad
-from ..nn import (BatchNorm, BatchNorm1d, DecorrelatedBatchNorm, SyncBatchNorm, is_materialized,
-                  recompute_batch_norm_statistics)
+from ..functional.batchnorm import BatchTooSmallError
+from ..nn import convert_sync, is_materialized, normalization_layers, recompute_batch_norm_statistics, running_statistics
 from ..optim import SGD, learning_rate
 from . import checkpoint
 from .checkpoint import replace_atomically
@@ -87,9 +87,6 @@ def synchronize(device: str) -> None:
     """Wait for the GPU (a no-op on the CPU), so timers measure finished work."""
     if device.startswith("cuda"):
         backend.resolve_device(device)[1].cuda.Device().synchronize()
-
-
-BN_LAYERS = (BatchNorm, BatchNorm1d, SyncBatchNorm)
 
 
 def evaluate(model, loader, comm=None) -> float:
@@ -273,29 +270,27 @@ def split_validation(train_x, train_y, val_size: int, seed: int):
     return train_x[kept], train_y[kept], train_x[held], train_y[held]
 
 
-def precise_batches(train_x, train_y, num_batches: int, batch_size: int, seed: int, device) -> DataLoader:
+def precise_batches(train_x, train_y, num_batches: int, batch_size: int, seed: int, device,
+                    shard=(0, 1)) -> DataLoader:
     """The training batches that precise BN averages over: the same ``num_batches`` random batches every epoch
-    (seeded, and apart from the training loader's generator, so switching precise BN on changes no weight)."""
+    (seeded, and apart from the training loader's generator, so switching precise BN on changes no weight);
+    ``shard``: a data-parallel rank's share of each (the ranks' statistics are then pooled)."""
     count = min(len(train_y), num_batches * batch_size)
     chosen = numpy.sort(numpy.random.default_rng([seed, 2]).permutation(len(train_y))[:count])
-    return DataLoader(train_x[chosen], train_y[chosen], batch_size, device=device, min_batch=2)
-
-
-MOVING_STATISTICS = ("moving_mean", "moving_var", "moving_whitening")   # what precise BN recomputes
+    return DataLoader(train_x[chosen], train_y[chosen], batch_size, device=device, min_batch=2, shard=shard)
 
 
 def bn_statistics(model) -> dict:
-    """Copies of every batch-norm layer's moving statistics (and decorrelated BN's), by state-dict name."""
-    return {name: tensor.data.copy() for name, tensor in model.named_buffers()
-            if name.rsplit(".", 1)[-1] in MOVING_STATISTICS}
+    """Copies of every normalization layer's running statistics, by state-dict name."""
+    return {name: tensor.data.copy() for name, tensor in running_statistics(model).items()}
 
 
 def set_bn_statistics(model, statistics: dict) -> None:
-    """Put BN statistics (as :func:`bn_statistics` returns them) into ``model``; checks them all first."""
-    buffers = dict(model.named_buffers())
+    """Put running statistics (as :func:`bn_statistics` returns them) into ``model``; checks them all first."""
+    buffers = running_statistics(model)
     for name, value in statistics.items():
-        if name not in buffers or name.rsplit(".", 1)[-1] not in MOVING_STATISTICS:
-            raise ValueError(f"precise BN statistics: {name} is not a moving mean, variance or whitening matrix "
+        if name not in buffers:
+            raise ValueError(f"precise BN statistics: {name} is not a running statistic of a normalization layer "
                              f"of this model")
         if tuple(value.shape) != buffers[name].shape:
             raise ValueError(f"precise BN statistics: {name} has shape {tuple(value.shape)}, "
@@ -304,12 +299,28 @@ def set_bn_statistics(model, statistics: dict) -> None:
         buffers[name].data = backend.to_device(value, backend.device_of(buffers[name].data)).astype(buffers[name].dtype)
 
 
-def with_precise_bn(model, batches, evaluations: dict) -> tuple[dict, dict]:
-    """Recompute the BN statistics over ``batches``, run each of ``evaluations`` (name -> function of the
-    model) with them, and put the moving averages back; returns (results, the precise statistics)."""
+def check_a_step(model, train_x, batch_size: int, device) -> None:
+    """One training-mode forward of a copy of the model on a batch of ``batch_size`` images (no weight changes, no
+    graph): a batch its normalization layers cannot train on is refused now, before a run deletes or writes a
+    file, and not at step 1."""
+    import copy
+
+    images = backend.to_device(train_x[:batch_size].astype(numpy.float32) / 255, device)
+    try:
+        with no_grad():
+            copy.deepcopy(model).train()(Tensor(images))
+    except BatchTooSmallError as error:
+        raise ValueError(f"--batch-size {batch_size}: the model cannot train on batches of {len(images)} image(s): "
+                         f"{error.reason} Use --batch-size 2 or more.") from None
+
+
+def with_precise_bn(model, batches, evaluations: dict, comm=None) -> tuple[dict, dict]:
+    """Recompute the BN statistics over ``batches`` (with ``comm``, over every rank's batches together), run each
+    of ``evaluations`` (name -> function of the model) with them, and put the moving averages back; returns
+    (results, the precise statistics)."""
     moving = bn_statistics(model)
     try:
-        recompute_batch_norm_statistics(model, batches)
+        recompute_batch_norm_statistics(model, batches, comm=comm)
         results = {name: run(model) for name, run in evaluations.items()}
         precise = bn_statistics(model)
     finally:
@@ -318,9 +329,12 @@ def with_precise_bn(model, batches, evaluations: dict) -> tuple[dict, dict]:
 
 
 def first_batch_norm(model):
-    for module in model.modules():
-        if isinstance(module, BN_LAYERS) and is_materialized(module.gamma):
-            return module
+    """The first layer that normalizes over the batch and has a learned scale: the one whose γ and β the chapter
+    prints."""
+    for _, layer in normalization_layers(model):
+        scale = layer.scale_and_shift()[0]
+        if layer.batch_dependent and scale is not None and is_materialized(scale):
+            return layer
     return None
 
 
@@ -386,16 +400,18 @@ def _prepare(config: TrainConfig, log, data, model, comm) -> _Job:
 
     tb_random.manual_seed(config.seed)
     model = build_model(config.model, device=device) if model is None else model.to(device)
-    has_bn = any(isinstance(m, BN_LAYERS) for m in model.modules())
+    layers = [layer for _, layer in normalization_layers(model)]
+    has_bn = any(layer.batch_dependent for layer in layers)
     shard, min_batch = (0, 1), 2
+    check_a_step(model, train_x, config.batch_size, device)      # before any file is touched
     if comm is not None:
         shard = (comm.rank, comm.world_size)
         # synchronized BN needs 2 images in the whole batch, as one process does (a rank's shard may be empty);
         # batch norm on each rank's shard needs 2 on every rank
         if has_bn and not config.sync_bn:
             min_batch = 2 * comm.world_size
-        if config.sync_bn and has_bn:
-            model = SyncBatchNorm.convert_sync_batchnorm(model, comm)
+        if config.sync_bn:
+            model = convert_sync(model, comm)
         if not all(is_materialized(t) for t in (*model.parameters(), *model.buffers())):
             with no_grad():           # lazy layers take their sizes from one image, so that rank 0's state can go out
                 model.eval()(Tensor(backend.to_device(train_x[:1].astype(numpy.float32), device)))
@@ -416,10 +432,10 @@ def _prepare(config: TrainConfig, log, data, model, comm) -> _Job:
         val_loader = held_out(val_x, val_y)
         evaluations["val_acc"] = lambda m: evaluate(m, val_loader, comm)
     precise = None
-    recomputable = has_bn or any(isinstance(m, DecorrelatedBatchNorm) for m in model.modules())
+    recomputable = any(layer.pools_statistics for layer in layers)
     precise_count = PRECISE_BN_BATCHES if config.precise_bn is None and recomputable else config.precise_bn
     if precise_count and recomputable:
-        precise = precise_batches(train_x, train_y, precise_count, config.batch_size, config.seed, device)
+        precise = precise_batches(train_x, train_y, precise_count, config.batch_size, config.seed, device, shard)
     elif precise_count:
         log(f"{config.model} has no batch norm, so --precise-bn has nothing to recompute")
     # the metrics and the checkpoint record the number of batches used, not "the default"
@@ -537,8 +553,9 @@ def _run(job: _Job) -> dict:
         log(f"training {config.model} on {device}: {job.sizes}, "
             f"batch {config.batch_size}, lr {config.lr:g} ({config.schedule}), {plural(config.epochs, 'epoch')}")
         if comm is not None:
-            norm = ("the model has no batch norm" if not job.has_bn else "batch norm over the whole batch "
-                    "(SyncBatchNorm)" if config.sync_bn else "batch norm over each rank's shard (--no-sync-bn)")
+            norm = ("the model has no layer that normalizes over the batch" if not job.has_bn else
+                    "normalization over the whole batch (synchronized layers)" if config.sync_bn else
+                    "normalization over each rank's shard (--no-sync-bn)")
             log(f"data parallel over {plural(comm.world_size, 'rank')}: each takes its shard of every batch of "
                 f"{config.batch_size}, {norm}")
         if precise:
@@ -565,7 +582,7 @@ def _run(job: _Job) -> dict:
             row.update({name: round(run(model), 6) for name, run in evaluations.items()})
             statistics = None
             if precise:
-                results, statistics = with_precise_bn(model, precise, evaluations)
+                results, statistics = with_precise_bn(model, precise, evaluations, comm)
                 row.update({f"{name}_precise": round(value, 6) for name, value in results.items()})
                 statistics = {name: backend.to_numpy(value) for name, value in statistics.items()}
             row.update({"examples_per_sec": round(stats["examples_per_sec"], 1), "lr": round(optimizer.lr, 6),
@@ -599,9 +616,10 @@ def _run(job: _Job) -> dict:
                     f"(precise BN); the checkpoint keeps them next to the moving averages")
             bn = first_batch_norm(model)
             if bn is not None:
+                gamma, beta = bn.scale_and_shift()
                 with numpy.printoptions(precision=4, suppress=True):  # NumPy's global options stay the caller's
-                    log(f"first BN layer gamma: {bn.gamma.numpy().reshape(-1)}")
-                    log(f"first BN layer beta:  {bn.beta.numpy().reshape(-1)}")
+                    log(f"first BN layer gamma: {gamma.numpy().reshape(-1)}")
+                    log(f"first BN layer beta:  {beta.numpy().reshape(-1)}")
             if root and config.plot and plot_history(out / "metrics.png", history, f"{config.model}, lr {config.lr:g}", log):
                 log(f"wrote {out / 'metrics.png'}, {out / 'metrics.csv'}, {out / 'metrics.json'}, {ckpt_path}"
                     + (f", {best_path}" if config.keep_best and best_path.exists() else "")

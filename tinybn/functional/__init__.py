@@ -15,8 +15,9 @@ from .linear import linear
 from .loss import cross_entropy
 from .pooling import avg_pool2d, max_pool2d
 from .shape import flatten
-from .syncbatchnorm import sync_batch_norm
+from .syncbatchnorm import sync_batch_norm, sync_batch_renorm, sync_decorrelated_batch_norm
 from .whitening import decorrelated_batch_norm
 
 __all__ = ["avg_pool2d", "batch_norm", "batch_renorm", "conv2d", "cross_entropy", "decorrelated_batch_norm", "dropout",
-           "flatten", "group_norm", "layer_norm", "linear", "max_pool2d", "relu", "sigmoid", "sync_batch_norm"]
+           "flatten", "group_norm", "layer_norm", "linear", "max_pool2d", "relu", "sigmoid", "sync_batch_norm",
+           "sync_batch_renorm", "sync_decorrelated_batch_norm"]

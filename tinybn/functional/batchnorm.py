@@ -48,6 +48,10 @@ E[x²] − E[x]² subtracts two nearly equal numbers when |μ| ≫ σ: for float
 and std 1, E[x²] ≈ 1e8 carries only about 8 significant bits of the variance and the result can be
 0 or negative. Subtracting μ first and then averaging the squares keeps every digit.
 
+The squares themselves overflow float32 once |x − μ| passes about 1.8e19; σ² would be inf and every x̂ 0, so
+y would be β everywhere. :func:`mean_square` then averages the squares again in float64, where they fit, and
+1/√(σ² + ε) comes back to float32 (it is tiny, not zero): the output is right, with standard deviation 1.
+
 Backward
 --------
 Two implementations, checked equal in the tests (derivations: docs/derivations.md, "Batch normalization"):
@@ -77,6 +81,15 @@ from ..backend import get_array_module
 
 DEFAULT_MOMENTUM = 0.9
 DEFAULT_EPS = 1e-5
+
+
+class BatchTooSmallError(ValueError):
+    """A normalization in training mode was given one value per channel (a batch of one example, say), so every
+    normalized value would be 0. ``reason`` says so without the advice, for callers that give their own."""
+
+    def __init__(self, reason: str, advice: str = "Use a larger batch, or switch the layer to eval mode."):
+        super().__init__(f"{reason} {advice}")
+        self.reason = reason
 
 
 def torch_momentum_to_tinybn(torch_momentum: float) -> float:
@@ -129,12 +142,23 @@ def check_arguments(x, per_channel, training: bool, eps: float, whole_batch: boo
             raise ValueError(f"batch_norm: a per-channel array of shape {tuple(value.shape)} does not match the "
                              f"{x.shape[1]} channels of an input of shape {tuple(x.shape)}")
     if training and whole_batch and x.size and x.size == x.shape[1]:
-        raise ValueError(f"batch_norm in training mode needs more than one value per channel, but an input of "
-                         f"shape {tuple(x.shape)} has exactly one: every normalized value would be 0 and "
-                         f"nothing could be learned. Use a larger batch, or switch the layer to eval mode.")
+        raise BatchTooSmallError(f"batch_norm in training mode needs more than one value per channel, but an input "
+                                 f"of shape {tuple(x.shape)} has exactly one: every normalized value would be 0 and "
+                                 f"nothing could be learned.")
     if training and not eps > 0:
         raise ValueError(f"batch_norm: eps must be positive in training mode, got {eps}: a channel whose values "
                          f"are all equal would divide by zero (the default is {DEFAULT_EPS})")
+
+
+def mean_square(x_centered, axes):
+    """mean((x − μ)²) over ``axes`` (keepdims). Where the squares overflow (float32 beyond |x − μ| ≈ 1.8e19) it is
+    taken again in float64 and returned in float64: the caller casts what it keeps (see "Why two passes")."""
+    xp = get_array_module(x_centered)
+    var = (x_centered * x_centered).mean(axis=axes, keepdims=True)
+    if x_centered.dtype.itemsize < 8 and x_centered.size and not bool(xp.isfinite(var).all()):
+        wide = x_centered.astype(xp.float64)
+        var = (wide * wide).mean(axis=axes, keepdims=True)
+    return var
 
 
 def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, training, eps=DEFAULT_EPS):
@@ -149,11 +173,12 @@ def batch_norm_forward(x, gamma, beta, moving_mean, moving_var, training, eps=DE
     if training:
         mu = x.mean(axis=axes, keepdims=True)
         x_centered = x - mu
-        var = (x_centered * x_centered).mean(axis=axes, keepdims=True)
+        var = mean_square(x_centered, axes)
     else:
         mu, var = _per_channel(moving_mean, x), _per_channel(moving_var, x)
         x_centered = x - mu
-    inv_std = 1.0 / xp.sqrt(var + eps)
+    inv_std = (1.0 / xp.sqrt(var + eps)).astype(x.dtype, copy=False)
+    var = var.astype(x.dtype, copy=False)
     x_hat = x_centered * inv_std
     y = (g * x_hat + b).astype(x_dtype, copy=False)
     cache = Cache(x_hat=x_hat, inv_std=inv_std, gamma=g, axes=axes, m=m, training=training,

@@ -30,7 +30,7 @@ from .. import ops
 from ..autograd import Cache, apply
 from ..backend import get_array_module
 from .batchnorm import (DEFAULT_EPS, _in_input_dtypes, _per_channel, check_arguments, check_momentum, compute_dtype,
-                        new_moving_averages, reduction_axes)
+                        mean_square, new_moving_averages, reduction_axes)
 
 DEFAULT_MOMENTUM = 0.99    # the moving averages take part in training here: they must be smooth (the paper: 0.99)
 
@@ -56,8 +56,9 @@ def batch_renorm_forward(x, gamma, beta, moving_mean, moving_var, training, r_ma
     if training:
         mu = x.mean(axis=axes, keepdims=True)
         x_centered = x - mu
-        var = (x_centered * x_centered).mean(axis=axes, keepdims=True)
-        sigma_batch = xp.sqrt(var + eps)
+        var = mean_square(x_centered, axes)
+        sigma_batch = xp.sqrt(var + eps).astype(x.dtype, copy=False)
+        var = var.astype(x.dtype, copy=False)
         r = xp.clip(sigma_batch / sigma, 1.0 / r_max, r_max)
         d = xp.clip((mu - mean) / sigma, -d_max, d_max)
         z = x_centered / sigma_batch

@@ -25,7 +25,7 @@ import numpy
 from .. import ops
 from ..autograd import Cache, apply
 from ..backend import get_array_module
-from .batchnorm import check_floating, compute_dtype
+from .batchnorm import check_floating, compute_dtype, mean_square
 
 DEFAULT_EPS = 1e-5
 
@@ -34,8 +34,8 @@ def standardize(x, axes, eps):
     """``(x̂, inv_std)``: x minus its mean over ``axes``, divided by √(biased variance + eps) (keepdims)."""
     mu = x.mean(axis=axes, keepdims=True)
     x_centered = x - mu
-    var = (x_centered * x_centered).mean(axis=axes, keepdims=True)
-    inv_std = 1.0 / get_array_module(x).sqrt(var + eps)
+    var = mean_square(x_centered, axes)              # no overflow to inf for float32 beyond |x − μ| ≈ 1.8e19
+    inv_std = (1.0 / get_array_module(x).sqrt(var + eps)).astype(x.dtype, copy=False)
     return x_centered * inv_std, inv_std
 
 

@@ -55,7 +55,8 @@ import numpy
 from .. import ops
 from ..autograd import Cache, apply
 from ..backend import get_array_module
-from .batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM, check_floating, check_momentum, compute_dtype, new_moving_averages
+from .batchnorm import (DEFAULT_EPS, DEFAULT_MOMENTUM, BatchTooSmallError, check_floating, check_momentum,
+                        compute_dtype, new_moving_averages)
 
 DEFAULT_ITERATIONS = 5
 
@@ -92,24 +93,28 @@ def newton_schulz(sigma, iterations):
     return W, dict(sigma=sigma, trace=trace, Y=Y, Z=Z, T=T, W=W)
 
 
+def covariance(Xc):
+    """Xc Xcᵀ / m for centered values Xc (g, m). Where the products overflow (float32 beyond |x − μ| ≈ 1.8e19) they
+    are taken again in float64 and the matrix comes back in float64, as batch norm's variance does."""
+    xp = get_array_module(Xc)
+    sigma = Xc @ Xc.T / Xc.shape[1]
+    if Xc.dtype.itemsize < 8 and not bool(xp.isfinite(sigma).all()):
+        wide = Xc.astype(xp.float64)
+        sigma = wide @ wide.T / Xc.shape[1]
+    return sigma
+
+
 def whiten_group(X, eps, iterations):
     """``(x̂, μ, W, cache entries)`` for one group's X (g, m): the forward above."""
     xp = get_array_module(X)
     g, m = X.shape
     mu = X.mean(axis=1, keepdims=True)
     Xc = X - mu
-    W, entries = newton_schulz(Xc @ Xc.T / m + eps * xp.eye(g, dtype=X.dtype), iterations)
+    sigma = covariance(Xc)
+    W, entries = newton_schulz(sigma + eps * xp.eye(g, dtype=sigma.dtype), iterations)
+    if W.dtype != X.dtype:     # an overflowing float32 covariance, whitened in float64: W fits X's dtype again (the
+        W = entries["W"] = W.astype(X.dtype)           # backward keeps the iterates in float64)
     return W @ Xc, mu, W, dict(entries, Xc=Xc)
-
-
-def batch_covariance(x):
-    """``(μ (C,), Σ (C, C), m)`` in float64: the mean and biased covariance over the m values of each channel of
-    x (N, C) or (N, C, H, W), without ε (what :func:`whitening_matrix` takes)."""
-    X = _channels_first(x).astype(numpy.float64)
-    m = X.shape[1]
-    mu = X.mean(axis=1)
-    Xc = X - mu[:, None]
-    return mu, Xc @ Xc.T / m, m
 
 
 def whitening_matrix(covariance, group_size, iterations=DEFAULT_ITERATIONS, eps=DEFAULT_EPS):
@@ -136,13 +141,11 @@ def whitening_matrix(covariance, group_size, iterations=DEFAULT_ITERATIONS, eps=
     return W
 
 
-def whiten_group_backward(dx_hat, saved):
-    """dX for one group, from dx̂ (g, m): the backward above."""
-    xp = get_array_module(dx_hat)
-    Xc, sigma, trace, Y, Z, T, W = (saved[k] for k in ("Xc", "sigma", "trace", "Y", "Z", "T", "W"))
-    m = Xc.shape[1]
-    dW = dx_hat @ Xc.T
-    dXc = W.T @ dx_hat
+def newton_schulz_backward(dW, saved):
+    """dΣ from dW = dL/dW, through W = Z_T / √tr(Σ) and the Newton–Schulz steps back to Σ (the backward above,
+    from its second line to dΣ += dtr · I)."""
+    xp = get_array_module(dW)
+    sigma, trace, Y, Z, T = (saved[k] for k in ("sigma", "trace", "Y", "Z", "T"))
     dZ = dW / xp.sqrt(trace)
     dtrace = -0.5 * trace ** -1.5 * (dW * Z[-1]).sum()
     dY = xp.zeros_like(dZ)
@@ -152,8 +155,15 @@ def whiten_group_backward(dx_hat, saved):
     dS = dY
     dsigma = dS / trace
     dtrace = dtrace - (dS * sigma).sum() / trace ** 2
-    dsigma = dsigma + dtrace * xp.eye(sigma.shape[0], dtype=sigma.dtype)
-    dXc = dXc + (dsigma + dsigma.T) @ Xc / m
+    return dsigma + dtrace * xp.eye(sigma.shape[0], dtype=sigma.dtype)
+
+
+def whiten_group_backward(dx_hat, saved):
+    """dX for one group, from dx̂ (g, m): the backward above."""
+    Xc, W = saved["Xc"], saved["W"]
+    m = Xc.shape[1]
+    dsigma = newton_schulz_backward(dx_hat @ Xc.T, saved)      # dW = dx̂ Xcᵀ
+    dXc = W.T @ dx_hat + (dsigma + dsigma.T) @ Xc / m
     return dXc - dXc.mean(axis=1, keepdims=True)
 
 
@@ -209,10 +219,10 @@ def decorrelated_batch_norm_backward(dy, cache):
 ops.define("decorrelated_batch_norm", decorrelated_batch_norm_forward, decorrelated_batch_norm_backward)
 
 
-def decorrelated_batch_norm(x, gamma, beta, moving_mean, moving_whitening, *, training, group_size=16,
-                            iterations=DEFAULT_ITERATIONS, momentum=DEFAULT_MOMENTUM, eps=DEFAULT_EPS):
-    """Whiten x (N, C) or (N, C, H, W) in groups of ``group_size`` channels; returns ``(y, new_moving_mean,
-    new_moving_whitening)``: γ, β and moving_mean (C,), moving_whitening (C, C). See the module docstring."""
+def check_whitening_arguments(x, gamma, beta, moving_mean, moving_whitening, group_size, iterations, eps,
+                              training: bool) -> None:
+    """Every check decorrelated BN makes, for every implementation (``training``: also more than one value per
+    channel, which synchronized decorrelated BN checks over all the ranks' shards instead)."""
     if len(x.shape) not in (2, 4):
         raise ValueError(f"decorrelated_batch_norm expects a 2-D (N, C) or 4-D (N, C, H, W) input, got shape "
                          f"{tuple(x.shape)}")
@@ -228,10 +238,17 @@ def decorrelated_batch_norm(x, gamma, beta, moving_mean, moving_whitening, *, tr
         if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < 1:
             raise ValueError(f"decorrelated_batch_norm: {name} must be a whole number of at least 1, got {value!r}")
     if training and x.size and x.size == channels:
-        raise ValueError(f"decorrelated_batch_norm in training mode needs more than one value per channel, got an "
-                         f"input of shape {tuple(x.shape)}; use a larger batch, or switch the layer to eval mode")
+        raise BatchTooSmallError(f"decorrelated_batch_norm in training mode needs more than one value per channel, "
+                                 f"got an input of shape {tuple(x.shape)}.")
     if not eps > 0:
         raise ValueError(f"decorrelated_batch_norm: eps must be positive, got {eps}")
+
+
+def decorrelated_batch_norm(x, gamma, beta, moving_mean, moving_whitening, *, training, group_size=16,
+                            iterations=DEFAULT_ITERATIONS, momentum=DEFAULT_MOMENTUM, eps=DEFAULT_EPS):
+    """Whiten x (N, C) or (N, C, H, W) in groups of ``group_size`` channels; returns ``(y, new_moving_mean,
+    new_moving_whitening)``: γ, β and moving_mean (C,), moving_whitening (C, C). See the module docstring."""
+    check_whitening_arguments(x, gamma, beta, moving_mean, moving_whitening, group_size, iterations, eps, training)
     if training:
         check_momentum("decorrelated_batch_norm", momentum)
     training = training and x.size > 0

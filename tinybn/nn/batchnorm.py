@@ -18,25 +18,31 @@ the k batch statistics.
 Moving averages lag behind the weights: at a large learning rate they average batches seen by
 several older versions of the network, and prediction mode suffers. The chapter's remedy, "after
 training, use the entire dataset to compute stable estimates of the statistics and fix them at
-prediction time", is :func:`recompute_batch_norm_statistics` ("precise BN").
+prediction time", is :func:`tinybn.nn.recompute_batch_norm_statistics` ("precise BN").
+
+Every layer here is a :class:`~tinybn.nn.norm.Normalization`: it says, once, what the tools need to know of
+it (its running statistics, how they pool, how it synchronizes over ranks, folds, maps to PyTorch).
 """
 from __future__ import annotations
 
-import itertools
-
 import numpy
 
-from .. import backend
+from .. import backend, communicator
 from .. import functional as F
 from ..functional.batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM
-from ..functional.whitening import whitening_matrix
-from ..autograd import Tensor, no_grad
+from ..autograd import Tensor
 from .layers import check_input, check_size
 from .module import Module, UninitializedBuffer, UninitializedParameter, is_materialized
+from .norm import Normalization, convert_sync, per_channel_moments, twin
 
 
-class _BatchNormBase(Module):
+class _BatchNormBase(Normalization):
     num_dims = None  # 2 or 4
+    running_statistics = ("moving_mean", "moving_var")
+    batch_dependent = pools_statistics = True
+    affine_parameters = ("gamma", "beta")
+    torch_names = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_var": "running_var",
+                   "num_batches_tracked": "num_batches_tracked"}
 
     def __init__(self, num_features, momentum, eps, device, dtype):
         super().__init__()
@@ -89,9 +95,6 @@ class _BatchNormBase(Module):
             object.__setattr__(self, "_device", backend.device_of(data))
             self._materialize(data.shape[1])
         self._check_input(x, self.num_features)
-        sink = self.__dict__.get("_statistics_sink")
-        if sink is not None and self.training:   # recompute_batch_norm_statistics: hand over the batch's statistics
-            return self._forward_into(sink, x, data)
         momentum = self.momentum
         if momentum is None:  # cumulative average: the k-th batch gets weight 1/k
             momentum = 1.0 - 1.0 / (int(self.num_batches_tracked.item()) + 1)
@@ -108,20 +111,53 @@ class _BatchNormBase(Module):
         data = x.data if isinstance(x, Tensor) else x
         return y, new_mean, new_var, data.size // self.num_features
 
-    def _forward_into(self, sink, x, data):
-        """Normalize with the batch's statistics, give them and the number of values per channel to ``sink``,
-        and leave the layer's buffers alone. (Starting from zeros and ones with momentum 0 makes the "new
-        moving averages" exactly the batch's mean and variance, whatever the buffers hold.)"""
-        xp = backend.get_array_module(data)
-        zeros = xp.zeros(self.moving_mean.shape, self.moving_mean.dtype)
-        y, mean, var = F.batch_norm(x, self.gamma, self.beta, zeros, xp.ones_like(zeros), training=True,
-                                    momentum=0.0, eps=self.eps)
-        if data.size > 0:
-            sink(self, mean.data, var.data, data.size // self.num_features)
-        return y
+    # -- what the tools ask (tinybn.nn.norm)
+    def batch_moments(self, x):
+        return per_channel_moments(x, (0,) if x.ndim == 2 else (0, 2, 3))
+
+    def set_statistics(self, pooled):
+        shape, dtype, xp = self.moving_mean.shape, self.moving_mean.dtype, backend.get_array_module(self.moving_mean.data)
+        self.moving_mean.data = xp.asarray(pooled.mean).reshape(shape).astype(dtype)
+        self.moving_var.data = xp.asarray(pooled.variance).reshape(shape).astype(dtype)
+
+    def reset_running_stats(self):
+        xp = backend.get_array_module(self.moving_mean.data)
+        self.moving_mean.data = xp.zeros_like(self.moving_mean.data)
+        self.moving_var.data = xp.ones_like(self.moving_var.data)
+        self.num_batches_tracked.data = xp.zeros_like(self.num_batches_tracked.data)
+
+    def synchronized(self, comm):
+        return twin(self, SyncBatchNorm, comm=comm, num_dims=self.num_dims, _param_shape=self._param_shape)
+
+    def prediction_affine(self):
+        scale = _host64(self.gamma) / numpy.sqrt(_host64(self.moving_var) + self.eps)
+        return scale, _host64(self.beta) - scale * _host64(self.moving_mean)
+
+    def to_torch(self, name, value):
+        return value.reshape(-1) if value.ndim > 0 else value
+
+    def from_torch(self, name, value):
+        """PyTorch's (C,) and the chapter layer's (1, C[, 1, 1]) both fit either kind of tinybn BN layer."""
+        if value.ndim == 0:
+            return value
+        if value.ndim > 1 and (value.shape[0] != 1 or any(n != 1 for n in value.shape[2:])):
+            return None
+        return value.reshape(self._param_shape(value.shape[0] if value.ndim == 1 else value.shape[1]))
+
+    def torch_settings(self, torch_layer):
+        settings = super().torch_settings(torch_layer)
+        if hasattr(torch_layer, "momentum"):      # PyTorch weighs the new batch; None: a cumulative average
+            momentum = torch_layer.momentum
+            settings["momentum"] = None if momentum is None else 1.0 - float(momentum)
+        return settings
 
     def extra_repr(self):
         return f"{self.num_features}, momentum={self.momentum}, eps={self.eps}"
+
+
+def _host64(tensor):
+    """A host float64 copy of a per-channel tensor, flat."""
+    return backend.to_numpy(tensor.data).astype(numpy.float64).reshape(-1)
 
 
 class BatchNorm(_BatchNormBase):
@@ -170,12 +206,13 @@ class SyncBatchNorm(_BatchNormBase):
     Training mode gathers each rank's count, mean and sum of squared deviations per channel in one
     collective, and the backward sums Σdy and Σdy·x̂ in one more (:mod:`tinybn.functional.syncbatchnorm`);
     the moving averages come from the global statistics and are the same on every rank. Prediction mode
-    uses them and communicates nothing. ``comm``: a :class:`tinybn.distributed.Communicator`, by default
-    the one :func:`tinybn.distributed.init` made when the layer is first called; with a single process it
+    uses them and communicates nothing. ``comm``: a :class:`tinybn.communicator.Communicator`, by default
+    the one :func:`tinybn.distributed.init` made, looked up when the layer is called; with a single process it
     is plain batch norm. Every rank must run every training step (even with an empty shard): the layer's
     collectives wait for all of them.
 
-    :meth:`convert_sync_batchnorm` turns the batch-norm layers of an existing model into this one.
+    :meth:`convert_sync_batchnorm` turns the normalization layers of an existing model into their synchronized
+    forms (this one for batch norm).
     """
     num_dims = None        # 2 or 4, as the input comes
 
@@ -198,137 +235,23 @@ class SyncBatchNorm(_BatchNormBase):
     def _normalize(self, x, momentum):
         checked = self.__dict__.get("_channels_agreed", False)      # the ranks agree on the channels once
         result = F.sync_batch_norm(x, self.gamma, self.beta, self.moving_mean, self.moving_var, training=self.training,
-                                   momentum=momentum, eps=self.eps, comm=self.comm, check_channels=not checked)
+                                   momentum=momentum, eps=self.eps, comm=self.comm or communicator.default(),
+                                   check_channels=not checked)
         if self.training:
             object.__setattr__(self, "_channels_agreed", True)
         return result
 
+    def synchronized(self, comm):
+        return self if comm is self.comm else twin(self, type(self), comm=comm)
+
     @classmethod
     def convert_sync_batchnorm(cls, module: Module, comm=None) -> Module:
-        """``module`` with every batch-norm layer replaced by a SyncBatchNorm that shares its γ, β and moving
-        statistics (the same tensor objects, in the same shapes: state dicts and optimizers built before or after
-        stay valid, and checkpoints load either way). Returns the new root when ``module`` is itself a BN layer."""
-        done = {}                     # a layer used in two places stays one layer
-
-        def converted(layer):
-            if not isinstance(layer, _BatchNormBase) or isinstance(layer, SyncBatchNorm):
-                return layer
-            if id(layer) in done:
-                return done[id(layer)]
-            sync = cls.__new__(cls)
-            Module.__init__(sync)
-            for name in ("num_features", "momentum", "eps"):
-                object.__setattr__(sync, name, getattr(layer, name))
-            for name in ("_device", "_dtype", "training", "num_dims"):
-                object.__setattr__(sync, name, getattr(layer, name))
-            object.__setattr__(sync, "comm", comm)
-            object.__setattr__(sync, "_param_shape", layer._param_shape)   # a lazy layer materializes as before
-            sync.gamma, sync.beta = layer.gamma, layer.beta
-            for name in ("moving_mean", "moving_var", "num_batches_tracked"):
-                sync.register_buffer(name, getattr(layer, name))
-            done[id(layer)] = sync
-            return sync
-
-        if isinstance(module, _BatchNormBase):
-            return converted(module)
-        for parent in module.modules():
-            for name, child in list(parent._modules.items()):
-                if child is not None and isinstance(child, _BatchNormBase):
-                    setattr(parent, name, converted(child))
-        return module
+        """``module`` with every normalization layer in its synchronized form (:func:`tinybn.nn.convert_sync`:
+        batch norm becomes this layer, batch renorm and decorrelated BN their synchronized forms, layer and group
+        norm stay), sharing γ, β and the moving statistics (the same tensor objects, in the same shapes: state
+        dicts and optimizers built before or after stay valid, and checkpoints load either way). Returns the new
+        root when ``module`` is itself such a layer."""
+        return convert_sync(module, comm)
 
     def extra_repr(self):
         return super().extra_repr() + ("" if self.comm is None else f", comm={self.comm!r}")
-
-
-def recompute_batch_norm_statistics(model, batches, num_batches: int | None = None) -> int:
-    """Replace every batch-norm layer's moving mean and variance by the exact statistics of ``batches``.
-
-    Batch-norm layers are tinybn's BN layers of every kind (the chapter's, the concise ones, SyncBatchNorm and
-    batch renorm), and DecorrelatedBatchNorm, whose moving whitening matrix becomes the whitening of the
-    covariance of all the batches together (below). InstanceNorm2d's running statistics are per-example
-    statistics averaged, of another kind, and are left as they are.
-
-    "Precise BN": with the weights frozen and no graph recorded, the model runs over ``batches``
-    (any iterable of inputs, as tensors or anything ``numpy.asarray`` takes, or of ``(inputs, labels)``
-    tuples as a DataLoader yields them; only the first ``num_batches`` when given; empty batches are
-    skipped). Each BN layer normalizes with each batch's own statistics, as in training, and its new
-    moving statistics are the mean and the (biased) variance of every value it saw, over all the
-    batches together:
-
-        μ = (1/M) Σ_values x,        σ² = (1/M) Σ_values (x − μ)²,        M = values per channel
-
-    combined batch by batch (Chan's pairwise update, in float64), so they do not depend on how the data
-    was cut into batches and include the spread between the batches' means, which an average of
-    per-batch variances would miss. Decorrelated BN pools the covariance Σ = (1/M) Σ_values (x − μ)(x − μ)ᵀ
-    the same way (δ² becomes δδᵀ) and keeps the whitening matrix that training mode would compute for one
-    batch with that covariance (:func:`tinybn.functional.whitening.whitening_matrix`). The layers other than
-    batch norm run in prediction mode (no dropout), as they will when these statistics are used.
-    ``num_batches_tracked`` is left as it is.
-
-    Every layer's and the model's mode is restored, and no statistic changes unless the whole pass
-    succeeds (a lazy layer takes its size from the first batch, as on any first call). A layer that no
-    batch reached keeps its statistics. Returns the number of batches used.
-    """
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, (int, numpy.integer))
-                                    or num_batches < 1):
-        raise ValueError(f"num_batches must be a whole number of at least 1 or None (all), got {num_batches!r}")
-    from .normalization import DecorrelatedBatchNorm       # (that module imports this one)
-    layers = [module for module in model.modules() if isinstance(module, (_BatchNormBase, DecorrelatedBatchNorm))]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no batch-norm layer whose statistics could be recomputed")
-    totals = {}          # id(layer) -> [count, mean, M2] per channel (M2 a (C, C) matrix for whitening), float64
-
-    def sink(layer, mean, var, count):
-        """``var``: the batch's variance per channel, or its covariance (C, C) from decorrelated BN."""
-        xp = backend.get_array_module(mean)
-        mean = mean.astype(numpy.float64).reshape(-1)
-        m2 = var.astype(numpy.float64) * count
-        m2 = m2 if isinstance(layer, DecorrelatedBatchNorm) else m2.reshape(-1)
-        if id(layer) not in totals:
-            totals[id(layer)] = [count, mean, m2]
-            return
-        total = totals[id(layer)]
-        n = total[0] + count
-        delta = mean - total[1]
-        spread = xp.outer(delta, delta) if m2.ndim == 2 else xp.square(delta)
-        total[1] = total[1] + delta * (count / n)
-        total[2] = total[2] + m2 + spread * (total[0] * count / n)
-        total[0] = n
-
-    modes = [(module, module.training) for module in model.modules()]
-    used = 0
-    try:
-        model.eval()
-        for layer in layers:
-            object.__setattr__(layer, "training", True)
-            object.__setattr__(layer, "_statistics_sink", sink)
-        with no_grad():
-            for batch in (batches if num_batches is None else itertools.islice(batches, int(num_batches))):
-                inputs = batch[0] if isinstance(batch, tuple) else batch
-                if not isinstance(inputs, Tensor):   # an array or a list: onto the model's device, as a tensor
-                    device_array = hasattr(inputs, "__cuda_array_interface__") and not hasattr(inputs, "numpy")
-                    inputs = Tensor(backend.to_device(inputs if isinstance(inputs, numpy.ndarray) or device_array
-                                                      else numpy.asarray(inputs), model.device))
-                if inputs.shape and inputs.shape[0] == 0:
-                    continue                  # an empty batch has no statistics, and is not counted
-                model(inputs)
-                used += 1
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("_statistics_sink", None)
-        for module, mode in modes:
-            object.__setattr__(module, "training", mode)
-    if used == 0:
-        raise ValueError("recompute_batch_norm_statistics: no batch was given, so there is nothing to average")
-    for layer in layers:
-        if id(layer) in totals:
-            count, mean, m2 = totals[id(layer)]
-            shape, dtype = layer.moving_mean.shape, layer.moving_mean.dtype
-            layer.moving_mean.data = mean.reshape(shape).astype(dtype)
-            if isinstance(layer, DecorrelatedBatchNorm):
-                layer.moving_whitening.data = whitening_matrix(m2 / count, layer.group_size, layer.iterations,
-                                                               layer.eps).astype(dtype)
-            else:
-                layer.moving_var.data = (m2 / count).reshape(shape).astype(dtype)
-    return used

@@ -3,8 +3,12 @@
 * :class:`LayerNorm`, :class:`GroupNorm`, :class:`InstanceNorm2d`: statistics per example, so they do not
   depend on the batch (PyTorch's names, arguments and parameters ``weight``/``bias``).
 * :class:`BatchRenorm1d`, :class:`BatchRenorm2d`: batch norm corrected towards its moving averages in training
-  (tinybn's batch-norm layers, with ``gamma``/``beta``/``moving_mean``/``moving_var``).
-* :class:`DecorrelatedBatchNorm`: whitening of groups of channels (a full-rank covariance estimate).
+  (tinybn's batch-norm layers, with ``gamma``/``beta``/``moving_mean``/``moving_var``); :class:`SyncBatchRenorm`
+  over the ranks of a data-parallel job.
+* :class:`DecorrelatedBatchNorm`: whitening of groups of channels (a full-rank covariance estimate);
+  :class:`SyncDecorrelatedBatchNorm` over the ranks.
+
+Each is a :class:`~tinybn.nn.norm.Normalization` and answers, once, what the tools ask of it.
 """
 from __future__ import annotations
 
@@ -12,19 +16,21 @@ import numbers
 
 import numpy
 
-from .. import backend
+from .. import backend, communicator
 from .. import functional as F
 from ..autograd import Tensor
 from ..functional.batchrenorm import DEFAULT_MOMENTUM as RENORM_MOMENTUM
 from ..functional.batchrenorm import renorm_limits
-from ..functional.batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM, moving_average
+from ..functional.batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM, BatchTooSmallError, moving_average
 from ..functional.groupnorm import instance_statistics
 from ..functional.layernorm import normalized_shape_tuple
-from ..functional.whitening import DEFAULT_ITERATIONS, batch_covariance
-from .batchnorm import BatchNorm1d, _BatchNormBase
+from ..functional.moments import covariance_moments
+from ..functional.syncbatchnorm import sync_batch_renorm, sync_decorrelated_batch_norm
+from ..functional.whitening import DEFAULT_ITERATIONS, _channels_first, whitening_matrix
+from .batchnorm import BatchNorm1d, SyncBatchNorm, _BatchNormBase, _host64
 from .layers import check_input, check_size
-from .module import Module, Parameter
-
+from .module import Parameter
+from .norm import Normalization, twin
 
 def _tensor(value, device):
     return backend.to_device(value, device)
@@ -42,7 +48,7 @@ def _check_eps(layer, eps):
         raise ValueError(f"{layer}: eps must be positive (it keeps 1/√(σ² + eps) finite), got {eps}")
 
 
-class LayerNorm(Module):
+class LayerNorm(Normalization):
     """``LayerNorm(normalized_shape, eps=1e-5, elementwise_affine=True)``: each example standardized over its
     last axes, which must equal ``normalized_shape``; ``weight`` (ones) and ``bias`` (zeros) of that shape."""
 
@@ -58,6 +64,8 @@ class LayerNorm(Module):
         self.register_parameter("bias", Parameter(_tensor(numpy.zeros(shape, dtype), device)) if elementwise_affine
                                 else None)
 
+    torch_names = {"weight": "weight", "bias": "bias"}
+
     def forward(self, x):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
@@ -65,7 +73,7 @@ class LayerNorm(Module):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
 
-class GroupNorm(Module):
+class GroupNorm(Normalization):
     """``GroupNorm(num_groups, num_channels, eps=1e-5, affine=True)``: each example's channels standardized in
     ``num_groups`` groups (which must divide ``num_channels``); ``weight`` and ``bias`` per channel."""
 
@@ -91,18 +99,24 @@ class GroupNorm(Module):
                              f"{tuple(getattr(data, 'shape', ()))}")
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
+    torch_names = {"weight": "weight", "bias": "bias"}
+
     def extra_repr(self):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
 
 
-class InstanceNorm2d(Module):
+class InstanceNorm2d(Normalization):
     """``InstanceNorm2d(num_features, eps=1e-5, momentum=0.9, affine=False, track_running_stats=False)``: each
     channel of each example standardized over its positions — group norm with one group per channel.
 
     As in PyTorch, ``track_running_stats=True`` keeps moving averages of the per-example statistics (in
     tinybn's convention: ``momentum`` weighs the old value, the variance is biased) and prediction mode
-    normalizes with them; otherwise both modes use each example's own statistics.
+    normalizes with them; otherwise both modes use each example's own statistics. Synchronized over the ranks
+    of a data-parallel job (``comm``), the averages take every rank's examples (one all_reduce per training
+    step; the output, per example, needs none).
     """
+    torch_names = {"weight": "weight", "bias": "bias", "moving_mean": "running_mean", "moving_var": "running_var",
+                   "num_batches_tracked": "num_batches_tracked"}
 
     def __init__(self, num_features: int, eps=DEFAULT_EPS, momentum=DEFAULT_MOMENTUM, affine: bool = False,
                  track_running_stats: bool = False, device=None, dtype=numpy.float32):
@@ -119,13 +133,15 @@ class InstanceNorm2d(Module):
             self.register_buffer("moving_mean", Tensor(_tensor(numpy.zeros(num_features, dtype), device)))
             self.register_buffer("moving_var", Tensor(_tensor(numpy.ones(num_features, dtype), device)))
             self.register_buffer("num_batches_tracked", Tensor(_tensor(numpy.zeros((), numpy.int64), device)))
+            object.__setattr__(self, "running_statistics", ("moving_mean", "moving_var"))
 
     def forward(self, x):
         check_input(self, x, 4, "(N, C, H, W)", self.num_features)
         data = x.data if isinstance(x, Tensor) else x
         if self.training and data.size and data.shape[2] * data.shape[3] == 1:
-            raise ValueError(f"{self!r} in training mode needs more than one position per channel, got an input of "
-                             f"shape {tuple(data.shape)}: every output would be 0 and nothing could be learned")
+            raise BatchTooSmallError(f"{self!r} in training mode needs more than one position per channel, got an "
+                                     f"input of shape {tuple(data.shape)}: every output would be 0 and nothing could "
+                                     f"be learned.", "Use larger images, or switch the layer to eval mode.")
         if self.track_running_stats and not self.training:
             xp = backend.get_array_module(data)
             ones = xp.ones(self.num_features, self.moving_mean.dtype)
@@ -133,12 +149,54 @@ class InstanceNorm2d(Module):
             beta = self.bias if self.affine else ones * 0
             return F.batch_norm(x, gamma, beta, self.moving_mean, self.moving_var, training=False, eps=self.eps)[0]
         y = F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)    # checks x before anything changes
-        if self.track_running_stats and data.shape[0] > 0:
-            mean, var = instance_statistics(data)
+        if self.track_running_stats:
+            self._track(data)
+        return y
+
+    def _track(self, data):
+        """Fold this batch's per-example statistics (every rank's, when synchronized) into the moving averages."""
+        xp = backend.get_array_module(data)
+        count = data.shape[0]
+        mean, var = instance_statistics(data) if count else (xp.zeros(self.num_features), xp.zeros(self.num_features))
+        comm = self.comm
+        if comm is not None and comm.world_size > 1:
+            sums = comm.all_reduce(xp.concatenate([xp.asarray([count], numpy.float64), mean * count, var * count]
+                                                  ).astype(numpy.float64))
+            count, mean, var = int(sums[0]), sums[1:1 + self.num_features], sums[1 + self.num_features:]
+            mean, var = (mean / count, var / count) if count else (mean, var)
+        if count > 0:
             self.moving_mean.data = moving_average(self.moving_mean.data, mean, self.momentum)
             self.moving_var.data = moving_average(self.moving_var.data, var, self.momentum)
             self.num_batches_tracked.data = self.num_batches_tracked.data + 1
-        return y
+
+    # -- what the tools ask (tinybn.nn.norm)
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            xp = backend.get_array_module(self.moving_mean.data)
+            self.moving_mean.data = xp.zeros_like(self.moving_mean.data)
+            self.moving_var.data = xp.ones_like(self.moving_var.data)
+            self.num_batches_tracked.data = xp.zeros_like(self.num_batches_tracked.data)
+
+    def synchronized(self, comm):
+        """Without running statistics there is nothing to agree on; with them, the averages take every rank's
+        examples."""
+        return twin(self, InstanceNorm2d, comm=comm) if self.track_running_stats else self
+
+    def prediction_affine(self):
+        if not self.track_running_stats:
+            return super().prediction_affine()
+        weight = _host64(self.weight) if self.affine else 1.0
+        bias = _host64(self.bias) if self.affine else 0.0
+        scale = weight / numpy.sqrt(_host64(self.moving_var) + self.eps)
+        return scale * numpy.ones(self.num_features), bias - scale * _host64(self.moving_mean)
+
+    def torch_settings(self, torch_layer):
+        if not hasattr(torch_layer, "momentum"):
+            return super().torch_settings(torch_layer)
+        if torch_layer.momentum is None:
+            raise ValueError(f"{self!r}: PyTorch's momentum=None (a cumulative average) has no counterpart in tinybn's "
+                             f"InstanceNorm2d; give the PyTorch layer a momentum")
+        return {**super().torch_settings(torch_layer), "momentum": 1.0 - float(torch_layer.momentum)}
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
@@ -168,6 +226,11 @@ class _BatchRenormBase(_BatchNormBase):
         data = x.data if isinstance(x, Tensor) else x
         return y, new_mean, new_var, data.size // self.num_features
 
+    torch_names = None        # PyTorch has no batch renorm
+
+    def synchronized(self, comm):
+        return twin(self, SyncBatchRenorm, comm=comm, num_dims=self.num_dims, _param_shape=self._param_shape)
+
     def extra_repr(self):
         return (f"{self.num_features}, r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
                 f"momentum={self.momentum}, eps={self.eps}")
@@ -194,7 +257,29 @@ class BatchRenorm2d(BatchRenorm1d):
     num_dims = 4
 
 
-class DecorrelatedBatchNorm(Module):
+class SyncBatchRenorm(_BatchRenormBase, SyncBatchNorm):
+    """Batch renormalization over the global batch of a data-parallel job (:func:`tinybn.functional.sync_batch_renorm`):
+    μ_B, σ_B, r and d come from all the ranks' shards together, so P ranks compute what one process computes on the
+    whole batch. ``convert_sync_batchnorm`` makes it from :class:`BatchRenorm1d`/:class:`BatchRenorm2d` (the same
+    r_max, d_max, warm-up and tensors); ``comm`` as for :class:`~tinybn.nn.SyncBatchNorm`."""
+
+    def __init__(self, num_features: int | None = None, r_max: float = 3.0, d_max: float = 5.0,
+                 warmup_steps: int = 1000, momentum=RENORM_MOMENTUM, eps=DEFAULT_EPS, comm=None, device=None,
+                 dtype=numpy.float32):
+        _BatchRenormBase.__init__(self, num_features, r_max, d_max, warmup_steps, momentum, eps, device, dtype)
+        object.__setattr__(self, "comm", comm)
+
+    def _normalize(self, x, momentum):
+        r_max, d_max = self.limits()
+        return F.sync_batch_renorm(x, self.gamma, self.beta, self.moving_mean, self.moving_var, training=self.training,
+                                   r_max=r_max, d_max=d_max, momentum=momentum, eps=self.eps,
+                                   comm=self.comm or communicator.default())
+
+    def synchronized(self, comm):
+        return self if comm is self.comm else twin(self, type(self), comm=comm)
+
+
+class DecorrelatedBatchNorm(Normalization):
     """``DecorrelatedBatchNorm(num_features, group_size=16, iterations=5, momentum=0.9, eps=1e-5)`` for (N, C) or
     (N, C, H, W) input: channels whitened in groups of ``group_size`` by ``iterations`` Newton–Schulz steps
     (IterNorm; :mod:`tinybn.functional.whitening`), then scaled by ``gamma`` and shifted by ``beta``.
@@ -203,6 +288,9 @@ class DecorrelatedBatchNorm(Module):
     prediction mode normalizes with them. :func:`tinybn.nn.recompute_batch_norm_statistics` recomputes them
     (the mean and the whitening of many training batches together: precise statistics).
     """
+    running_statistics = ("moving_mean", "moving_whitening")
+    batch_dependent = pools_statistics = True
+    affine_parameters = ("gamma", "beta")
 
     def __init__(self, num_features: int, group_size: int = 16, iterations: int = DEFAULT_ITERATIONS,
                  momentum=DEFAULT_MOMENTUM, eps=DEFAULT_EPS, device=None, dtype=numpy.float32):
@@ -225,21 +313,67 @@ class DecorrelatedBatchNorm(Module):
         ndim = getattr(data, "ndim", None)
         check_input(self, x, ndim if ndim in (2, 4) else 4, "(N, C)" if ndim == 2 else "(N, C, H, W)",
                     self.num_features)
-        sink = self.__dict__.get("_statistics_sink")
-        if sink is not None and self.training:   # recompute_batch_norm_statistics: hand over the batch's statistics
-            if data.size > 0:
-                sink(self, *batch_covariance(data))
-            return F.decorrelated_batch_norm(x, self.gamma, self.beta, self.moving_mean, self.moving_whitening,
-                                             training=True, group_size=self.group_size, iterations=self.iterations,
-                                             momentum=0.0, eps=self.eps)[0]      # the buffers are left alone
+        y, mean, whitening, count = self._normalize(x)
+        if self.training and count > 0:
+            self.moving_mean.data, self.moving_whitening.data = mean.data, whitening.data
+        return y
+
+    def _normalize(self, x):
+        """``(y, new_moving_mean, new_moving_whitening, values per channel in the batch)``."""
         y, mean, whitening = F.decorrelated_batch_norm(x, self.gamma, self.beta, self.moving_mean,
                                                        self.moving_whitening, training=self.training,
                                                        group_size=self.group_size, iterations=self.iterations,
                                                        momentum=self.momentum, eps=self.eps)
-        if self.training and data.size > 0:
-            self.moving_mean.data, self.moving_whitening.data = mean.data, whitening.data
-        return y
+        data = x.data if isinstance(x, Tensor) else x
+        return y, mean, whitening, data.size // self.num_features
+
+    # -- what the tools ask (tinybn.nn.norm)
+    def batch_moments(self, x):
+        return covariance_moments(_channels_first(x))
+
+    def set_statistics(self, pooled):
+        """The mean, and the whitening that training mode would compute for one batch with the pooled covariance
+        (:func:`tinybn.functional.whitening.whitening_matrix`)."""
+        dtype, xp = self.moving_mean.dtype, backend.get_array_module(self.moving_mean.data)
+        self.moving_mean.data = xp.asarray(pooled.mean).astype(dtype)
+        self.moving_whitening.data = xp.asarray(whitening_matrix(pooled.variance, self.group_size, self.iterations,
+                                                                 self.eps)).astype(dtype)
+
+    def reset_running_stats(self):
+        xp = backend.get_array_module(self.moving_mean.data)
+        self.moving_mean.data = xp.zeros_like(self.moving_mean.data)
+        self.moving_whitening.data = xp.eye(self.num_features, dtype=self.moving_whitening.dtype)
+
+    def synchronized(self, comm):
+        return twin(self, SyncDecorrelatedBatchNorm, comm=comm)
+
+    def prediction_affine(self):
+        """x̂ = W (x − μ), y = γ·x̂ + β: A = diag(γ) W, c = β − A μ."""
+        matrix = _host64(self.gamma)[:, None] * backend.to_numpy(self.moving_whitening.data).astype(numpy.float64)
+        return matrix, _host64(self.beta) - matrix @ _host64(self.moving_mean)
 
     def extra_repr(self):
         return (f"{self.num_features}, group_size={self.group_size}, iterations={self.iterations}, "
                 f"momentum={self.momentum}, eps={self.eps}")
+
+
+class SyncDecorrelatedBatchNorm(DecorrelatedBatchNorm):
+    """Decorrelated BN over the global batch of a data-parallel job
+    (:func:`tinybn.functional.sync_decorrelated_batch_norm`): the mean and covariance of all the ranks' shards
+    together, so every rank whitens with the same matrix, the one process would compute on the whole batch.
+    ``convert_sync_batchnorm`` makes it from :class:`DecorrelatedBatchNorm`; ``comm`` as for
+    :class:`~tinybn.nn.SyncBatchNorm`."""
+
+    def __init__(self, num_features: int, group_size: int = 16, iterations: int = DEFAULT_ITERATIONS,
+                 momentum=DEFAULT_MOMENTUM, eps=DEFAULT_EPS, comm=None, device=None, dtype=numpy.float32):
+        super().__init__(num_features, group_size, iterations, momentum, eps, device, dtype)
+        object.__setattr__(self, "comm", comm)
+
+    def _normalize(self, x):
+        return F.sync_decorrelated_batch_norm(x, self.gamma, self.beta, self.moving_mean, self.moving_whitening,
+                                              training=self.training, comm=self.comm or communicator.default(),
+                                              group_size=self.group_size, iterations=self.iterations,
+                                              momentum=self.momentum, eps=self.eps)
+
+    def synchronized(self, comm):
+        return self if comm is self.comm else twin(self, type(self), comm=comm)
