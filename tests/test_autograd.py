@@ -132,3 +132,14 @@ def test_tensor_api():
         tinybn.tensor([1, 2], requires_grad=True)
     with pytest.raises(ValueError, match="one element"):
         t.item()
+
+
+def test_a_numpy_scalar_takes_the_tensors_dtype_as_in_pytorch():
+    """Issue 21: float32 times np.float64(2.0) became float64 (NumPy's rule); PyTorch keeps float32 for a scalar."""
+    x = tinybn.tensor(numpy.ones(3, numpy.float32), requires_grad=True)
+    for y in (x * numpy.float64(2.0), numpy.float64(2.0) * x, x + numpy.float64(1.0), x / numpy.float64(2.0),
+              x ** numpy.float64(2.0), x * numpy.int64(3)):
+        assert y.dtype == numpy.float32
+    (x * numpy.float64(2.0)).sum().backward()
+    assert x.grad.dtype == numpy.float32 and (x.grad == 2.0).all()
+    assert (x * numpy.ones(3)).dtype == numpy.float64       # an array keeps NumPy's promotion, as in PyTorch

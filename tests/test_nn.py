@@ -149,3 +149,12 @@ def test_dropout_keeps_expectation_and_is_identity_in_eval():
     assert abs((y == 0).mean() - 0.3) < 0.01 and abs(y.mean() - 1.0) < 0.02
     layer.eval()
     numpy.testing.assert_array_equal(layer(x).numpy(), x.numpy())
+
+
+def test_a_float32_layer_refuses_float64_input_as_pytorch_does():
+    """Issue 21: a float32 Linear took float64 input and returned float64; PyTorch refuses the mismatch."""
+    for layer, x in ((nn.Linear(3, 2), numpy.ones((2, 3))), (nn.Conv2d(1, 2, 3), numpy.ones((1, 1, 4, 4)))):
+        with pytest.raises(ValueError, match=r"has float32 weights but got a float64 input; cast the input"):
+            layer(tinybn.tensor(x))
+        assert layer(tinybn.tensor(x, dtype="float32")).dtype == numpy.float32
+        assert layer.to(dtype="float64")(tinybn.tensor(x)).dtype == numpy.float64

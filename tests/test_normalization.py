@@ -336,3 +336,30 @@ def test_found_by_an_outside_test():
             make()
     with pytest.raises(ValueError, match="at least 0"):
         renorm_limits(-5, 3.0, 5.0, 10)
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "layer_norm", "group_norm", "batch_renorm", "decorrelated"])
+def test_float32_beyond_the_squares_range_normalizes_right(name):
+    """Issue 21: float32 BN/LN/GN whose |x − μ| passed about 1.8e19 overflowed the variance to inf and returned β
+    everywhere, with only a NumPy warning (PyTorch gives NaN). The true output has standard deviation 1."""
+    x64 = numpy.random.default_rng(0).standard_normal((8, 3, 2, 2)) * 1e20
+    ones, zeros = numpy.ones(3), numpy.zeros(3)
+    calls = {
+        "batch_norm": lambda x, dt: F.batch_norm(x, ones.astype(dt), zeros.astype(dt), zeros.astype(dt),
+                                                 ones.astype(dt), training=True)[0],
+        "layer_norm": lambda x, dt: F.layer_norm(x, (3, 2, 2)),
+        "group_norm": lambda x, dt: F.group_norm(x, 3),
+        "batch_renorm": lambda x, dt: F.batch_renorm(x, ones.astype(dt), zeros.astype(dt), zeros.astype(dt),
+                                                     ones.astype(dt), training=True, r_max=1.0, d_max=0.0)[0],
+        "decorrelated": lambda x, dt: F.decorrelated_batch_norm(x, ones.astype(dt), zeros.astype(dt), zeros.astype(dt),
+                                                                numpy.eye(3, dtype=dt), training=True, group_size=3)[0],
+    }
+    with numpy.errstate(over="raise"):       # no overflow left to warn about
+        with pytest.raises(FloatingPointError):
+            numpy.square(x64.astype(numpy.float32))
+    with numpy.errstate(over="ignore"), tinybn.fast.disabled():
+        y32 = calls[name](Tensor(x64.astype(numpy.float32), requires_grad=True), numpy.float32)
+    y64 = calls[name](Tensor(x64.astype(numpy.float32).astype(numpy.float64)), numpy.float64)
+    assert y32.dtype == numpy.float32 and numpy.isfinite(y32.data).all()
+    numpy.testing.assert_allclose(y32.data, y64.data, atol=1e-4 if name == "decorrelated" else 1e-5)
+    assert 0.5 < float(y32.data.astype(numpy.float64).std()) < 1.5

@@ -255,3 +255,72 @@ def test_decorrelated_layer_after_batch_norm_sees_its_normalized_input_and_predi
     x = tinybn.tensor(numpy.random.default_rng(4).standard_normal((3, 6)))
     numpy.testing.assert_allclose(layer(x).numpy(), (x.numpy() - mean.numpy()) @ W.numpy().T, rtol=1e-10,
                                   atol=1e-12)
+
+
+# ------------------------------------------------------------------ issue 21: precise statistics over ranks
+
+@pytest.mark.parametrize("synchronized", [True, False])
+@pytest.mark.parametrize("counts", [(3, 3), (2, 4)])
+def test_ranks_passing_their_own_batches_get_the_statistics_of_all_of_them_on_every_rank(synchronized, counts):
+    """SyncBatchNorm's docstring promises the same averages on every rank; with each rank passing its own batches
+    to precise statistics, each kept its own (moving means 5.4 apart). Synchronized layers go through the batches
+    in step (a rank that runs out stops them all: here after the smaller count), so the oracle is one process on
+    each step's batches concatenated; unsynchronized ones pool with ``comm=`` every batch of every rank."""
+    from threadcomm import run_ranks
+
+    rng = numpy.random.default_rng(3)
+    batches = [[rng.standard_normal((4, 5)) * (rank + 1) + rank for _ in range(counts[rank])] for rank in (0, 1)]
+    steps = min(counts) if synchronized else max(counts)
+
+    def work(comm):
+        model = dense_model()
+        if synchronized:
+            nn.convert_sync(model, comm)
+            used = recompute(model, batches[comm.rank])
+        else:
+            used = recompute(model, batches[comm.rank], comm=comm)
+        return used, [model[i].moving_mean.numpy().copy() for i in (1, 5)], [model[i].moving_var.numpy().copy()
+                                                                           for i in (1, 5)]
+
+    (used0, means0, vars0), (used1, means1, vars1) = run_ranks(2, work)
+    for a, b in zip(means0 + vars0, means1 + vars1):
+        numpy.testing.assert_array_equal(a, b)                 # the same on every rank, to the bit
+    model = dense_model()
+    if synchronized:        # one process, each step's two batches as one
+        whole = [numpy.concatenate([batches[0][k], batches[1][k]]) for k in range(steps)]
+        recompute(model, whole)
+        assert (used0, used1) == (steps, steps)
+    else:                   # each rank's batches normalized by themselves: the layers' inputs, pooled
+        recompute(model, batches[0] + batches[1])
+        assert (used0, used1) == counts
+    for i, mean, var in zip((1, 5), means0, vars0):
+        numpy.testing.assert_allclose(mean, model[i].moving_mean.numpy(), atol=1e-12)
+        numpy.testing.assert_allclose(var, model[i].moving_var.numpy(), atol=1e-12)
+
+
+def test_a_pytorch_dataloader_is_accepted():
+    """Issue 21: PyTorch's DataLoader yields lists [images, labels]; NumPy refused them as an "inhomogeneous
+    shape". The docstring says such batches are accepted."""
+    torch = pytest.importorskip("torch")
+    data = numpy.random.default_rng(0).standard_normal((12, 5))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.tensor(data), torch.zeros(12)),
+                                         batch_size=4)
+    model, reference = dense_model(), dense_model()
+    assert recompute(model, loader) == 3
+    recompute(reference, [data[:4], data[4:8], data[8:]])
+    for i in (1, 5):
+        numpy.testing.assert_array_equal(model[i].moving_var.numpy(), reference[i].moving_var.numpy())
+
+
+def test_the_pass_puts_back_what_training_mode_changed_and_a_lazy_layer_its_first_statistics():
+    model = dense_model()
+    model(tinybn.tensor(numpy.ones((3, 5))))     # materialize; then make the counter and averages distinctive
+    counter = model[1].num_batches_tracked.numpy().copy()
+    with pytest.raises(ValueError):
+        recompute(model, [numpy.ones((4, 5)), numpy.ones((4, 6))])       # the second batch does not fit
+    assert model[1].num_batches_tracked.numpy() == counter and (model[1].moving_var.numpy() != 0).all()
+    lazy = nn.Sequential(nn.Linear(5, 2, dtype=numpy.float64), nn.BatchNorm1d(dtype=numpy.float64))
+    with pytest.raises(ValueError):
+        recompute(lazy, [numpy.ones((4, 5)) * 3, numpy.ones((4, 6))])
+    numpy.testing.assert_array_equal(lazy[1].moving_mean.numpy(), numpy.zeros(2))
+    numpy.testing.assert_array_equal(lazy[1].moving_var.numpy(), numpy.ones(2))

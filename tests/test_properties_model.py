@@ -80,7 +80,7 @@ def test_parameters_are_unique_and_stepped_once(structure, seed):
     assert len({id(b) for b in buffers}) == len(buffers)
     names = [name for name, _ in net.named_parameters()]
     assert len(set(names)) == len(names)
-    x = tinybn.tensor(numpy.random.default_rng(seed).standard_normal((4, 3)))
+    x = tinybn.tensor(numpy.random.default_rng(seed).standard_normal((4, 3)).astype(numpy.float32))
     net(x).sum().backward()
     before = [p.numpy().copy() for p in params]
     grads = [p.grad.copy() for p in params]

@@ -108,7 +108,7 @@ def test_shared_layer_parameters_are_listed_and_stepped_once():
     assert [name for name, _ in net.named_parameters()] == ["0.weight", "0.bias"]
     assert len(net.modules()) == 3
     before = lin.weight.numpy().copy()
-    loss = net(tinybn.tensor(rng.standard_normal((3, 2)))).sum()
+    loss = net(tinybn.tensor(rng.standard_normal((3, 2)), dtype="float32")).sum()
     loss.backward()
     SGD(net.parameters(), lr=0.1).step()
     numpy.testing.assert_allclose(lin.weight.numpy(), before - 0.1 * lin.weight.grad, rtol=1e-6)
@@ -205,8 +205,8 @@ def test_changing_a_cached_array_in_place_before_backward_is_an_error():
 def test_an_optimizer_step_between_forward_and_backward_is_an_error():
     lin = nn.Linear(2, 2)
     optimizer = SGD(lin.parameters(), lr=0.1)
-    first = lin(tinybn.tensor(rng.standard_normal((3, 2)))).sum()
-    second = lin(tinybn.tensor(rng.standard_normal((3, 2)))).sum()
+    first = lin(tinybn.tensor(rng.standard_normal((3, 2)), dtype="float32")).sum()
+    second = lin(tinybn.tensor(rng.standard_normal((3, 2)), dtype="float32")).sum()
     first.backward()
     optimizer.step()
     with pytest.raises(RuntimeError, match="changed in place"):

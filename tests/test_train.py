@@ -41,6 +41,20 @@ def test_short_real_training_beats_chance_by_far(tmp_path, fashion):
 
 
 @needs_data
+def test_overwrite_with_a_batch_too_small_for_batch_norm_is_refused_before_any_file_goes(tmp_path, fashion):
+    """Issue 21: train --overwrite --batch-size 1 deleted the previous run's files, then failed at step 1 advising
+    to switch the layer to eval mode."""
+    train(config(tmp_path, train_subset=600), log=quiet, data=fashion)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(ValueError, match=r"--batch-size 1: the model cannot train on batches of 1 image\(s\): "
+                                         r"batch_norm .* Use --batch-size 2 or more") as raised:
+        train(config(tmp_path, train_subset=600, batch_size=1, overwrite=True), log=quiet, data=fashion)
+    assert "eval mode" not in str(raised.value)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    train(config(tmp_path / "plain", model="lenet", train_subset=8, batch_size=1), log=quiet, data=fashion)  # no BN
+
+
+@needs_data
 def test_metrics_record_the_number_of_precise_bn_batches_used_not_the_default(tmp_path, fashion):
     """Issue 20: metrics.json said "precise_bn": null though 50 batches were used."""
     train(config(tmp_path, train_subset=600, precise_bn=None), log=quiet, data=fashion)
@@ -362,6 +376,14 @@ def test_damaged_checkpoint_arrays_and_histories_are_named(tmp_path, fashion):
         damaged(**change)
         result = run_cli("eval", str(path))
         assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
+    # issue 21: a hand-edited batch_size "64" crashed eval --precise-bn and made --resume report "64 -> 64"
+    damaged(meta=numpy.frombuffer(json.dumps({**meta, "config": {**meta["config"], "batch_size": "64"}}).encode(),
+                                  numpy.uint8))
+    result = run_cli("eval", str(path), "--precise-bn", "2")
+    assert result.returncode == 2 and "its settings say batch_size '64'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    with pytest.raises(ValueError, match="its settings say batch_size '64', where tinybn writes int"):
+        train(config(tmp_path, epochs=2, resume=True), log=quiet, data=fashion)
     bad_rng = {**meta, "tinybn_rng": {"bit_generator": "PCG64", "state": {"state": "x", "inc": 1}}}
     damaged(meta=numpy.frombuffer(json.dumps(bad_rng).encode(), numpy.uint8))
     with pytest.raises(ValueError, match="random generators' states cannot be restored"):

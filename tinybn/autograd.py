@@ -699,7 +699,11 @@ def _accumulate(leaf: Tensor, grad) -> None:
 
 
 def _as_data_or_tensor(value):
-    """Other operands of arithmetic: tensors stay tensors, Python numbers stay numbers."""
+    """Other operands of arithmetic: tensors stay tensors, numbers stay numbers. A NumPy scalar becomes a Python
+    number, so that it takes the tensor's dtype as PyTorch's scalars do (float32 times np.float64(2.0) stays
+    float32; NumPy would make it float64)."""
+    if isinstance(value, numpy.generic):
+        return value.item()
     if isinstance(value, (Tensor, int, float)) or hasattr(value, "shape"):
         return value
     raise TypeError(f"unsupported operand of type {type(value).__name__} for a Tensor operation")

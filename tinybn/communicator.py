@@ -109,66 +109,6 @@ def launcher_size() -> int | None:
     return _from_environment(_SIZE_VARIABLES)
 
 
-class Communicator:
-    """The collectives tinybn uses; see the module docstring. Subclasses move the bytes."""
-    rank = 0
-    world_size = 1
-    local_size = 1
-
-    def all_reduce(self, array):
-        raise NotImplementedError
-
-    def all_gather(self, array):
-        """The ranks' arrays stacked in rank order; every rank must give the same shape and dtype (MPI's rule:
-        tinybn's own calls see to it, and synchronized batch norm checks it)."""
-        raise NotImplementedError
-
-    def broadcast(self, value, root: int = 0):
-        raise NotImplementedError
-
-    def barrier(self) -> None:
-        raise NotImplementedError
-
-    def abort(self, code: int = 1) -> None:
-        raise SystemExit(code)
-
-    def tell_stopping(self) -> None:
-        """Rank 0, on Ctrl-C: tell the other ranks, without waiting for them, that it will say so and end the job."""
-
-    def heard_stopping(self, within: float) -> bool:
-        """Whether rank 0 said :meth:`tell_stopping`, waiting at most ``within`` seconds for it (a rank 0 blocked in
-        a collective that this rank left never says it; then this rank must speak for the job)."""
-        return False
-
-    def __repr__(self):
-        return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size})"
-
-
-def _check_summable(array) -> None:
-    if array.dtype.kind not in "iufc":
-        raise TypeError(f"all_reduce sums numbers; got an array of dtype {array.dtype}"
-                        + (" (convert booleans to int)" if array.dtype.kind == "b" else ""))
-
-
-class LocalCommunicator(Communicator):
-    """One process: every collective returns (a copy of) its input."""
-
-    def all_reduce(self, array):
-        _check_summable(array)
-        return array.copy()
-
-    def all_gather(self, array):
-        return array[None].copy()
-
-    def broadcast(self, value, root: int = 0):
-        if root != 0:
-            raise ValueError(f"broadcast: root {root} is not a rank of a one-process communicator")
-        return value
-
-    def barrier(self) -> None:
-        pass
-
-
 _default: Communicator | None = None
 
 

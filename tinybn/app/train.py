@@ -175,6 +175,24 @@ def train_epoch(model, optimizer, loader, epoch: int, lr_at, step0: int, progres
             "examples_per_sec": count / step_time, "steps": len(loader)}
 
 
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
+
+
+def saved_config(meta: dict, path) -> dict:
+    """A checkpoint's training settings, each checked against the kind :class:`TrainConfig` gives it: a
+    hand-edited ``"batch_size": "64"`` is refused in one line, not met as a crash later (or as "64 -> 64")."""
+    config = meta["config"]
+    for field in dataclasses.fields(TrainConfig):
+        if field.name not in config:
+            continue
+        value, kinds = config[field.name], [_KINDS[kind.strip()] for kind in str(field.type).split("|")]
+        fits = any(isinstance(value, kind) and not (isinstance(value, bool) and bool not in kind) for kind in kinds)
+        if not fits:
+            raise ValueError(f"{path} is damaged: its settings say {field.name} {value!r}, where tinybn writes "
+                             f"{' or '.join(str(field.type).split(' | '))}")
+    return config
+
+
 def config_changes(saved: dict, config: TrainConfig) -> list[str]:
     """The trajectory settings in which ``config`` differs from a checkpoint's, as "--lr 1 -> 0.5"."""
     defaults = TrainConfig()
@@ -470,9 +488,10 @@ def _resume(job: _Job, ckpt_path) -> tuple[list, int]:
     config, log, model, optimizer, train_loader, best_by = (job.config, job.log, job.model, job.optimizer,
                                                             job.train_loader, job.best_by)
     model_state, optim_state, meta = checkpoint.load(ckpt_path)
-    if meta["config"]["model"] != config.model:
-        raise ValueError(f"--resume: {ckpt_path} holds a {meta['config']['model']!r} model, not {config.model!r}")
-    changed = config_changes(meta["config"], config)
+    saved = saved_config(meta, ckpt_path)
+    if saved["model"] != config.model:
+        raise ValueError(f"--resume: {ckpt_path} holds a {saved['model']!r} model, not {config.model!r}")
+    changed = config_changes(saved, config)
     if changed and not config.override_config:
         raise ValueError(f"--resume: {ckpt_path} was trained with other settings ({'; '.join(changed)}); "
                          f"give the same ones, or add --override-config to continue with the new ones")
@@ -660,7 +679,7 @@ def evaluate_checkpoint(path, data_dir=None, device=None, download=False, batch_
     model_state, _, meta = checkpoint.load(path)
     precise = checkpoint.load_precise(path)
     device = backend.resolve_device(device)[0]
-    name = meta["config"]["model"]
+    name = saved_config(meta, path)["model"]
     model = build_model(name, device=device)
     try:
         model.load_state_dict(model_state)
@@ -678,7 +697,7 @@ def evaluate_checkpoint(path, data_dir=None, device=None, download=False, batch_
     test_loader = DataLoader(test_x, test_y, batch_size, device=device)
     result = {"test_acc": evaluate(model, test_loader)}
     if precise_bn:
-        config = meta["config"]      # the run's own training images: its subset, less its validation split
+        config = saved_config(meta, path)      # the run's own training images: its subset, less its validation split
         if config.get("train_subset"):
             train_x, train_y = train_x[:config["train_subset"]], train_y[:config["train_subset"]]
         train_x, train_y, _, _ = split_validation(train_x, train_y, config.get("val_size", 0), config.get("seed", 0))

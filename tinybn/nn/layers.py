@@ -13,8 +13,9 @@ from . import init
 from .module import Module, Parameter
 
 
-def check_input(layer: Module, x, ndim: int, layout: str, channels: int | None = None) -> None:
-    """Raise a ValueError naming the layer, the expected shape and the shape received."""
+def check_input(layer: Module, x, ndim: int, layout: str, channels: int | None = None, dtype=None) -> None:
+    """Raise a ValueError naming the layer, the expected shape and the shape received (and, given ``dtype``, the
+    dtype its weights have: as in PyTorch, a float32 layer does not silently compute in float64)."""
     data = x.data if isinstance(x, Tensor) else x
     shape = tuple(getattr(data, "shape", ()))
     expected = layout if channels is None else layout.replace("C", str(channels), 1)
@@ -26,6 +27,9 @@ def check_input(layer: Module, x, ndim: int, layout: str, channels: int | None =
     if data.dtype.kind != "f":
         raise ValueError(f"{layer!r} expects a floating-point input, got dtype {data.dtype}; "
                          f"convert it first, e.g. x.astype('float32')")
+    if dtype is not None and data.dtype != dtype:
+        raise ValueError(f"{layer!r} has {dtype} weights but got a {data.dtype} input; cast the input "
+                         f"(x.astype('{dtype}')) or the model (model.to(dtype='{data.dtype}'))")
 
 
 def check_size(layer: str, name: str, value, minimum: int = 1, allow_pair: bool = False):
@@ -57,7 +61,7 @@ class Linear(Module):
         self.register_parameter("bias", _new_parameter(init.uniform((out_features,), bound, dtype), device) if bias else None)
 
     def forward(self, x):
-        check_input(self, x, 2, "(N, C)", self.in_features)
+        check_input(self, x, 2, "(N, C)", self.in_features, self.weight.dtype)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self):
@@ -82,7 +86,7 @@ class Conv2d(Module):
         self.register_parameter("bias", _new_parameter(init.uniform((out_channels,), bound, dtype), device) if bias else None)
 
     def forward(self, x):
-        check_input(self, x, 4, "(N, C, H, W)", self.in_channels)
+        check_input(self, x, 4, "(N, C, H, W)", self.in_channels, self.weight.dtype)
         return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
 
     def extra_repr(self):
