@@ -341,3 +341,20 @@ def test_fold_asks_the_layer_instance_norm_with_running_statistics_folds_and_gro
     folded = nn.fold_batch_norm(net)
     assert [type(layer).__name__ for layer in folded] == ["Conv2d", "Conv2d", "GroupNorm"]
     numpy.testing.assert_allclose(folded(x).data, net(x).data, atol=1e-12)
+
+
+def test_a_weight_tied_between_two_layers_goes_to_pytorch_under_both_names():
+    """Found by the feature matrix: a Parameter shared by two layers was written under the first layer's name
+    only, and PyTorch refused the state dict ("Missing key(s): 2.weight"); PyTorch lists every place."""
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+    second.weight = first.weight
+    net = nn.Sequential(first, nn.Sigmoid(), second)
+    state = interop.torch_state_dict(net, as_tensors=False)
+    assert sorted(state) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    numpy.testing.assert_array_equal(state["0.weight"], state["2.weight"])
+    back = nn.Sequential(nn.Linear(3, 3), nn.Sigmoid(), nn.Linear(3, 3))
+    interop.load_torch_state_dict(back, state)
+    numpy.testing.assert_array_equal(back[2].weight.numpy(), first.weight.numpy())
+    state["2.weight"] = state["2.weight"] + 1                  # a tied tensor cannot hold two values
+    with pytest.raises(ValueError, match="name one tinybn tensor"):
+        interop.load_torch_state_dict(net, state)

@@ -52,21 +52,28 @@ def _module_paths(model) -> dict:
 
 
 class _Entry:
-    """One tinybn parameter or buffer and the PyTorch keys that may hold it. A normalization layer says its PyTorch
-    names (``torch_names``; None: it has no PyTorch counterpart); every other layer's names are PyTorch's."""
+    """One tinybn parameter or buffer and the PyTorch keys that may hold it: one per place that holds it (a layer
+    used twice, a weight tied between two layers: PyTorch's state dicts list every place). A normalization layer
+    says its PyTorch names (``torch_names``; None: it has no PyTorch counterpart); every other layer's names are
+    PyTorch's."""
 
-    def __init__(self, name, module, own, prefixes):
+    def __init__(self, name, module, own):
+        self.name, self.module, self.own = name, module, own
+        self.torch_keys, self.keys = [], []     # what is written; what is accepted on loading
+        norm = isinstance(module, Normalization)
+        self.is_bn = norm and own != "num_batches_tracked" and "gamma" in (module.torch_names or {})
+
+    def add_place(self, module, own, prefixes):
         norm = isinstance(module, Normalization)
         if norm and module.torch_names is None:
             raise ValueError(f"{prefixes[0] or 'the model'} ({module!r}) has no PyTorch counterpart, so its state "
                              f"cannot be converted")
-        self.name, self.module, self.own = name, module, own
         torch_own = module.torch_names.get(own, own) if norm else own
-        self.torch_keys = [f"{prefix}.{torch_own}" if prefix else torch_own for prefix in prefixes]
-        self.keys = list(self.torch_keys)         # the keys accepted on loading
+        keys = [f"{prefix}.{torch_own}" if prefix else torch_own for prefix in prefixes]
+        self.torch_keys += keys
+        self.keys += keys
         if norm and torch_own != own:             # the chapter's from-scratch layer keeps tinybn's names
             self.keys += [f"{prefix}.{own}" if prefix else own for prefix in prefixes]
-        self.is_bn = norm and own != "num_batches_tracked" and "gamma" in module.torch_names
 
     def to_torch(self, value):
         return self.module.to_torch(self.own, value) if isinstance(self.module, Normalization) else value
@@ -76,9 +83,16 @@ class _Entry:
 
 
 def _entries(model) -> list:
+    """One entry per tensor of the model's state dict, with every place that holds it."""
     paths = _module_paths(model)
-    return [_Entry(name, owner, own, paths[id(owner)]) for name, owner, own, _ in
-            model._named_entries(("_parameters", "_buffers"))]
+    entries = {id(tensor): _Entry(name, owner, own) for name, owner, own, tensor in
+               model._named_entries(("_parameters", "_buffers"))}
+    for _, module in model.named_modules():
+        for registry in (module._parameters, module._buffers):
+            for own, tensor in registry.items():
+                if tensor is not None:
+                    entries[id(tensor)].add_place(module, own, paths[id(module)])
+    return list(entries.values())
 
 
 def _as_numpy(value):
