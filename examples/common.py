@@ -78,8 +78,6 @@ def setup(args, name: str, quick: dict | None = None, fewer: str = ""):
         args.epochs = max((len(run["history"]) for run in runs), default=args.epochs)
         return out, None
     out.mkdir(parents=True, exist_ok=True)
-    for change in tinybn.fast.tune_process():   # a script owns its process; see tinybn.fast.tune_process
-        print(f"tuned this process: {change}")
     return out, load_fashion_mnist(args.data)
 
 

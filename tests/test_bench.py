@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from tinybn import kernels
+
 
 def bench(*args):
     return subprocess.run([sys.executable, "-m", "tinybn", "bench", "--repeats", "1", "--steps", "1", "--warmup", "1",
@@ -17,10 +19,10 @@ def test_bench_json_and_profile():
     result = json.loads(out.stdout)
     entry = result["frameworks"]["tinybn"]
     assert entry["train"] > 0 and entry["predict"] > 0 and entry["peak_memory_mb"] > 0
-    assert result["fast_paths"] is True
+    family = kernels.available()[-1]
+    assert result["kernels"] == family
     ran = {(row["op"], row["implementation"]) for row in result["profile"]}
-    assert {("conv2d", "fast"), ("batch_norm", "fast"), ("batch_norm", "reference"), ("max_pool2d", "fast"),
-            ("linear", "fast"), ("sigmoid", "fast"), ("cross_entropy", "reference")} <= ran
+    assert {(op, family) for op in kernels.covered(family) if op != "flatten"} | {("cross_entropy", "reference")} <= ran
 
 
 @pytest.mark.parametrize("variant", ["builtin", "scratch"])
@@ -45,14 +47,16 @@ def test_bench_compare_fold():
 
 
 def test_bench_reference_kernels_only():
-    out = bench("--no-fast", "--profile")
+    out = bench("--kernels", "reference", "--profile")
     assert out.returncode == 0, out.stderr
-    assert "tinybn fast paths off" in out.stdout and "conv2d" in out.stdout
+    assert out.stdout.startswith("kernels: the readable reference for every op")
+    assert "tinybn kernels: reference" in out.stdout and "conv2d [reference]" in out.stdout
 
 
 def test_threads_option_limits_numpys_openblas():
-    """--threads must reach NumPy's BLAS even without threadpoolctl (checked in a fresh process, and read
-    back through OpenBLAS's own getter rather than through tinybn's)."""
+    """--threads must reach NumPy's BLAS (checked in a fresh process, and read back through OpenBLAS's own getter
+    rather than through threadpoolctl's)."""
+    pytest.importorskip("threadpoolctl")
     code = """
 import ctypes, sys
 from tinybn.app import bench

@@ -108,3 +108,29 @@ def test_the_recorder_works_on_every_device(device):
     assert len(recorder.layers["1"]["batch_mean"]) == 1 and len(recorder.layers["1"]["gamma"][0]) == 6
     assert 0.0 <= recorder.saturation["2"][0] <= 1.0
     recorder.close()
+
+
+def test_a_recorder_built_before_the_conversion_to_synchronized_layers_keeps_recording():
+    """Found by the outside test of issue 21: the twin shared the hook, which looked the layer up by identity
+    (KeyError)."""
+    from tinybn.communicator import LocalCommunicator
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    recorder = BNStatsRecorder(model)
+    model = nn.convert_sync(model, LocalCommunicator())
+    model(tinybn.tensor(numpy.arange(12.0, dtype=numpy.float32).reshape(4, 3)))
+    assert len(recorder.layers["1"]["batch_mean"]) == 1 and isinstance(model[1], nn.SyncBatchNorm)
+
+
+def test_a_layer_used_twice_is_recorded_once_per_step_and_steps_count_model_calls():
+    """Found by the outside test of issue 21: a shared BN was recorded twice per step, and epoch_ends counted its
+    records, so the other layers' steps were drawn at the wrong epochs."""
+    shared = nn.BatchNorm1d(3)
+    model = nn.Sequential(nn.Linear(3, 3), shared, nn.Linear(3, 3), nn.BatchNorm1d(3), shared)
+    recorder = BNStatsRecorder(model)
+    x = tinybn.tensor(numpy.random.default_rng(0).standard_normal((4, 3)).astype(numpy.float32))
+    for _ in range(3):
+        model(x)
+    recorder.end_epoch()
+    assert recorder.epoch_ends == [3]
+    assert len(recorder.layers["1"]["batch_mean"]) == 3 and len(recorder.layers["3"]["batch_mean"]) == 3

@@ -358,3 +358,14 @@ def test_a_weight_tied_between_two_layers_goes_to_pytorch_under_both_names():
     state["2.weight"] = state["2.weight"] + 1                  # a tied tensor cannot hold two values
     with pytest.raises(ValueError, match="name one tinybn tensor"):
         interop.load_torch_state_dict(net, state)
+
+
+@needs_torch
+def test_an_instance_norm_without_running_statistics_takes_any_pytorch_momentum():
+    """Found by the outside test of issue 21: PyTorch's momentum=None was refused even where no running statistics
+    use it; it is refused only where they do."""
+    interop.load_torch_state_dict(nn.Sequential(nn.InstanceNorm2d(3)), torch.nn.Sequential(
+        torch.nn.InstanceNorm2d(3, momentum=None)))
+    with pytest.raises(ValueError, match="momentum=None"):
+        interop.load_torch_state_dict(nn.Sequential(nn.InstanceNorm2d(3, track_running_stats=True)), torch.nn.Sequential(
+            torch.nn.InstanceNorm2d(3, momentum=None, track_running_stats=True)))

@@ -4,14 +4,13 @@ Each row gives the op, its arguments as (name, array, requires_grad) and the cal
 float64 with central differences and a random upstream gradient (tinybn.gradcheck), along explicit axes:
 
 * device: NumPy ("cpu"), the strict CuPy stand-in, and CuPy when a GPU is present;
-* implementation: the readable reference everywhere, and on the CPU also the fast kernel for the rows
-  it applies to (``fast=True``); the test checks that exactly that implementation ran, so every row
-  tests what its name says;
+* implementation: the readable reference everywhere, and on the CPU also each installed kernel family for the
+  rows its kernels apply to (``kernel=True``); the test checks that exactly that implementation ran, so every
+  row tests what its name says;
 * layout (CPU): the first input C-contiguous, batch-last (axis 0 stored last) or a strided slice.
 """
 import subprocess
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,7 +18,7 @@ import numpy
 import pytest
 
 import tinybn
-from tinybn import fast, functional as F, ops
+from tinybn import functional as F, kernels, ops
 from tinybn.autograd import Cache, apply
 from tinybn.communicator import LocalCommunicator
 
@@ -35,7 +34,7 @@ class Row:
     name: str
     call: Callable
     args: list  # (array, requires_grad) pairs, in the order of call's arguments
-    fast: bool = False  # a fast kernel applies to this row on the CPU
+    kernel: bool = False  # a compiled kernel applies to this row on the CPU
 
     def __str__(self):
         return self.name
@@ -54,18 +53,18 @@ ROWS = [
     Row("conv2d k2x3 s(1,2) p(2,1) no bias", lambda x, w: F.conv2d(x, w, stride=(1, 2), padding=(2, 1)),
         [(randn(2, 2, 5, 7), True), (randn(3, 2, 2, 3), True)]),
     Row("conv2d k5 s1 p0 (LeNet)", lambda x, w, b: F.conv2d(x, w, b),
-        [(randn(2, 1, 8, 9), True), (randn(2, 1, 5, 5), True), (randn(2), True)], fast=True),
+        [(randn(2, 1, 8, 9), True), (randn(2, 1, 5, 5), True), (randn(2), True)], kernel=True),
     # pooling
-    Row("max_pool2d k2 s2", lambda x: F.max_pool2d(x, 2, 2), [(distinct(2, 3, 6, 4), True)], fast=True),
+    Row("max_pool2d k2 s2", lambda x: F.max_pool2d(x, 2, 2), [(distinct(2, 3, 6, 4), True)], kernel=True),
     Row("max_pool2d k3 s2 p1", lambda x: F.max_pool2d(x, 3, 2, 1), [(distinct(2, 2, 7, 6), True)]),
     Row("max_pool2d k(2,3) s(1,2)", lambda x: F.max_pool2d(x, (2, 3), (1, 2)), [(distinct(2, 2, 5, 7), True)]),
     Row("avg_pool2d k2 s2", lambda x: F.avg_pool2d(x, 2), [(randn(2, 3, 6, 4), True)]),
     Row("avg_pool2d k(3,2) s(2,1) p1", lambda x: F.avg_pool2d(x, (3, 2), (2, 1), 1), [(randn(2, 2, 7, 5), True)]),
     # dense and elementwise
-    Row("linear", F.linear, [(randn(3, 5), True), (randn(4, 5), True), (randn(4), True)], fast=True),
-    Row("linear no bias", F.linear, [(randn(2, 6), True), (randn(3, 6), True)], fast=True),
-    Row("linear leading axes", F.linear, [(randn(2, 3, 5), True), (randn(4, 5), True), (randn(4), True)], fast=True),
-    Row("sigmoid", F.sigmoid, [(randn(3, 4) * 3, True)], fast=True),
+    Row("linear", F.linear, [(randn(3, 5), True), (randn(4, 5), True), (randn(4), True)], kernel=True),
+    Row("linear no bias", F.linear, [(randn(2, 6), True), (randn(3, 6), True)], kernel=True),
+    Row("linear leading axes", F.linear, [(randn(2, 3, 5), True), (randn(4, 5), True), (randn(4), True)]),
+    Row("sigmoid", F.sigmoid, [(randn(3, 4) * 3, True)], kernel=True),
     Row("relu", F.relu, [(randn(3, 4) + 0.05, True)]),
     Row("flatten", F.flatten, [(randn(2, 3, 2, 2), True)]),
     Row("dropout p0.4 train", lambda x: F.dropout(x, 0.4, True, tinybn.get_array_module(x.data).random.default_rng(7)),
@@ -75,16 +74,17 @@ ROWS = [
         [(randn(5, 4), True), (numpy.array([0, 3, 1, 1, 2]), False)]),
     # batch norm: 2-D and 4-D, training and prediction, gamma shaped (C,) or (1, C[, 1, 1])
     Row("batch_norm 2-D train", bn(True),
-        [(randn(6, 4) * 2 + 1, True), (positive(4), True), (randn(4), True), (randn(4), False), (positive(4), False)]),
+        [(randn(6, 4) * 2 + 1, True), (positive(4), True), (randn(4), True), (randn(4), False), (positive(4), False)],
+        kernel=True),
     Row("batch_norm 4-D train", bn(True),
         [(randn(2, 3, 3, 2), True), (positive(1, 3, 1, 1), True), (randn(1, 3, 1, 1), True),
-         (randn(1, 3, 1, 1), False), (positive(1, 3, 1, 1), False)], fast=True),
+         (randn(1, 3, 1, 1), False), (positive(1, 3, 1, 1), False)], kernel=True),
     Row("batch_norm 2-D eval", bn(False),
         [(randn(5, 3), True), (positive(1, 3), True), (randn(1, 3), True), (randn(1, 3), False),
-         (positive(1, 3), False)]),
+         (positive(1, 3), False)], kernel=True),
     Row("batch_norm 4-D eval", bn(False),
         [(randn(2, 3, 2, 3), True), (positive(3), True), (randn(3), True), (randn(3), False), (positive(3), False)],
-        fast=True),
+        kernel=True),
     # the synchronized ops themselves, over one rank (F.sync_* would hand one rank to the plain op); over several
     # ranks (threads) their gradients are checked by central differences of the global function in
     # test_sync_batchnorm.py. Batch renorm's r and d are held at 1 and 0, where holding them is exact.
@@ -135,7 +135,7 @@ LAYOUTS = ("contiguous", "batch_last", "sliced")
 def _axes():
     for row in ROWS:
         for device in DEVICES:
-            for implementation in ("reference", "fast") if device == "cpu" and row.fast else ("reference",):
+            for implementation in ["reference"] + (kernels.available()[1:] if device == "cpu" and row.kernel else []):
                 for layout in LAYOUTS if device == "cpu" else ("contiguous",):
                     yield pytest.param(row, device, implementation, layout,
                                        id=f"{row.name}-{device}-{implementation}-{layout}")
@@ -147,14 +147,14 @@ def test_gradient(row, device, implementation, layout):
     if device == "cpu":   # the first input in the row's layout, handed over without a copy
         first, needs = row.args[0]
         inputs[0] = tinybn.Tensor(with_layout(numpy.asarray(first, numpy.float64), layout), requires_grad=needs)
-    with ops.observe(ops.Recorder()) as recorder, fast.disabled() if implementation == "reference" else nullcontext():
+    with ops.observe(ops.Recorder()) as recorder, kernels.using(implementation):
         report = tinybn.gradcheck(row.call, inputs)
     assert report["ok"], f"{row.name}: {report}"
     assert report["where"] is not None
     op = row.name.split()[0]
     labels = {i.label for i, _ in recorder.calls if i.op == op}
     assert labels in ({implementation}, set()), f"{row.name}: ran {labels}, not {implementation}"
-    if row.fast or implementation == "fast":
+    if row.kernel:
         assert labels == {implementation}, f"{row.name}: {op} did not run"
 
 

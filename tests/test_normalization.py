@@ -357,9 +357,25 @@ def test_float32_beyond_the_squares_range_normalizes_right(name):
     with numpy.errstate(over="raise"):       # no overflow left to warn about
         with pytest.raises(FloatingPointError):
             numpy.square(x64.astype(numpy.float32))
-    with numpy.errstate(over="ignore"), tinybn.fast.disabled():
-        y32 = calls[name](Tensor(x64.astype(numpy.float32), requires_grad=True), numpy.float32)
-    y64 = calls[name](Tensor(x64.astype(numpy.float32).astype(numpy.float64)), numpy.float64)
-    assert y32.dtype == numpy.float32 and numpy.isfinite(y32.data).all()
-    numpy.testing.assert_allclose(y32.data, y64.data, atol=1e-4 if name == "decorrelated" else 1e-5)
-    assert 0.5 < float(y32.data.astype(numpy.float64).std()) < 1.5
+    for family in tinybn.kernels.available():             # the reference, and each kernel family where it applies
+        with numpy.errstate(over="ignore"), tinybn.kernels.using(family):
+            y32 = calls[name](Tensor(x64.astype(numpy.float32), requires_grad=True), numpy.float32)
+        y64 = calls[name](Tensor(x64.astype(numpy.float32).astype(numpy.float64)), numpy.float64)
+        assert y32.dtype == numpy.float32 and numpy.isfinite(y32.data).all(), family
+        numpy.testing.assert_allclose(y32.data, y64.data, atol=1e-4 if name == "decorrelated" else 1e-5, err_msg=family)
+        assert 0.5 < float(y32.data.astype(numpy.float64).std()) < 1.5
+
+
+def test_sync_batch_renorm_is_built_directly_as_the_conversion_builds_it():
+    """Found by the outside test of issue 21: SyncBatchRenorm(4) raised TypeError (its arguments were shifted by one
+    through the method resolution order)."""
+    from tinybn.communicator import LocalCommunicator
+
+    comm = LocalCommunicator()
+    direct = nn.SyncBatchRenorm(4, r_max=2.0, d_max=1.0, warmup_steps=0, comm=comm, dtype=numpy.float64)
+    converted = nn.convert_sync(nn.BatchRenorm2d(4, r_max=2.0, d_max=1.0, warmup_steps=0, dtype=numpy.float64), comm)
+    assert nn.SyncBatchRenorm().num_features is None and direct.comm is comm and direct.gamma.dtype == numpy.float64
+    x = Tensor(numpy.random.default_rng(0).standard_normal((6, 4, 2, 2)))
+    for _ in range(2):
+        numpy.testing.assert_allclose(direct(x).data, converted(x).data, atol=1e-12)
+    numpy.testing.assert_allclose(direct.moving_var.numpy(), converted.moving_var.numpy(), atol=1e-12)

@@ -272,8 +272,10 @@ def test_ranks_passing_their_own_batches_get_the_statistics_of_all_of_them_on_ev
     batches = [[rng.standard_normal((4, 5)) * (rank + 1) + rank for _ in range(counts[rank])] for rank in (0, 1)]
     steps = min(counts) if synchronized else max(counts)
 
+    models = [dense_model(), dense_model()]      # built here: the ranks' threads would race on the seeded generator
+
     def work(comm):
-        model = dense_model()
+        model = models[comm.rank]
         if synchronized:
             nn.convert_sync(model, comm)
             used = recompute(model, batches[comm.rank])
@@ -324,3 +326,71 @@ def test_the_pass_puts_back_what_training_mode_changed_and_a_lazy_layer_its_firs
         recompute(lazy, [numpy.ones((4, 5)) * 3, numpy.ones((4, 6))])
     numpy.testing.assert_array_equal(lazy[1].moving_mean.numpy(), numpy.zeros(2))
     numpy.testing.assert_array_equal(lazy[1].moving_var.numpy(), numpy.ones(2))
+
+
+# ------------------------------------------------------------------ found by the outside test of issue 21
+
+def test_synchronized_layers_with_the_default_communicator_pool_over_the_ranks_and_go_in_step(monkeypatch):
+    """SyncBatchNorm(comm=None) normalizes over the default communicator, but precise statistics asked only the
+    layer's own comm: each rank kept its own statistics (5 units apart), and uneven batch counts hung the job."""
+    import threading
+
+    from threadcomm import run_ranks
+    from tinybn import communicator
+
+    mine = threading.local()                    # each thread rank's default communicator, as init() sets it
+    monkeypatch.setattr(communicator, "default", lambda: mine.comm)
+    batches = [[numpy.random.default_rng(r).normal(10 * r, size=(4, 3)) for _ in range(1 + r)] for r in (0, 1)]
+
+    def work(comm):
+        mine.comm = comm
+        model = nn.Sequential(nn.SyncBatchNorm(3, dtype=numpy.float64))
+        return recompute(model, batches[comm.rank]), model[0].moving_mean.numpy()
+
+    (used0, mean0), (used1, mean1) = run_ranks(2, work)
+    numpy.testing.assert_array_equal(mean0, mean1)
+    assert used0 == used1 == 1                                   # in step: the rank with fewer batches stops both
+    numpy.testing.assert_allclose(mean0, numpy.concatenate([batches[0][0], batches[1][0]]).mean(axis=0), atol=1e-12)
+
+
+def test_a_lazy_layer_on_a_rank_without_batches_learns_its_size_from_the_others():
+    """A rank whose lazy layer saw no batch raised "has no size yet" before the collective, and the other rank
+    waited for ever."""
+    from threadcomm import run_ranks
+
+    data = numpy.random.default_rng(0).standard_normal((4, 3, 2, 2))
+
+    def work(comm):
+        model = nn.Sequential(nn.BatchNorm2d(dtype=numpy.float64))
+        recompute(model, [data] if comm.rank == 0 else [], comm=comm)
+        return model[0].moving_var.numpy() if comm.rank == 0 else None
+
+    variance, _ = run_ranks(2, work)
+    numpy.testing.assert_allclose(variance, data.var(axis=(0, 2, 3)), atol=1e-12)
+
+
+def test_a_lazy_layer_keeps_its_counters_at_their_start():
+    """A lazy layer's num_batches_tracked was advanced by the pass (batch renorm's warm-up, the 1/k weights of
+    momentum=None); a sized layer's was put back."""
+    batches = [numpy.arange(32.0).reshape(8, 4)] * 5
+    for layer in (nn.BatchRenorm1d(dtype=numpy.float64), nn.BatchRenorm1d(4, dtype=numpy.float64),
+                  nn.BatchNorm1d(momentum=None, dtype=numpy.float64)):
+        recompute(nn.Sequential(layer), batches)
+        assert int(layer.num_batches_tracked.item()) == 0, layer
+        numpy.testing.assert_allclose(layer.moving_var.numpy(), batches[0].var(axis=0))
+
+
+def test_non_finite_values_and_batches_too_small_are_refused_in_one_line_and_change_nothing():
+    model = dense_model()
+    model(tinybn.tensor(numpy.ones((2, 5))))
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    bad = numpy.ones((4, 5))
+    bad[1, 2] = numpy.nan
+    with pytest.raises(ValueError, match=r"1 \(BatchNorm1d.*saw a NaN or an infinity"):
+        recompute(model, [numpy.ones((4, 5)), bad])
+    with pytest.raises(ValueError, match=r"batch 2 \(\(1, 5\)\) is too small .* Leave it out"):
+        recompute(model, [numpy.random.default_rng(0).standard_normal((4, 5)), numpy.ones((1, 5))])
+    with pytest.raises(ValueError, match="no batch held an example"):
+        recompute(model, [numpy.ones((0, 5))])
+    for key, value in model.state_dict().items():
+        numpy.testing.assert_array_equal(value, before[key])

@@ -1,19 +1,18 @@
 """Model-level properties, over generated models, batches and structures.
 
 * In prediction mode a model's output for a batch equals its output for each example alone and for any
-  regrouping of the batch (a batch of one included), fast paths on or off, whatever the input's layout.
+  regrouping of the batch (a batch of one included), under every kernel family, whatever the input's layout.
 * ``parameters()`` and ``buffers()`` list every tensor once, however modules are shared and nested, and
   one SGD step moves each parameter by exactly lr·grad.
 * ``state_dict`` round-trips; a failed ``load_state_dict`` changes nothing, lazy layers included.
 """
-import contextlib
 
 import numpy
 import pytest
 from hypothesis import given, strategies as st
 
 import tinybn
-from tinybn import fast, functional as F, nn
+from tinybn import functional as F, kernels, nn
 from tinybn.app.models import MODELS, build_model
 from tinybn.optim import SGD
 
@@ -38,11 +37,11 @@ def trained(model_name, seed, steps=1):
 
 @budget(25)
 @given(model_name=st.sampled_from(MODELS), n=st.integers(1, 7), cuts=st.lists(st.integers(1, 6), max_size=3),
-       layout=st.sampled_from(LAYOUTS), use_fast=st.booleans(), seed=st.integers(0, 2**16))
-def test_prediction_of_a_batch_equals_prediction_of_its_parts(model_name, n, cuts, layout, use_fast, seed):
+       layout=st.sampled_from(LAYOUTS), family=st.sampled_from(kernels.available()), seed=st.integers(0, 2**16))
+def test_prediction_of_a_batch_equals_prediction_of_its_parts(model_name, n, cuts, layout, family, seed):
     net = trained(model_name, seed)
     images = numpy.random.default_rng(seed + 1).random((n, 1, 28, 28))
-    with contextlib.nullcontext() if use_fast else fast.disabled(), tinybn.no_grad():
+    with kernels.using(family), tinybn.no_grad():
         whole = net(tinybn.Tensor(with_layout(images, layout))).numpy()
         alone = numpy.concatenate([net(tinybn.Tensor(images[k:k + 1])).numpy() for k in range(n)])
         bounds = sorted({0, n, *(c for c in cuts if c < n)})

@@ -2,28 +2,27 @@
 
 For each op Hypothesis draws the shapes (batch and channels from 1, height and width from the kernel
 size up), the kernel, stride and padding, the mode, a memory layout for every input and a seed for the
-values; tinybn runs the op (with the fast paths on, and again on the readable reference only), and its
+values; tinybn runs the op (on the readable reference, and on each installed kernel family), and its
 output and the gradient of every input, under a random upstream gradient, must match PyTorch's.
 """
-import contextlib
-
 import numpy
 import pytest
 from hypothesis import example, given, strategies as st
 
 import tinybn
-from tinybn import fast, functional as F
+from tinybn import functional as F, kernels
 
 from props import LAYOUTS, assert_close, budget, with_layout
 
 torch = pytest.importorskip("torch")
 
-IMPLEMENTATIONS = ("fast", "reference")
+IMPLEMENTATIONS = tuple(kernels.available())
+FASTEST = IMPLEMENTATIONS[-1]
 layouts = st.sampled_from(LAYOUTS)
 
 
 def implementation(name):
-    return contextlib.nullcontext() if name == "fast" else fast.disabled()
+    return kernels.using(name)
 
 
 def run_both(tinybn_op, torch_op, inputs, impl, seed, *, rtol=1e-9, atol=1e-9):
@@ -58,9 +57,9 @@ def conv_cases(draw):
 @budget(150)
 @given(case=conv_cases(), layout=layouts, impl=st.sampled_from(IMPLEMENTATIONS), seed=st.integers(0, 2**32 - 1))
 @example(case=dict(shape=(1, 1, 28, 28), weight=(6, 1, 5, 5), stride=(1, 1), padding=(0, 0), bias=True, x_needs=False),
-         layout="contiguous", impl="fast", seed=0)                          # one image through LeNet's first conv
+         layout="contiguous", impl=FASTEST, seed=0)                          # one image through LeNet's first conv
 @example(case=dict(shape=(1, 2, 3, 3), weight=(2, 2, 3, 3), stride=(1, 1), padding=(0, 0), bias=False, x_needs=True),
-         layout="size1_strides", impl="fast", seed=1)                       # kernel = input, batch of one
+         layout="size1_strides", impl=FASTEST, seed=1)                       # kernel = input, batch of one
 def test_conv2d_matches_torch(case, layout, impl, seed):
     rng = numpy.random.default_rng(seed)
     inputs = [("x", rng.standard_normal(case["shape"]), layout, case["x_needs"]),
@@ -85,7 +84,7 @@ def pool_cases(draw):
 
 @budget(150)
 @given(case=pool_cases(), layout=layouts, impl=st.sampled_from(IMPLEMENTATIONS), seed=st.integers(0, 2**32 - 1))
-@example(case=dict(shape=(1, 1, 4, 4), kernel=(2, 2), stride=None, padding=(0, 0)), layout="batch_last", impl="fast",
+@example(case=dict(shape=(1, 1, 4, 4), kernel=(2, 2), stride=None, padding=(0, 0)), layout="batch_last", impl=FASTEST,
          seed=0)
 def test_max_pool2d_matches_torch(case, layout, impl, seed):
     x = numpy.random.default_rng(seed).standard_normal(case["shape"])
@@ -122,7 +121,7 @@ def batch_norm_cases(draw):
 @budget(200)
 @given(case=batch_norm_cases(), layout=layouts, impl=st.sampled_from(IMPLEMENTATIONS), seed=st.integers(0, 2**32 - 1))
 @example(case=dict(shape=(1, 3, 1, 1), param_shape=(3,), training=False, momentum=0.9, eps=1e-5, shift=0.0),
-         layout="size1_strides", impl="fast", seed=0)                        # one image, one value per channel, eval
+         layout="size1_strides", impl=FASTEST, seed=0)                        # one image, one value per channel, eval
 def test_batch_norm_matches_torch(case, layout, impl, seed):
     rng = numpy.random.default_rng(seed)
     shape, c = case["shape"], case["shape"][1]

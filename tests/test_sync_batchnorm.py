@@ -245,33 +245,42 @@ def test_all_reduce_gradients_sums_in_one_collective():
         assert calls == [("all_reduce", 9)]
 
 
+class _FakeBlas:
+    """NumPy's BLAS threads as threadpoolctl would show them."""
+
+    def __init__(self, threads):
+        self.threads = threads
+
+    def current(self):
+        return self.threads
+
+    def limit(self, count):
+        self.threads = count
+
+
 def test_ranks_share_the_cores_and_blas_threads_are_set_only_when_asked(monkeypatch):
-    from tinybn.fast import blas, parallel
+    from tinybn import kernels
 
     class TwoRanksHere(distributed.LocalCommunicator):
         local_size = 2
 
-    saved = parallel.threads()
     monkeypatch.delenv("TINYBN_NUM_THREADS", raising=False)
-    monkeypatch.setattr(parallel, "_cores", lambda: 2)
-    blas_threads = [2]
-    monkeypatch.setattr(blas, "get_threads", lambda: blas_threads[0])
-    monkeypatch.setattr(blas, "set_threads", lambda count: blas_threads.__setitem__(0, count) or True)
-    try:
-        with pytest.warns(RuntimeWarning, match="OPENBLAS_NUM_THREADS=1"):
-            assert distributed.share_cores(TwoRanksHere()) == 1
-        assert parallel.threads() == 1 and blas_threads == [2]       # the program's BLAS threads are untouched
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            distributed.share_cores(TwoRanksHere(), set_blas_threads=True)
-        assert blas_threads == [1]
-        monkeypatch.setenv("TINYBN_NUM_THREADS", "2")
-        parallel.set_threads(2)
-        blas_threads[0] = 1
-        assert distributed.share_cores(TwoRanksHere()) == 2            # the environment wins
-    finally:
-        parallel.set_threads(saved)
+    monkeypatch.setattr(kernels, "_cores", lambda: 2)
+    monkeypatch.setattr(kernels, "_threads", None)
+    blas = _FakeBlas(2)
+    monkeypatch.setattr(distributed, "_blas_threads", lambda: blas)
+    with pytest.warns(RuntimeWarning, match="OPENBLAS_NUM_THREADS=1"):
+        assert distributed.share_cores(TwoRanksHere()) == 1
+    assert kernels.threads() == 1 and blas.threads == 2       # the program's BLAS threads are untouched
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distributed.share_cores(TwoRanksHere(), set_blas_threads=True)
+    assert blas.threads == 1
+    monkeypatch.setenv("TINYBN_NUM_THREADS", "2")
+    kernels.set_threads(None)
+    blas.threads = 1
+    assert distributed.share_cores(TwoRanksHere()) == 2            # the environment wins
 
 
 def test_library_train_refuses_to_run_alone_in_each_rank(monkeypatch):
@@ -302,21 +311,18 @@ def test_an_empty_shard_contributes_nothing_to_the_loss_and_still_runs_backward(
 
 def test_no_blas_warning_when_the_ranks_already_share_one_thread_each(monkeypatch):
     import warnings
-    from tinybn.fast import blas, parallel
+    from tinybn import kernels
 
     class ThreeRanksHere(distributed.LocalCommunicator):
         local_size = 3
 
-    saved = parallel.threads()
     monkeypatch.delenv("TINYBN_NUM_THREADS", raising=False)
-    monkeypatch.setattr(parallel, "_cores", lambda: 2)
-    monkeypatch.setattr(blas, "get_threads", lambda: 1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")      # more ranks than cores: nothing the user could set would help
-            assert distributed.share_cores(ThreeRanksHere()) == 1
-    finally:
-        parallel.set_threads(saved)
+    monkeypatch.setattr(kernels, "_cores", lambda: 2)
+    monkeypatch.setattr(kernels, "_threads", None)
+    monkeypatch.setattr(distributed, "_blas_threads", lambda: _FakeBlas(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # more ranks than cores: nothing the user could set would help
+        assert distributed.share_cores(ThreeRanksHere()) == 1
 
 
 def test_ranks_that_disagree_on_channels_all_say_so_and_a_layer_checks_once():

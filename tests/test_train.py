@@ -492,7 +492,6 @@ def test_a_full_disk_is_one_line_and_leaves_the_last_checkpoint_whole(tmp_path, 
 
     args = ["train", "--epochs", "2", "--train-subset", "1000", "--no-progress", "--no-plot", "--precise-bn", "0",
             "--out", str(tmp_path / "r")]
-    monkeypatch.setattr(cli, "tune_process", lambda: None)     # this test's process is pytest's, not the CLI's
     assert cli.main(args[:2] + ["1"] + args[3:]) == 0
     saved = (tmp_path / "r" / "checkpoint.npz").read_bytes()
     real = numpy.savez

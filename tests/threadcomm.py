@@ -7,6 +7,7 @@ rank order, as MPI's would.
 """
 from __future__ import annotations
 
+import copy
 import threading
 
 import numpy
@@ -50,8 +51,10 @@ class ThreadCommunicator(Communicator):
         return backend.to_device(numpy.stack(values), backend.device_of(array))
 
     def broadcast(self, value, root=0):
+        """Root's value, a copy of its own on every other rank (as MPI's is: ranks share no object)."""
         self.calls.append(("broadcast", None))
-        return self._exchange(value)[root]
+        value = self._exchange(value)[root]
+        return value if self.rank == root else copy.deepcopy(value)
 
     def barrier(self):
         self._exchange(None)

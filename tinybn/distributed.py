@@ -38,7 +38,7 @@ import warnings
 
 import numpy
 
-from . import backend, communicator
+from . import backend, communicator, kernels
 from .communicator import (Communicator, LocalCommunicator, check_summable, is_initialized, launcher_rank,
                            launcher_size)
 
@@ -171,8 +171,8 @@ class MPICommunicator(Communicator):
 
 def init(comm=None, *, set_blas_threads: bool = False) -> Communicator:
     """Start MPI (if it is not running) and make its communicator the default; returns it. The ranks on one
-    machine share its cores: tinybn's kernels get ``cores // ranks on this machine`` threads each, and with
-    ``set_blas_threads`` OpenBLAS too (:func:`share_cores`).
+    machine share its cores: tinybn's compiled kernels get ``cores // ranks on this machine`` threads each, and with
+    ``set_blas_threads`` NumPy's BLAS too (:func:`share_cores`).
 
     ``comm`` may be an mpi4py communicator (``MPI.COMM_WORLD`` when omitted) or a :class:`Communicator`.
     Raises :class:`MPIUnavailableError`, saying what to install, when mpi4py or MPI is missing.
@@ -184,29 +184,49 @@ def init(comm=None, *, set_blas_threads: bool = False) -> Communicator:
 
 
 def share_cores(comm: Communicator, set_blas_threads: bool = False) -> int:
-    """Give tinybn's kernels ``cores // ranks on this machine`` threads each, unless ``TINYBN_NUM_THREADS`` says
-    otherwise; returns the count. (Two ranks with two spinning threads each on two cores ran a step 4x slower.)
+    """Give tinybn's compiled kernels ``cores // ranks on this machine`` threads each, unless ``TINYBN_NUM_THREADS``
+    says otherwise; returns the count. (Two ranks with two threads each on two cores wait for each other's cores.)
 
-    OpenBLAS's threads belong to the program, and tinybn sets them only when asked (``set_blas_threads``, as the
-    command line does); otherwise, when they would oversubscribe the cores, a warning says how to set them."""
-    from .fast import parallel
-
-    from .fast import blas
-
-    count = parallel.threads()
+    NumPy's BLAS threads belong to the program: tinybn limits them only when asked (``set_blas_threads``, as the
+    command line does, through threadpoolctl); otherwise, when they would oversubscribe the cores, a warning says
+    how to limit them."""
+    count = kernels.threads()
     if not os.environ.get("TINYBN_NUM_THREADS", "").strip():
-        count = max(1, parallel._cores() // comm.local_size)
-        parallel.set_threads(count)
-    if set_blas_threads:
-        blas.set_threads(count)
-    blas_threads = blas.get_threads()
-    if (comm.rank == 0 and blas_threads is not None and blas_threads > count
-            and blas_threads * comm.local_size > parallel._cores()):
-        warnings.warn(f"OpenBLAS runs {blas_threads} threads in each of the {comm.local_size} ranks on this machine's "
-                      f"{parallel._cores()} cores, and its waiting threads spin: a LeNet step ran 90x slower so. "
+        count = max(1, kernels._cores() // comm.local_size)
+        kernels.set_threads(count)
+    limits = _blas_threads()
+    if set_blas_threads and limits is not None:
+        limits.limit(count)
+    blas = limits.current() if limits is not None else None
+    if comm.rank == 0 and blas is not None and blas > count and blas * comm.local_size > kernels._cores():
+        warnings.warn(f"NumPy's BLAS runs {blas} threads in each of the {comm.local_size} ranks on this machine's "
+                      f"{kernels._cores()} cores, and its waiting threads spin: a LeNet step ran 90x slower so. "
                       f"Launch with OPENBLAS_NUM_THREADS={count} (mpiexec -genv OPENBLAS_NUM_THREADS {count} ...), or "
                       f"call tinybn.distributed.init(set_blas_threads=True)", RuntimeWarning, stacklevel=3)
     return count
+
+
+class _BlasThreads:
+    """NumPy's BLAS thread count, through threadpoolctl."""
+
+    def __init__(self, controller):
+        self.controller = controller
+
+    def current(self) -> int | None:
+        counts = [info["num_threads"] for info in self.controller.info() if info.get("user_api") == "blas"]
+        return max(counts) if counts else None
+
+    def limit(self, count: int) -> None:
+        self.controller.limit(limits=count, user_api="blas")
+
+
+def _blas_threads():
+    """A handle on NumPy's BLAS threads, or None without threadpoolctl."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return _BlasThreads(ThreadpoolController())
 
 
 def get_communicator() -> Communicator:

@@ -7,15 +7,15 @@ An op is a pair of pure array functions (the reference), defined where its mathe
 
     define("sigmoid", sigmoid_forward, sigmoid_backward)              # tinybn/functional/activation.py
 
-A faster kernel for the same op registers for its name, with the test that says when it applies::
+A compiled kernel of the same op registers for its name, with its family's label and the test that says when
+it applies::
 
-    register_kernel("sigmoid", "fast", sigmoid_forward, sigmoid_backward, applies=_sigmoid_applies)  # tinybn/fast
+    register_kernel("sigmoid", "numba", sigmoid_forward, sigmoid_backward, applies=...)   # tinybn/numba_kernels
 
-:func:`tinybn.autograd.apply` runs ``choose(op, arrays, params)``: the first enabled kernel whose test
-accepts the arrays, else the reference. Kernels are switched on and off by label with :func:`enable`
-(``tinybn.fast.set_enabled`` is the documented switch for the ``"fast"`` kernels), and
-:func:`observe` lets a profiler or a test see which implementation of which op ran, without
-touching the engine.
+:func:`tinybn.autograd.apply` runs ``choose(op, arrays, params)``: the active family's kernel where one applies,
+else the reference. Which family is active, for the process or for one thread, is set through
+:mod:`tinybn.kernels` (it starts as ``"reference"``: what you read is what runs), and :func:`observe` lets a
+profiler or a test see which implementation of which op ran, without touching the engine.
 
 What the engine hands an op, so that no op works it out itself:
 
@@ -31,13 +31,13 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Implementation", "Op", "Recorder", "choose", "define", "enable", "enabled", "enabled_in_thread", "get",
-           "names", "observe", "register_kernel"]
+__all__ = ["Implementation", "Op", "Recorder", "active_family", "choose", "define", "family_in_thread", "get",
+           "names", "observe", "register_kernel", "set_family"]
 
 
 @dataclass(frozen=True)
 class Implementation:
-    """One way to compute an op: ``label`` is ``"reference"`` or the kernel family (``"fast"``)."""
+    """One way to compute an op: ``label`` is ``"reference"`` or the kernel family (``"numba"``)."""
     op: str
     label: str
     forward: Callable
@@ -60,8 +60,8 @@ class Op:
 
 
 _ops: dict[str, Op] = {}
-_disabled: set[str] = set()               # kernel labels switched off for the whole process
-_thread = threading.local()               # .overrides: label -> bool for this thread; .observers: this thread's
+_family = "reference"                      # the kernel family of the process
+_thread = threading.local()                # .family: this thread's, inside family_in_thread; .observers
 
 
 def define(name: str, forward: Callable, backward: Callable) -> Op:
@@ -74,7 +74,8 @@ def define(name: str, forward: Callable, backward: Callable) -> Op:
 
 def register_kernel(name: str, label: str, forward: Callable, backward: Callable, *, applies: Callable,
                     wants_recording: bool = False) -> Implementation:
-    """Add a kernel for the op ``name``, used where ``applies(*arrays, **params)`` is true and ``label`` is enabled.
+    """Add a kernel of the family ``label`` for the op ``name``, used where ``applies(*arrays, **params)`` is true
+    and the family is active.
 
     It must compute exactly what the reference computes (same outputs, same gradients, same cache
     contract); the tests hold every kernel to that.
@@ -97,47 +98,45 @@ def names() -> list[str]:
     return sorted(_ops)
 
 
-def enable(label: str, flag: bool = True) -> None:
-    """Use (True) or skip (False) every kernel with this label, in every thread that does not say otherwise
-    (:func:`enabled_in_thread`); the reference is always available."""
-    (_disabled.discard if flag else _disabled.add)(label)
+def set_family(label: str) -> None:
+    """Run the kernels of family ``label`` (or only the reference, ``"reference"``) in every thread that does not
+    say otherwise (:func:`family_in_thread`). :func:`tinybn.kernels.use` checks the name and loads the family."""
+    global _family
+    _family = label
 
 
-def enabled(label: str) -> bool:
-    """Whether kernels with this label run in the calling thread."""
-    override = getattr(_thread, "overrides", {}).get(label)
-    return label not in _disabled if override is None else override
+def active_family() -> str:
+    """The kernel family that runs in the calling thread."""
+    return getattr(_thread, "family", None) or _family
 
 
 @contextlib.contextmanager
-def enabled_in_thread(label: str, flag: bool):
-    """Within the block, and in the calling thread only, use (True) or skip (False) the kernels with this label;
-    on leaving, the thread gets back exactly what it had, however blocks of several threads interleave."""
-    overrides = _thread.__dict__.setdefault("overrides", {})
-    found = overrides.get(label)
-    overrides[label] = bool(flag)
+def family_in_thread(label: str):
+    """Within the block, and in the calling thread only, run the kernels of family ``label``; on leaving, the
+    thread gets back exactly what it had, however blocks of several threads interleave."""
+    found = getattr(_thread, "family", None)
+    _thread.family = label
     try:
         yield
     finally:
-        if found is None:
-            overrides.pop(label, None)
-        else:
-            overrides[label] = found
+        _thread.family = found
 
 
 def choose(op: Op, arrays, params) -> Implementation:
-    """The implementation to run: the first enabled kernel that applies, else the reference.
+    """The implementation to run: the active family's kernel where one applies, else the reference.
 
     An ``applies`` test that raises (malformed arguments) counts as "does not apply": the reference then
     runs and raises its own, clearer error.
     """
-    for kernel in op.kernels:
-        if enabled(kernel.label):
-            try:
-                if kernel.applies(*arrays, **params):
-                    return kernel
-            except (TypeError, ValueError):
-                pass
+    family = active_family()
+    if family != "reference":
+        for kernel in op.kernels:
+            if kernel.label == family:
+                try:
+                    if kernel.applies(*arrays, **params):
+                        return kernel
+                except (TypeError, ValueError):
+                    pass
     return op.reference
 
 
@@ -165,7 +164,7 @@ class Recorder:
 
         with ops.observe(ops.Recorder()) as recorder:
             loss = net(x) ...
-        [(i.op, i.label, phase) for i, phase in recorder.calls]    # [("conv2d", "fast", "forward"), ...]
+        [(i.op, i.label, phase) for i, phase in recorder.calls]    # [("conv2d", "numba", "forward"), ...]
     """
 
     def __init__(self):

@@ -14,8 +14,8 @@ PyTorch ran at 13,900 examples/sec beside tinybn and at 16,000-19,500 alone. ``-
 alternates the two frameworks, tinybn then PyTorch, ``--repeats`` times, with the same threads and the
 same batch, and reports each framework's median and the median of the per-pair ratios tinybn / PyTorch
 with their minimum and maximum: the spread says how much one number can be trusted.
-Each tinybn process sets glibc's allocator thresholds as the ``tinybn`` command line does
-(:func:`tinybn.fast.tune_process`); PyTorch's process is left as it starts.
+Each tinybn process runs the kernel family given by ``--kernels`` (the fastest installed, as the command line
+does); both frameworks' processes load the real Fashion-MNIST first when it is installed, as a training run does.
 ``--profile`` prints forward and backward time per op and implementation, measured in this process.
 """
 from __future__ import annotations
@@ -29,10 +29,9 @@ from collections import defaultdict
 
 import numpy
 
-from .. import backend, fast, ops
+from .. import backend, kernels, ops
 from .. import functional as F
 from ..autograd import Tensor, no_grad
-from ..fast import blas
 from ..optim import SGD
 from .cli import positive_int
 from .models import MODELS, build_model
@@ -56,8 +55,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="threads for tinybn, BLAS and PyTorch (default: $TINYBN_NUM_THREADS or every core)")
     parser.add_argument("--profile", action="store_true", help="per-operation forward/backward times")
-    parser.add_argument("--no-fast", action="store_true",
-                        help="run tinybn's readable reference kernels only (same as TINYBN_FAST=0)")
+    parser.add_argument("--kernels", choices=("fastest", "numba", "reference"), default="fastest",
+                        help="tinybn's kernel family: the fastest installed here, numba's, or the readable reference")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -221,8 +220,9 @@ class OpProfiler:
 
 
 def run(args) -> int:
-    if args.no_fast:
-        fast.set_enabled(False)
+    family = kernels.use(args.kernels)
+    if not args.json:
+        print(kernels.describe(), flush=True)
     device = backend.resolve_device(args.device)[0]
     if args.batch_size < 2 and args.model != "lenet":
         raise ValueError(f"--batch-size {args.batch_size}: {args.model} trains with batch norm, which needs at least "
@@ -239,7 +239,7 @@ def run(args) -> int:
             raise ValueError("--compare torch needs PyTorch, which tinybn never depends on: pip install torch") from None
         frameworks.append("torch")
     spec = dict(model=args.model, batch_size=args.batch_size, device=device, dtype=args.dtype, threads=args.threads,
-                variant=args.torch_variant, fast=fast.enabled(), steps=args.steps, blocks=args.blocks,
+                variant=args.torch_variant, kernels=family, steps=args.steps, blocks=args.blocks,
                 warmup=args.warmup)
     runs = {framework: [] for framework in frameworks}
     for repeat in range(args.repeats):       # A B A B ...: each pair sees the machine in the same state
@@ -248,7 +248,7 @@ def run(args) -> int:
         print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     first = runs["tinybn"][0]
     results = {"model": args.model, "batch_size": args.batch_size, "device": device, "dtype": args.dtype,
-               "fast_paths": fast.enabled(), "data": first["data"], "repeats": args.repeats, "steps": args.steps,
+               "kernels": family, "data": first["data"], "repeats": args.repeats, "steps": args.steps,
                "blocks": args.blocks, "threads": first["threads"], "numpy": numpy.__version__,
                "method": "each measurement in a fresh process; frameworks alternate", "frameworks": {}}
     for framework in frameworks:
@@ -284,7 +284,7 @@ def run(args) -> int:
         print(json.dumps(results))
         return 0
     print(f"{args.model}, batch {args.batch_size}, {args.dtype}, {device}, {results['threads']} threads, "
-          f"{results['data']} data, tinybn fast paths {'on' if fast.enabled() else 'off'}; "
+          f"{results['data']} data, tinybn kernels: {family}; "
           f"{args.repeats} fresh process(es) per framework{', alternating' if len(frameworks) == 2 else ''}, "
           f"each the best of {args.blocks} blocks of {args.steps} steps; medians")
     memory = "peak GPU MB" if device.startswith("cuda") else "train +MB"
@@ -315,11 +315,8 @@ def run(args) -> int:
 
 def profile(args, device) -> list[dict]:
     """Per-op times of ``args.steps`` training steps, in this process."""
-    from .cli import tune_process
-
     if args.threads:
         _set_threads(args.threads)
-    tune_process()
     images, labels, _ = sample_batch(args.batch_size)
     runner = TinybnRunner(args.model, images, labels, device, numpy.dtype(args.dtype))
     for _ in range(args.warmup):
@@ -334,7 +331,7 @@ def _run_worker(spec: dict) -> dict:
     """Run one measurement in a fresh Python process; returns what it printed."""
     import subprocess
 
-    env = dict(os.environ, TINYBN_FAST="1" if spec["fast"] else "0")
+    env = dict(os.environ, TINYBN_KERNELS=spec["kernels"] if spec["framework"] != "torch" else "reference")
     done = subprocess.run([sys.executable, "-m", "tinybn.app.bench", "--worker", json.dumps(spec)],
                           capture_output=True, text=True, timeout=1800, env=env)
     if done.returncode != 0:
@@ -346,15 +343,13 @@ def worker(spec: dict) -> dict:
     """One fresh process's measurement: warm up, then the fastest of ``blocks`` timed blocks of each kind."""
     if spec["threads"]:
         _set_threads(spec["threads"])
-    if spec["framework"] in ("tinybn", "fold") and fast.enabled():
-        fast.tune_process()                   # as the command line tunes itself
     images, labels, source = sample_batch(spec["batch_size"])
     dtype = numpy.dtype(spec["dtype"])
     if spec["framework"] in ("tinybn", "fold"):
         runner = TinybnRunner(spec["model"], images, labels, spec["device"], dtype)
     else:
         import torch
-        torch.set_num_threads(spec["threads"] or fast.parallel.threads())
+        torch.set_num_threads(spec["threads"] or kernels.threads())
         runner = TorchRunner(spec["model"], images, labels, spec["device"], dtype, spec["variant"])
     for _ in range(spec["warmup"]):
         runner.train_step()
@@ -366,7 +361,7 @@ def worker(spec: dict) -> dict:
         runner.name, kinds = "tinybn, BN folded (nn.fold_batch_norm)", ("predict",)
         for _ in range(spec["warmup"]):
             runner.predict()
-    result = {"name": runner.name, "data": source, "threads": spec["threads"] or fast.parallel.threads()}
+    result = {"name": runner.name, "data": source, "threads": spec["threads"] or kernels.threads()}
     for what in kinds:
         seconds = min(_time(runner, what, spec["steps"]) for _ in range(spec["blocks"]))
         result[what] = spec["batch_size"] * spec["steps"] / seconds
@@ -389,7 +384,7 @@ def peak_rss_growth(framework, model, batch_size, dtype, threads, torch_variant)
     import subprocess
 
     spec = json.dumps([framework, model, batch_size, str(dtype), threads, torch_variant])
-    env = dict(os.environ, TINYBN_FAST="1" if fast.enabled() else "0")
+    env = dict(os.environ, TINYBN_KERNELS=kernels.active())
     done = subprocess.run([sys.executable, "-c", f"from tinybn.app.bench import _rss_probe; _rss_probe({spec!r})"],
                           capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0:
@@ -407,12 +402,10 @@ def _rss_probe(spec: str) -> None:
     rng = numpy.random.default_rng(0)
     images, labels = rng.random((batch_size, 1, 28, 28), numpy.float32), rng.integers(0, 10, batch_size)
     if framework == "tinybn":
-        if fast.enabled():
-            fast.tune_process()                   # as in the timed run
         runner = TinybnRunner(model, images, labels, "cpu", numpy.dtype(dtype))
     else:
         import torch
-        torch.set_num_threads(threads or fast.parallel.threads())
+        torch.set_num_threads(threads or kernels.threads())
         runner = TorchRunner(model, images, labels, "cpu", numpy.dtype(dtype), torch_variant)
     before = _resident_bytes()[0]
     for _ in range(3):
@@ -439,20 +432,15 @@ def _resident_bytes() -> tuple[int, int]:
 
 
 def _set_threads(count: int) -> None:
-    """Use ``count`` threads in tinybn's fast paths and in NumPy's BLAS (threadpoolctl if installed, else
-    OpenBLAS directly; the fast paths then put OpenBLAS on one thread per caller, see tinybn.fast.parallel)."""
-    fast.parallel.set_threads(count)
+    """Use ``count`` threads in tinybn's compiled kernels and in NumPy's BLAS (through threadpoolctl)."""
+    kernels.set_threads(count)
     try:
         from threadpoolctl import threadpool_limits
-        threadpool_limits(count)
-        return
     except ImportError:
-        pass
-    if blas.set_threads(count):
+        print(f"warning: could not limit NumPy's BLAS to {count} threads (no threadpoolctl); pip install "
+              f"threadpoolctl, or set OPENBLAS_NUM_THREADS={count} before starting Python", file=sys.stderr)
         return
-    print(f"warning: could not limit NumPy's BLAS to {count} threads (no threadpoolctl, and not OpenBLAS); "
-          f"pip install threadpoolctl, or set OPENBLAS_NUM_THREADS={count} before starting Python",
-          file=sys.stderr)
+    threadpool_limits(count)
 
 
 if __name__ == "__main__":

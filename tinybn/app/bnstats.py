@@ -9,11 +9,12 @@ gradient is under 0.05 of its largest). Written to ``bn_stats.json`` and drawn i
 
 The recorder only watches, through forward hooks: it changes no value the model computes. Its statistics are
 computed from each layer's input, in float64 on the host, for the first ``channels`` channels only. A training
-step is a forward in training mode that records a graph; evaluation and the precise-statistics pass (under
-``no_grad``) are not recorded.
+step is a forward of the model in training mode that records a graph; evaluation and the precise-statistics pass
+(under ``no_grad``) are not recorded, and a layer used twice in a step is recorded at its first use.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -58,10 +59,15 @@ class BNStatsRecorder:
         self.layers = {name: {key: [] for key in ("batch_mean", "batch_var", "moving_mean", "moving_var", "gamma",
                                                   "beta")} for name, _ in self.bn}
         self.saturation = {name: [] for name, _ in self.sigmoids}
-        self._handles = [module.register_forward_hook(self._watch_bn) for _, module in self.bn]
-        self._handles += [module.register_forward_hook(self._watch_sigmoid) for _, module in self.sigmoids]
-        self._names = {id(module): name for name, module in (*self.bn, *self.sigmoids)}
-        self.labels = {name: label for name, label in layer_labels(model).items() if name in self._names.values()}
+        self._recorded = {}                  # name -> the step it last recorded (a layer used twice records once)
+        # each hook knows its layer by name, not by the module's identity: the module that calls it may be another
+        # object sharing the hook (a layer's synchronized form, made after the recorder)
+        self._handles = [module.register_forward_hook(functools.partial(self._watch_bn, name)) for name, module in self.bn]
+        self._handles += [module.register_forward_hook(functools.partial(self._watch_sigmoid, name))
+                          for name, module in self.sigmoids]
+        self._handles.append(model.register_forward_hook(self._count_step))
+        watched = {name for name, _ in (*self.bn, *self.sigmoids)}
+        self.labels = {name: label for name, label in layer_labels(model).items() if name in watched}
 
     def close(self) -> None:
         for handle in self._handles:
@@ -74,31 +80,40 @@ class BNStatsRecorder:
         # training steps only: not evaluation, and not the precise-statistics pass (under no_grad)
         return module.training and is_grad_enabled()
 
-    def _watch_bn(self, module, inputs, output):
-        if not self._recording(module):
+    def _first_call_of_the_step(self, name, module) -> bool:
+        if not self._recording(module) or self._recorded.get(name) == self.steps:
+            return False
+        self._recorded[name] = self.steps
+        return True
+
+    def _count_step(self, model, inputs, output):
+        """The model's own hook, after every layer's: one training step done."""
+        if self._recording(model):
+            self.steps += 1
+
+    def _watch_bn(self, name, module, inputs, output):
+        if not self._first_call_of_the_step(name, module):
             return None
         seen = module.watch(getattr(inputs[0], "data", inputs[0]), self.channels)   # running ones after this step
-        record = self.layers[self._names[id(module)]]
+        record = self.layers[name]
         for key in record:
             if key in seen:
                 record[key].append(seen[key])
         return None
 
-    def _watch_sigmoid(self, module, inputs, output):
-        if not self._recording(module):
+    def _watch_sigmoid(self, name, module, inputs, output):
+        if not self._first_call_of_the_step(name, module):
             return None
         y = output.data
         xp = backend.get_array_module(y)
         low, high = SATURATED
-        self.saturation[self._names[id(module)]].append(float(xp.mean((y < low) | (y > high))) if y.size else 0.0)
+        self.saturation[name].append(float(xp.mean((y < low) | (y > high))) if y.size else 0.0)
         return None
 
     # --------------------------------------------------------------------------------- epochs and output
 
     def end_epoch(self) -> None:
         """Note where an epoch ended and each BN layer's γ and β (every channel)."""
-        counts = [len(record["batch_mean"]) for record in self.layers.values()] + [len(v) for v in self.saturation.values()]
-        self.steps = max(counts, default=0)
         self.epoch_ends.append(self.steps)
         for name, module in self.bn:
             for key, tensor in zip(("gamma", "beta"), module.scale_and_shift()):
@@ -122,6 +137,7 @@ class BNStatsRecorder:
                 return False
             self.first_epoch = 1
             self.epoch_ends = [int(end) for end in document["epoch_ends"]]
+            self.steps = self.epoch_ends[-1] if self.epoch_ends else 0
             self.layers = {name: {key: list(layers[name][key]) for key in record} for name, record in self.layers.items()}
             self.saturation = {name: list(saturation[name]) for name in self.saturation}
         except (KeyError, TypeError, ValueError):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy
 
-from .. import distributed
+from .. import distributed, kernels
 from ..backend import DeviceUnavailableError
 from . import checkpoint
 from .data import DataError
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "--no-sync-bn over each rank's shard (default: on)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--no-plot", action="store_true", help="do not write metrics.png")
+    kernels_argument(train)
 
     evaluate = commands.add_parser("eval", help="report the test accuracy of a checkpoint", formatter_class=Help)
     evaluate.add_argument("checkpoint", help="a checkpoint.npz or best.npz written by train")
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--precise-bn", type=non_negative_int, default=0, metavar="N",
                           help="also report the accuracy with BN statistics recomputed over N training batches "
                                "(default: the precise statistics saved with the checkpoint, if any)")
+    kernels_argument(evaluate)
 
     from .bench import add_arguments as add_bench_arguments
     add_bench_arguments(commands.add_parser("bench", help="measure training and prediction throughput",
@@ -111,13 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def tune_process() -> None:
-    """The command line owns its process: set the allocator thresholds the fast kernels want, and say so."""
-    from .. import fast
+def kernels_argument(parser) -> None:
+    parser.add_argument("--kernels", choices=("fastest", "numba", "reference"), default="fastest",
+                        help="which implementation runs each op: the fastest installed here (numba's compiled kernels "
+                             "where installed), numba's, or the readable reference of tinybn/functional")
 
-    if fast.enabled():
-        for change in fast.tune_process():
-            print(f"tinybn: tuned this process: {change}", file=sys.stderr)
+
+def say_kernels(file=None) -> None:
+    """The first line of a command's output: which kernel family runs which ops."""
+    print(kernels.describe(), file=file or sys.stdout, flush=True)
 
 
 def run_train(args, comm=None) -> int:
@@ -150,7 +154,7 @@ def train_in_this_process(config) -> int:
     out = prepare_output(config.out, config.resume, config.overwrite)
     created = not out.exists()
     data = load_fashion_mnist(config.data, allow_download=config.download)
-    tune_process()
+    say_kernels()
     started = time.time()
     stop = "\n" if config.progress else ""     # ends a progress bar's line first
     try:
@@ -197,7 +201,6 @@ def train_distributed(config, comm) -> int:
 
 def _train_distributed(config, comm, started) -> int:
     from ..backend import resolve_device
-    from ..fast import parallel
     from .data import load_fashion_mnist
     from .train import Diverged, prepare_output, train
 
@@ -226,9 +229,9 @@ def _train_distributed(config, comm, started) -> int:
         print(f"error{'' if root else f' on rank {comm.rank}'}: {error}", file=sys.stderr)
         return 2
     if root:
-        tune_process()
+        say_kernels()
     if root and not os.environ.get("TINYBN_NUM_THREADS", "").strip():
-        print(f"tinybn: tuned this process: tinybn and OpenBLAS use {parallel.threads()} thread(s) in each of the "
+        print(f"tinybn: the compiled kernels and NumPy's BLAS use {kernels.threads()} thread(s) in each of the "
               f"{comm.local_size} rank(s) on this machine; TINYBN_NUM_THREADS overrides", file=sys.stderr)
     created = root and not out.exists()
     stop = "\n" if config.progress else ""
@@ -287,8 +290,8 @@ def run_eval(args) -> int:
     from ..backend import resolve_device
 
     checkpoint.load(args.checkpoint)   # a file that is not a checkpoint, or a device that is not there, is
-    resolve_device(args.device)        # reported before the process is tuned
-    tune_process()
+    resolve_device(args.device)        # reported before anything else is said
+    say_kernels()
     result, meta = evaluate_checkpoint(args.checkpoint, args.data, args.device, args.download,
                                        precise_bn=args.precise_bn)
     print(f"{args.checkpoint}: {meta['config']['model']} after {plural(meta['epoch'], 'epoch')}, {accuracies(result)}")
@@ -310,8 +313,6 @@ def _code_fingerprint() -> str:
 def main_in_mpi_job(argv) -> int:
     """One of several ranks an MPI launcher started. MPI starts first, so that anything that goes wrong on any
     rank from here on is agreed on and said once (by the rank it concerns), and no rank waits for ever."""
-    from ..fast import parallel
-
     try:
         comm = distributed.MPICommunicator()
     except distributed.MPIUnavailableError as error:     # every rank meets this
@@ -323,8 +324,9 @@ def main_in_mpi_job(argv) -> int:
     try:
         with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):   # help, argparse's errors
             args = build_parser().parse_args(argv)
-        parallel.threads()     # a bad TINYBN_NUM_THREADS is reported now, in one line, not in the middle of a run
-        distributed.init(comm, set_blas_threads=True)    # the command line owns its process: see tune_process
+        kernels.threads()      # a bad TINYBN_NUM_THREADS is reported now, in one line, not in the middle of a run
+        kernels.use(args.kernels)
+        distributed.init(comm, set_blas_threads=True)    # the command line owns its process
         ours = {"arguments": vars(args), "tinybn": _code_fingerprint()}
         theirs = comm.broadcast(ours)                    # every rank must run rank 0's command with rank 0's code
         if ours["tinybn"] != theirs["tinybn"]:
@@ -372,8 +374,8 @@ def main(argv=None) -> int:
         return main_in_mpi_job(argv)
     try:
         args = build_parser().parse_args(argv)
-        from ..fast import parallel
-        parallel.threads()  # a bad TINYBN_NUM_THREADS is reported now, in one line, not in the middle of a run
+        kernels.threads()   # a bad TINYBN_NUM_THREADS is reported now, in one line, not in the middle of a run
+        kernels.use(args.kernels)
         if args.command == "train":
             return run_train(args)
         if args.command == "eval":

@@ -7,9 +7,10 @@ The sigmoid is evaluated without overflow for any finite x: with e = e^(−|x|) 
 y = 1/(1+e) for x ≥ 0 and y = e/(1+e) for x < 0. Both are the same function, but
 neither ever exponentiates a large positive number.
 
-On NumPy float32/float64 arrays, a faster kernel of the sigmoid runs instead of this code (``tinybn/fast/cpu.py``,
-tested equal to it). To run this code, switch the kernels off: ``with tinybn.fast.disabled(): ...``,
-``tinybn.fast.set_enabled(False)`` or ``TINYBN_FAST=0``; ``tinybn.ops.Recorder`` shows which implementation ran.
+What runs is this code, unless a program asks for a kernel family (``tinybn.kernels.use("numba")``, as
+``python -m tinybn`` and the examples do): then a compiled kernel of the sigmoid runs instead, on NumPy float32 and
+float64 arrays (``tinybn/numba_kernels/activation.py``, tested equal to this code). ``tinybn.kernels.active()`` says which family runs, and
+``tinybn.ops.Recorder`` which implementation of which op ran.
 """
 from __future__ import annotations
 

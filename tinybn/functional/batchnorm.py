@@ -68,10 +68,10 @@ The op (``batch_norm_forward``/``batch_norm_backward``, registered as ``"batch_n
 statistics it normalized with; :func:`batch_norm` around it checks the arguments and applies the
 moving-average convention, for every implementation.
 
-On NumPy float32/float64 arrays of 4-D input, a faster kernel of the op runs instead of this code
-(``tinybn/fast/cpu.py``, tested equal to it). To run this code, switch the kernels off:
-``with tinybn.fast.disabled(): ...``, ``tinybn.fast.set_enabled(False)`` or ``TINYBN_FAST=0``;
-``tinybn.ops.Recorder`` shows which implementation ran.
+What runs is this code, unless a program asks for a kernel family (``tinybn.kernels.use("numba")``, as
+``python -m tinybn`` and the examples do): then a compiled kernel of the op runs instead, on NumPy float32 and
+float64 arrays (``tinybn/numba_kernels/batchnorm.py``, tested equal to this code). ``tinybn.kernels.active()`` says which family runs, and
+``tinybn.ops.Recorder`` which implementation of which op ran.
 """
 from __future__ import annotations
 

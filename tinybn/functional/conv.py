@@ -17,10 +17,10 @@ window of x̃ with one filter, so
 The window view ``windows(x̃)[n, c, i, j, p, q] = x̃[n, c, i·sH + p, j·sW + q]`` turns each of these
 sums into one ``tensordot`` (an im2col followed by a matrix product).
 
-On NumPy float32/float64 arrays with stride 1, a faster kernel of the same op runs instead of this code
-(``tinybn/fast/cpu.py``, tested equal to it). To run this code, switch the kernels off:
-``with tinybn.fast.disabled(): ...``, ``tinybn.fast.set_enabled(False)`` or ``TINYBN_FAST=0``;
-``tinybn.ops.Recorder`` shows which implementation ran.
+What runs is this code, unless a program asks for a kernel family (``tinybn.kernels.use("numba")``, as
+``python -m tinybn`` and the examples do): then a compiled kernel of the op (stride 1) runs instead, on NumPy float32 and
+float64 arrays (``tinybn/numba_kernels/conv.py``, tested equal to this code). ``tinybn.kernels.active()`` says which family runs, and
+``tinybn.ops.Recorder`` which implementation of which op ran.
 """
 from __future__ import annotations
 

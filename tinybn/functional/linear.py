@@ -11,10 +11,10 @@ Backward (docs/derivations.md, "Linear")::
 As in PyTorch, x may have more leading axes, (..., in): every row of every leading index is a sample,
 and dW, db sum over all of them.
 
-On NumPy float32/float64 arrays, a faster kernel of this op runs instead of this code (``tinybn/fast/cpu.py``,
-tested equal to it: the same products, run on tinybn's threads). To run this code, switch the kernels off:
-``with tinybn.fast.disabled(): ...``, ``tinybn.fast.set_enabled(False)`` or ``TINYBN_FAST=0``;
-``tinybn.ops.Recorder`` shows which implementation ran.
+What runs is this code, unless a program asks for a kernel family (``tinybn.kernels.use("numba")``, as
+``python -m tinybn`` and the examples do): then a compiled kernel of the op ((N, in) input) runs instead, on NumPy float32 and
+float64 arrays (``tinybn/numba_kernels/linear.py``, tested equal to this code). ``tinybn.kernels.active()`` says which family runs, and
+``tinybn.ops.Recorder`` which implementation of which op ran.
 """
 from __future__ import annotations
 

@@ -21,9 +21,10 @@ Average pooling (padding counts as zeros in the average, as in PyTorch's default
 
 Derivations: docs/derivations.md, "Pooling".
 
-On NumPy float32/float64 arrays, a faster kernel of max pooling (stride = kernel, no padding, sizes divisible by the kernel) runs instead of this code (``tinybn/fast/cpu.py``,
-tested equal to it). To run this code, switch the kernels off: ``with tinybn.fast.disabled(): ...``,
-``tinybn.fast.set_enabled(False)`` or ``TINYBN_FAST=0``; ``tinybn.ops.Recorder`` shows which implementation ran.
+What runs is this code, unless a program asks for a kernel family (``tinybn.kernels.use("numba")``, as
+``python -m tinybn`` and the examples do): then a compiled kernel of max pooling (stride = kernel, no padding, sizes divisible by the kernel) runs instead, on NumPy float32 and
+float64 arrays (``tinybn/numba_kernels/pooling.py``, tested equal to this code). ``tinybn.kernels.active()`` says which family runs, and
+``tinybn.ops.Recorder`` which implementation of which op ran.
 """
 from __future__ import annotations
 

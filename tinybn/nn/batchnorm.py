@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy
 
-from .. import backend, communicator
+from .. import backend
 from .. import functional as F
 from ..functional.batchnorm import DEFAULT_EPS, DEFAULT_MOMENTUM
 from ..autograd import Tensor
@@ -215,6 +215,7 @@ class SyncBatchNorm(_BatchNormBase):
     forms (this one for batch norm).
     """
     num_dims = None        # 2 or 4, as the input comes
+    synchronizes = True
 
     def __init__(self, num_features: int | None = None, momentum=DEFAULT_MOMENTUM, eps=DEFAULT_EPS, comm=None,
                  device=None, dtype=numpy.float32):
@@ -235,7 +236,7 @@ class SyncBatchNorm(_BatchNormBase):
     def _normalize(self, x, momentum):
         checked = self.__dict__.get("_channels_agreed", False)      # the ranks agree on the channels once
         result = F.sync_batch_norm(x, self.gamma, self.beta, self.moving_mean, self.moving_var, training=self.training,
-                                   momentum=momentum, eps=self.eps, comm=self.comm or communicator.default(),
+                                   momentum=momentum, eps=self.eps, comm=self.communicator(),
                                    check_channels=not checked)
         if self.training:
             object.__setattr__(self, "_channels_agreed", True)

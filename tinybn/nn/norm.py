@@ -40,7 +40,8 @@ class Normalization(Module):
     running_statistics: tuple[str, ...] = ()   # buffers that prediction mode normalizes with (set by precise stats)
     batch_dependent = False                    # training mode normalizes with statistics of the whole batch
     pools_statistics = False                   # precise statistics: the batch's moments pool into the buffers
-    comm = None                                # a synchronized layer's communicator (None: this process alone)
+    comm = None                                # a synchronized layer's communicator (None: the default one)
+    synchronizes = False                       # normalizes over the ranks of a communicator (see communicator())
     torch_names: dict | None = None            # tinybn name -> PyTorch's; None: no PyTorch counterpart
     affine_parameters = ("weight", "bias")     # the learned scale and shift (either may be None)
 
@@ -64,6 +65,12 @@ class Normalization(Module):
         raise NotImplementedError(f"{type(self).__name__} keeps no running statistics")
 
     # -- data parallelism
+    def communicator(self):
+        """The communicator this layer normalizes over: for a synchronized layer its ``comm``, else the default one
+        (:func:`tinybn.communicator.default`, which :func:`tinybn.distributed.init` sets); for any other, ``comm``
+        (None: this process alone)."""
+        return (self.comm or communicator.default()) if self.synchronizes else self.comm
+
     def synchronized(self, comm) -> "Normalization":
         """This layer over all the ranks of ``comm``: the same function of the global batch, sharing this layer's
         parameters and buffers (the same tensor objects). A layer whose statistics come from each input has

@@ -16,7 +16,7 @@ import numbers
 
 import numpy
 
-from .. import backend, communicator
+from .. import backend
 from .. import functional as F
 from ..autograd import Tensor
 from ..functional.batchrenorm import DEFAULT_MOMENTUM as RENORM_MOMENTUM
@@ -191,8 +191,8 @@ class InstanceNorm2d(Normalization):
         return scale * numpy.ones(self.num_features), bias - scale * _host64(self.moving_mean)
 
     def torch_settings(self, torch_layer):
-        if not hasattr(torch_layer, "momentum"):
-            return super().torch_settings(torch_layer)
+        if not hasattr(torch_layer, "momentum") or (torch_layer.momentum is None and not self.track_running_stats):
+            return super().torch_settings(torch_layer)        # a momentum nothing uses is not taken
         if torch_layer.momentum is None:
             raise ValueError(f"{self!r}: PyTorch's momentum=None (a cumulative average) has no counterpart in tinybn's "
                              f"InstanceNorm2d; give the PyTorch layer a momentum")
@@ -211,8 +211,8 @@ class _BatchRenormBase(_BatchNormBase):
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"{type(self).__name__}: warmup_steps must be a whole number of at least 0, got "
                              f"{warmup_steps!r}")
-        super().__init__(num_features, momentum, eps, device, dtype)
-        self.r_max, self.d_max, self.warmup_steps = r_max, d_max, warmup_steps
+        _BatchNormBase.__init__(self, num_features, momentum, eps, device, dtype)   # not the MRO's next: a
+        self.r_max, self.d_max, self.warmup_steps = r_max, d_max, warmup_steps      # SyncBatchRenorm's is SyncBN
 
     def limits(self) -> tuple[float, float]:
         """r_max and d_max for the next training step: the warm-up counts the batches this layer has normalized."""
@@ -273,7 +273,7 @@ class SyncBatchRenorm(_BatchRenormBase, SyncBatchNorm):
         r_max, d_max = self.limits()
         return F.sync_batch_renorm(x, self.gamma, self.beta, self.moving_mean, self.moving_var, training=self.training,
                                    r_max=r_max, d_max=d_max, momentum=momentum, eps=self.eps,
-                                   comm=self.comm or communicator.default())
+                                   comm=self.communicator())
 
     def synchronized(self, comm):
         return self if comm is self.comm else twin(self, type(self), comm=comm)
@@ -363,6 +363,7 @@ class SyncDecorrelatedBatchNorm(DecorrelatedBatchNorm):
     together, so every rank whitens with the same matrix, the one process would compute on the whole batch.
     ``convert_sync_batchnorm`` makes it from :class:`DecorrelatedBatchNorm`; ``comm`` as for
     :class:`~tinybn.nn.SyncBatchNorm`."""
+    synchronizes = True
 
     def __init__(self, num_features: int, group_size: int = 16, iterations: int = DEFAULT_ITERATIONS,
                  momentum=DEFAULT_MOMENTUM, eps=DEFAULT_EPS, comm=None, device=None, dtype=numpy.float32):
@@ -371,7 +372,7 @@ class SyncDecorrelatedBatchNorm(DecorrelatedBatchNorm):
 
     def _normalize(self, x):
         return F.sync_decorrelated_batch_norm(x, self.gamma, self.beta, self.moving_mean, self.moving_whitening,
-                                              training=self.training, comm=self.comm or communicator.default(),
+                                              training=self.training, comm=self.communicator(),
                                               group_size=self.group_size, iterations=self.iterations,
                                               momentum=self.momentum, eps=self.eps)
 

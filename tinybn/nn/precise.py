@@ -14,8 +14,9 @@ import numpy
 
 from .. import backend
 from ..autograd import Tensor, no_grad
+from ..functional.batchnorm import BatchTooSmallError
 from ..functional.moments import pool, pool_across_ranks
-from .norm import normalization_layers
+from .norm import normalization_layers, per_channel_moments
 
 
 def recompute_batch_norm_statistics(model, batches, num_batches: int | None = None, comm=None) -> int:
@@ -49,20 +50,51 @@ def recompute_batch_norm_statistics(model, batches, num_batches: int | None = No
     if not layers:
         raise ValueError(f"{type(model).__name__} has no normalization layer whose statistics could be recomputed "
                          f"(batch norm, batch renorm or decorrelated BN)")
+    names = {id(layer): name for name, layer in normalization_layers(model)}
     parts = {id(layer): [] for layer in layers}
+    lazy = [layer for layer in layers if any(t is None for t in _buffers(layer))]
     used = _pass(model, layers, parts, batches, num_batches)
-    lockstep = _lockstep_comm(layers)
-    pooler = comm or lockstep
-    total = used if pooler is None else int(pooler.all_reduce(numpy.array([used], numpy.float64))[0])
-    if total == 0:
-        raise ValueError("recompute_batch_norm_statistics: no batch was given, so there is nothing to average")
+    pooled = {}
     for layer in layers:
         seen = [part for part in parts[id(layer)] if part.count]
-        local = pool(seen) if seen else layer.no_moments()
-        pooled = pool_across_ranks(local, layer.comm or comm, matrix=local.m2.ndim == 2)
-        if pooled.count:
-            layer.set_statistics(pooled)
+        ranks = layer.communicator() or comm
+        pooled[id(layer)] = _across_ranks(pool(seen) if seen else None, layer, ranks, names[id(layer)])
+    if not any(value is not None for value in pooled.values()):
+        raise ValueError("recompute_batch_norm_statistics: no batch held an example, so there is nothing to average")
+    for layer in layers:                         # every check before any statistic changes
+        moments = pooled[id(layer)]
+        if moments is not None and not (numpy.isfinite(backend.to_numpy(moments.mean)).all()
+                                        and numpy.isfinite(backend.to_numpy(moments.m2)).all()):
+            raise ValueError(f"recompute_batch_norm_statistics: {names[id(layer)]} ({layer!r}) saw a NaN or an "
+                             f"infinity in the batches; its statistics, and every other layer's, are left as they were")
+    for layer in layers:
+        if pooled[id(layer)] is not None:
+            if any(t is None for t in _buffers(layer)):    # lazy, and no batch reached it here: the others' size
+                layer._materialize(pooled[id(layer)].mean.size)
+            elif layer in lazy:
+                layer.reset_running_stats()      # took its size in this pass: its counters start from 0
+            layer.set_statistics(pooled[id(layer)])
     return used
+
+
+def _across_ranks(local, layer, comm, name):
+    """This layer's moments over every rank's values, the same on every rank (every rank calls this, with or without
+    values of its own: a rank whose lazy layer saw no batch learns its size from the others); None without values."""
+    if comm is None or comm.world_size == 1:
+        return local
+    unsized = any(t is None for t in _buffers(layer))
+    size = local.mean.size if local is not None else (0 if unsized else layer.no_moments().mean.size)
+    sizes = comm.all_gather(numpy.array([size], numpy.float64)).reshape(-1)
+    channels = int(sizes.max())
+    if channels == 0:
+        return None
+    if bool(((sizes != channels) & (sizes != 0)).any()):
+        raise ValueError(f"recompute_batch_norm_statistics: the ranks disagree on the channels of {name} "
+                         f"({', '.join(str(int(c)) for c in sizes)}); every rank must run the same model")
+    if local is None:
+        local = per_channel_moments(numpy.zeros((0, channels)), (0,)) if unsized else layer.no_moments()
+    pooled = pool_across_ranks(local, comm, matrix=local.m2.ndim == 2)
+    return pooled if pooled.count else None
 
 
 def _pass(model, layers, parts, batches, num_batches) -> int:
@@ -108,8 +140,9 @@ def _buffers(layer) -> list:
 def _lockstep_comm(layers):
     """The communicator the synchronized layers normalize over, when there are several ranks; else None."""
     for layer in layers:
-        if layer.comm is not None and layer.comm.world_size > 1:
-            return layer.comm
+        comm = layer.communicator() if layer.synchronizes else None
+        if comm is not None and comm.world_size > 1:
+            return comm
     return None
 
 
@@ -123,7 +156,12 @@ def _run(model, batches, num_batches, lockstep) -> int:
         inputs = as_input(batch, model.device)
         if inputs.shape and inputs.shape[0] == 0 and lockstep is None:
             continue                  # an empty batch has no statistics, and is not counted
-        model(inputs)
+        try:
+            model(inputs)
+        except BatchTooSmallError as error:
+            raise ValueError(f"recompute_batch_norm_statistics: batch {used + 1} ({tuple(inputs.shape)}) is too small "
+                             f"to normalize as in training: {error.reason} Leave it out (a loader's last batch of "
+                             f"one example, say)") from None
         used += 1
     else:
         if lockstep is not None:

@@ -1,0 +1,417 @@
+"""The kernel switch (tinybn.kernels), and every installed kernel family against the readable reference.
+
+The switch: ``import tinybn`` runs the reference, ``use``/``using``/``TINYBN_KERNELS`` choose a family for the
+process or a thread, and the command line says which runs. Then one table of cases a family's kernels accept.
+For each: the kernel is really the one chosen, it agrees with the reference on outputs and gradients (float64
+tightly, float32 to rounding), and its own backward passes a numerical gradient check. Then: the cases that must
+fall back to the reference, and whole training runs, each family against the reference, on 1 and 2 threads.
+"""
+import os
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy
+import pytest
+
+import tinybn
+from tinybn import kernels, ops
+from tinybn import functional as F
+from tinybn.app.models import build_model
+from tinybn.optim import SGD
+
+from conftest import Samples
+from test_data import needs_data
+
+FAMILIES = kernels.available()[1:]
+needs_a_family = pytest.mark.skipif(not FAMILIES, reason="no kernel family is installed (pip install -e '.[numba]')")
+samples = Samples(2024)
+randn, positive, distinct = samples.randn, samples.positive, samples.distinct
+
+
+def channel_major(array):
+    """The same NCHW values, stored (C, N, H, W) in memory."""
+    return numpy.ascontiguousarray(array.swapaxes(0, 1)).swapaxes(0, 1)
+
+
+def batch_last(array):
+    """The same NCHW values, stored (C, H, W, N) in memory, as the fast paths produce them."""
+    return numpy.ascontiguousarray(array.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
+
+
+def with_ties(shape):
+    """Pooling windows whose maximum occurs two, three or four times."""
+    x = samples.rng.integers(0, 3, shape).astype(float)
+    x[0, 0, :2, :2] = 2.0
+    return x
+
+
+def bn(training):
+    def call(x, gamma, beta, moving_mean, moving_var):
+        return F.batch_norm(x, gamma, beta, moving_mean, moving_var, training=training)
+    return call
+
+
+@dataclass
+class Case:
+    name: str
+    op: str              # name of the reference forward in tinybn.functional
+    call: Callable
+    args: list           # (array, requires_grad) pairs
+    gradcheck: bool = True
+
+    def __str__(self):
+        return self.name
+
+
+CASES = [
+    Case("conv2d LeNet-1 k5", "conv2d", lambda x, w, b: F.conv2d(x, w, b),
+         [(randn(3, 1, 9, 8), True), (randn(4, 1, 5, 5), True), (randn(4), True)]),
+    Case("conv2d k3x2 p(2,1) no bias", "conv2d", lambda x, w: F.conv2d(x, w, padding=(2, 1)),
+         [(randn(2, 3, 5, 6), True), (randn(4, 3, 3, 2), True)]),
+    Case("conv2d k3 p1 channel-major input", "conv2d", lambda x, w, b: F.conv2d(x, w, b, stride=1, padding=1),
+         [(channel_major(randn(2, 3, 4, 5)), True), (randn(2, 3, 3, 3), True), (randn(2), True)]),
+    Case("conv2d k3 no padding batch-last input", "conv2d", lambda x, w, b: F.conv2d(x, w, b),
+         [(batch_last(randn(3, 2, 5, 6)), True), (randn(2, 2, 3, 3), True), (randn(2), True)]),
+    Case("conv2d data input (no dx)", "conv2d", lambda x, w, b: F.conv2d(x, w, b),
+         [(randn(2, 2, 6, 6), False), (randn(3, 2, 3, 3), True), (randn(3), True)]),
+    Case("conv2d 1x1", "conv2d", lambda x, w: F.conv2d(x, w),
+         [(randn(2, 3, 3, 4), True), (randn(5, 3, 1, 1), True)]),
+    Case("max_pool2d k2", "max_pool2d", lambda x: F.max_pool2d(x, 2), [(distinct(2, 3, 6, 4), True)]),
+    Case("max_pool2d k(2,3) s(2,3) channel-major", "max_pool2d", lambda x: F.max_pool2d(x, (2, 3), (2, 3)),
+         [(channel_major(distinct(2, 2, 4, 6)), True)]),
+    Case("max_pool2d k2 batch-last", "max_pool2d", lambda x: F.max_pool2d(x, 2), [(batch_last(distinct(3, 2, 4, 4)), True)]),
+    Case("max_pool2d k2 ties", "max_pool2d", lambda x: F.max_pool2d(x, 2), [(with_ties((2, 2, 4, 4)), True)],
+         gradcheck=False),  # a tie has no derivative; the tie rule itself is compared with the reference
+    Case("batch_norm 4-D train, (C,)", "batch_norm", bn(True),
+         [(randn(3, 2, 3, 4) * 2 + 1, True), (positive(2), True), (randn(2), True), (randn(2), False),
+          (positive(2), False)]),
+    Case("batch_norm 4-D train, (1,C,1,1), channel-major", "batch_norm", bn(True),
+         [(channel_major(randn(2, 3, 2, 3)), True), (positive(1, 3, 1, 1), True), (randn(1, 3, 1, 1), True),
+          (randn(1, 3, 1, 1), False), (positive(1, 3, 1, 1), False)]),
+    Case("batch_norm 4-D eval", "batch_norm", bn(False),
+         [(randn(2, 3, 2, 2), True), (positive(3), True), (randn(3), True), (randn(3), False), (positive(3), False)]),
+    Case("conv2d strided-view input", "conv2d", lambda x, w: F.conv2d(x[:, :, 1:, ::2], w, padding=1),
+         [(randn(2, 2, 7, 12), True), (randn(3, 2, 3, 3), True)]),
+    Case("max_pool2d strided-view input", "max_pool2d", lambda x: F.max_pool2d(x[:, ::2, 1:], 2),
+         [(distinct(2, 4, 5, 4), True)]),
+    Case("batch_norm strided-view input", "batch_norm", lambda x, g, b, m, v: bn(True)(x[:, :, ::2], g, b, m, v),
+         [(randn(3, 2, 6, 3), True), (positive(2), True), (randn(2), True), (randn(2), False), (positive(2), False)]),
+    Case("sigmoid", "sigmoid", F.sigmoid, [(randn(3, 4, 2) * 4, True)]),
+    Case("sigmoid channel-major", "sigmoid", F.sigmoid, [(channel_major(randn(2, 3, 2, 2)), True)]),
+    Case("sigmoid batch-last", "sigmoid", F.sigmoid, [(batch_last(randn(2, 3, 2, 2)), True)]),
+    Case("linear", "linear", F.linear, [(randn(5, 4), True), (randn(3, 4), True), (randn(3), True)]),
+    Case("linear transposed input, no bias", "linear", F.linear, [(randn(4, 6).T, True), (randn(2, 4), True)]),
+    Case("linear data input (no dx)", "linear", F.linear, [(randn(5, 4), False), (randn(3, 4), True)]),
+    Case("linear batch of 1", "linear", F.linear, [(randn(1, 4), True), (randn(3, 4), True), (randn(3), True)]),
+    Case("batch_norm 2-D train", "batch_norm", bn(True),
+         [(randn(5, 3) * 3 + 2, True), (positive(3), True), (randn(3), True), (randn(3), False), (positive(3), False)]),
+    Case("batch_norm 2-D eval, batch of 1, (1,C)", "batch_norm", bn(False),
+         [(randn(1, 3), True), (positive(1, 3), True), (randn(1, 3), True), (randn(1, 3), False),
+          (positive(1, 3), False)]),
+    Case("batch_norm 4-D train, one channel, batch of 1", "batch_norm", bn(True),
+         [(randn(1, 1, 3, 3), True), (positive(1), True), (randn(1), True), (randn(1), False), (positive(1), False)]),
+    Case("conv2d batch of 1, one channel", "conv2d", lambda x, w, b: F.conv2d(x, w, b),
+         [(randn(1, 1, 6, 5), True), (randn(1, 1, 3, 3), True), (randn(1), True)]),
+    Case("flatten batch-last", "flatten", F.flatten, [(batch_last(randn(3, 2, 2, 3)), True)]),
+]
+
+
+def tensors(case, dtype):
+    """The case's arrays in ``dtype``, keeping their memory layout (tinybn.tensor would copy to C order)."""
+    return [tinybn.Tensor(a.astype(dtype, order="K") if a.dtype.kind == "f" else a, requires_grad=needs)
+            for a, needs in case.args]
+
+
+def under(family, call):
+    def run(*inputs):
+        with kernels.using(family):
+            return call(*inputs)
+    return run
+
+
+def ran(call, *args):
+    """The (op, label) of every forward that ran during ``call(*args)``."""
+    with ops.observe(ops.Recorder()) as recorder:
+        call(*args)
+    return [(implementation.op, implementation.label) for implementation, phase in recorder.calls if phase == "forward"]
+
+
+# ------------------------------------------------------------------------------------------------ the switch
+
+
+def test_import_tinybn_runs_the_reference_and_the_environment_chooses():
+    """What you read is what runs unless you ask: a fresh process runs the reference; TINYBN_KERNELS asks."""
+    code = ("import numpy, tinybn; t = tinybn.tensor(numpy.ones((2, 3)), requires_grad=True); "
+            "print(tinybn.kernels.active(), tinybn.ops.choose(tinybn.ops.get('sigmoid'), [numpy.ones(2)], {}).label)")
+    env = {k: v for k, v in os.environ.items() if k != "TINYBN_KERNELS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["reference", "reference"]
+    for family in FAMILIES:
+        out = subprocess.run([sys.executable, "-c", code], env=dict(env, TINYBN_KERNELS="fastest"),
+                             capture_output=True, text=True, check=True).stdout
+        assert out.split() == [kernels.available()[-1]] * 2
+    bad = subprocess.run([sys.executable, "-c", "import tinybn"], env=dict(env, TINYBN_KERNELS="cuda"),
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "TINYBN_KERNELS='cuda': no kernel family 'cuda'" in bad.stderr
+
+
+def test_use_using_and_active():
+    assert kernels.active() == "reference" and kernels.available()[0] == "reference"
+    assert kernels.resolve("fastest") == kernels.available()[-1]
+    with pytest.raises(kernels.KernelsUnavailableError, match="no kernel family 'fast'"):
+        kernels.use("fast")
+    for family in FAMILIES:
+        with kernels.using(family):
+            assert kernels.active() == family
+            assert ops.choose(ops.get("sigmoid"), [randn(3)], {}).label == family
+            with kernels.using("reference"):
+                assert ops.choose(ops.get("sigmoid"), [randn(3)], {}).label == "reference"
+            assert kernels.active() == family
+        assert kernels.active() == "reference"
+        try:
+            assert kernels.use(family) == family and kernels.active() == family
+        finally:
+            kernels.use("reference")
+
+
+def test_a_thread_inside_using_keeps_its_family_while_another_changes_the_process():
+    import threading
+
+    if not FAMILIES:
+        pytest.skip("needs a kernel family")
+    inside, go_on, seen = threading.Event(), threading.Event(), []
+
+    def worker():
+        with kernels.using("reference"):
+            inside.set()
+            go_on.wait(10)
+            seen.append(kernels.active())
+        seen.append(kernels.active())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    inside.wait(10)
+    try:
+        kernels.use(FAMILIES[0])
+        go_on.set()
+        thread.join(10)
+    finally:
+        kernels.use("reference")
+    assert seen == ["reference", FAMILIES[0]]
+
+
+def test_a_missing_family_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(kernels, "available", lambda: ["reference"])
+    with pytest.raises(kernels.KernelsUnavailableError, match=r"pip install -e '\.\[numba\]'"):
+        kernels.use("numba")
+    assert kernels.resolve("fastest") == "reference"
+    assert "numba is not installed" in kernels.describe("reference")
+
+
+def test_describe_names_the_family_and_its_ops():
+    assert kernels.describe("reference").startswith("kernels: the readable reference for every op")
+    for family in FAMILIES:
+        kernels.covered(family)                   # loads nothing by itself:
+        with kernels.using(family):
+            line = kernels.describe()
+        assert line.startswith(f"kernels: {family} for ") and "conv2d" in line and "thread(s)" in line
+
+
+@needs_data
+@pytest.mark.parametrize("choice", ["fastest", "reference"])
+def test_the_command_line_says_which_kernels_run_in_its_first_line(tmp_path, choice):
+    out = subprocess.run([sys.executable, "-m", "tinybn", "train", "--epochs", "1", "--train-subset", "256",
+                          "--no-progress", "--no-plot", "--precise-bn", "0", "--kernels", choice, "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    expected = kernels.describe(kernels.resolve(choice))
+    assert out.stdout.splitlines()[0] == expected and out.stderr == ""
+
+
+def test_gradcheck_says_which_implementation_it_checked():
+    x = tinybn.tensor(randn(2, 3, 4, 4), requires_grad=True)
+    assert tinybn.gradcheck(F.sigmoid, [x])["checked"] == ["sigmoid [reference]"]
+    for family in FAMILIES:
+        with kernels.using(family):
+            assert tinybn.gradcheck(F.sigmoid, [x])["checked"] == [f"sigmoid [{family}]"]
+
+
+# ------------------------------------------------------------------------------------------------ the kernels
+
+
+@needs_a_family
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_the_kernel_is_chosen(case, family):
+    with kernels.using(family):
+        assert (case.op, family) in ran(case.call, *tensors(case, numpy.float32))
+
+
+@needs_a_family
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype, atol, rtol", [(numpy.float64, 1e-12, 1e-12), (numpy.float32, 1e-5, 1e-4)])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_the_kernel_equals_the_reference(case, dtype, atol, rtol, threads, family, monkeypatch):
+    monkeypatch.setattr(kernels, "_threads", threads)
+    tinybn.assert_same(under(family, case.call), case.call, tensors(case, dtype), atol=atol, rtol=rtol)
+
+
+@needs_a_family
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", [c for c in CASES if c.gradcheck], ids=str)
+def test_the_kernels_backward_passes_gradcheck(case, family):
+    with kernels.using(family):
+        report = tinybn.gradcheck(case.call, tensors(case, numpy.float64))
+    assert report["ok"] and all(f"[{family}]" in name for name in report["checked"] if name.startswith(case.op)), report
+
+
+@needs_a_family
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_kernels_outputs_are_batch_last_and_the_next_kernel_takes_them_without_a_copy(family):
+    x = randn(2, 3, 8, 8)
+    with kernels.using(family):
+        outputs = [F.conv2d(x, randn(4, 3, 3, 3)), F.max_pool2d(x, 2),
+                   F.batch_norm(x, positive(3), randn(3), randn(3), positive(3), training=True)[0]]
+        for out in outputs:
+            assert out.data.transpose(1, 2, 3, 0).flags.c_contiguous
+        assert F.sigmoid(outputs[0]).data.strides == outputs[0].data.strides
+        flat = F.flatten(outputs[0])
+        assert numpy.shares_memory(flat.data, outputs[0].data)
+
+
+@needs_a_family
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_sigmoid_kernel_saturates_without_warnings(family):
+    x = numpy.array([-1e4, -100.0, -88.8, -20.0, 0.0, 20.0, 100.0, 1e4], numpy.float32)
+    with warnings.catch_warnings(), kernels.using(family):
+        warnings.simplefilter("error")
+        y = F.sigmoid(x).data
+    expected = F.sigmoid(x).data
+    assert numpy.all(numpy.isfinite(y))
+    numpy.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-37)
+
+
+FALLBACKS = [
+    ("conv2d stride 2", lambda: F.conv2d(randn(1, 2, 6, 6), randn(3, 2, 3, 3), stride=2), "conv2d"),
+    ("conv2d mixed dtypes", lambda: F.conv2d(randn(1, 2, 6, 6).astype(numpy.float32), randn(3, 2, 3, 3)), "conv2d"),
+    ("max_pool2d overlapping", lambda: F.max_pool2d(randn(1, 2, 6, 6), 3, 2), "max_pool2d"),
+    ("max_pool2d padded", lambda: F.max_pool2d(randn(1, 2, 6, 6), 2, 2, 1), "max_pool2d"),
+    ("max_pool2d ragged", lambda: F.max_pool2d(randn(1, 2, 5, 6), 2), "max_pool2d"),
+    ("batch_norm float16", lambda: F.batch_norm(randn(4, 3).astype(numpy.float16), positive(3).astype(numpy.float16),
+                                                randn(3).astype(numpy.float16), randn(3).astype(numpy.float16),
+                                                positive(3).astype(numpy.float16), training=True), "batch_norm"),
+    ("linear with leading axes", lambda: F.linear(randn(2, 3, 4), randn(5, 4)), "linear"),
+    ("flatten of a C-order input", lambda: F.flatten(randn(2, 3, 4)), "flatten"),
+    ("sigmoid of integers", lambda: F.sigmoid(numpy.arange(3)), "sigmoid"),
+    ("conv2d channel mismatch", lambda: _raises(lambda: F.conv2d(randn(1, 2, 6, 6), randn(3, 4, 3, 3))), "conv2d"),
+]
+
+
+def _raises(call):
+    """Malformed input goes to the reference, which raises its own error."""
+    with pytest.raises(ValueError):
+        call()
+
+
+@needs_a_family
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name, run, op", FALLBACKS, ids=[f[0] for f in FALLBACKS])
+def test_unsupported_cases_run_the_reference(name, run, op, family):
+    with kernels.using(family):
+        labels = [label for ran_op, label in ran(run) if ran_op == op]
+    if name == "conv2d channel mismatch":       # refused by tinybn.functional before any implementation runs
+        assert labels == []
+    else:
+        assert labels and set(labels) == {"reference"}, labels
+
+
+@needs_a_family
+@pytest.mark.parametrize("family", FAMILIES)
+def test_other_array_modules_run_the_reference(family):
+    """CuPy (here: the strict stand-in) never meets the NumPy kernels."""
+    x_data, w_data = randn(2, 1, 6, 6), randn(2, 1, 3, 3)
+    results = {}
+    for device in ("strict", "cpu"):  # the stand-in raises if a NumPy function meets its arrays
+        with kernels.using(family):
+            x = tinybn.tensor(x_data, device=device, requires_grad=True)
+            w = tinybn.tensor(w_data, device=device, requires_grad=True)
+            y = F.max_pool2d(F.sigmoid(F.conv2d(x, w)), 2)
+            y.sum().backward()
+        results[device] = tinybn.backend.to_numpy(y.data), tinybn.backend.to_numpy(x.grad)
+    for strict_value, numpy_value in zip(results["strict"], results["cpu"]):
+        numpy.testing.assert_allclose(strict_value, numpy_value, rtol=1e-12)
+
+
+@needs_a_family
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("model", ["lenet-bn", "lenet-bn-concise", "lenet"])
+def test_training_under_each_family_follows_the_reference_trajectory(model, threads, family, monkeypatch):
+    """Five SGD steps of a whole model in float64, then prediction: the same losses, weights, moving averages and
+    scores under each kernel family as under the reference, on 1 and 2 threads."""
+    monkeypatch.setattr(kernels, "_threads", threads)
+    images = numpy.random.default_rng(0).random((16, 1, 28, 28)).astype(numpy.float64)
+    labels = numpy.arange(16) % 10
+
+    def train(choice):
+        tinybn.manual_seed(3)
+        net = build_model(model).to(dtype=numpy.float64)
+        optimizer = SGD(net.parameters(), lr=0.5)
+        losses = []
+        with kernels.using(choice):
+            for _ in range(5):
+                loss = F.cross_entropy(net(tinybn.tensor(images)), tinybn.tensor(labels))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.item()))
+            net.eval()
+            with tinybn.no_grad():
+                scores = net(tinybn.tensor(images)).data
+        return losses, net.state_dict(), scores
+
+    losses, state, scores = train(family)
+    ref_losses, ref_state, ref_scores = train("reference")
+    numpy.testing.assert_allclose(losses, ref_losses, rtol=1e-12)
+    numpy.testing.assert_allclose(scores, ref_scores, rtol=1e-10, atol=1e-11)
+    for name in ref_state:
+        numpy.testing.assert_allclose(state[name], ref_state[name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("model", ["lenet", "lenet-bn", "lenet-bn-concise"])
+@pytest.mark.parametrize("family", ["reference"] + FAMILIES)
+def test_which_code_runs_is_what_the_switch_says(model, family):
+    """Counted through the op registry: under the reference, every forward and backward of a training step and a
+    prediction is the readable code of tinybn/functional/ (or the engine's arithmetic); under a family, the ops
+    it has a kernel for run it (where it applies), everything else the reference."""
+    from collections import Counter
+
+    tinybn.manual_seed(0)
+    net = build_model(model)
+    images = tinybn.tensor(numpy.random.default_rng(0).random((4, 1, 28, 28)).astype(numpy.float32))
+    with ops.observe(ops.Recorder()) as recorder, kernels.using(family):
+        F.cross_entropy(net(images), tinybn.tensor(numpy.arange(4))).backward()
+        net.eval()
+        with tinybn.no_grad():
+            net(images)
+    covered = set(kernels.covered(family)) if family != "reference" else set()
+    layer_ops = {tinybn.nn.Conv2d: "conv2d", tinybn.nn.Sigmoid: "sigmoid", tinybn.nn.MaxPool2d: "max_pool2d",
+                 tinybn.nn.Linear: "linear", tinybn.nn.Flatten: "flatten"}
+    layers = Counter((op, family if op in covered else "reference")
+                     for op in (layer_ops.get(type(layer), "batch_norm") for layer in net))
+    counted = Counter((implementation.op, implementation.label, phase) for implementation, phase in recorder.calls)
+    expected = Counter({("cross_entropy", "reference", "forward"): 1, ("cross_entropy", "reference", "backward"): 1})
+    for (op, label), n in layers.items():
+        expected[(op, label, "forward")] += 2 * n
+        expected[(op, label, "backward")] += n
+    assert counted == expected
+    for implementation, _ in recorder.calls:
+        if implementation.label == "reference":
+            assert implementation.forward.__module__.startswith("tinybn.functional."), implementation
+        else:
+            assert implementation.forward.__module__.startswith(f"tinybn.{family}_kernels."), implementation
+        assert implementation.backward.__module__ == implementation.forward.__module__

@@ -1,0 +1,26 @@
+"""The numba kernel family: some ops as plain loops compiled by numba, chosen with ``tinybn.kernels.use("numba")``.
+
+Each module here holds, for one op of :mod:`tinybn.functional`, a forward and a backward that compute what the
+reference computes, as loops over the arrays' elements, in batch-last memory (:mod:`tinybn.numba_kernels._common`):
+the innermost loop runs over the batch, contiguous, so that the compiler vectorizes it, and the outermost is
+shared among :func:`tinybn.kernels.threads` threads with ``numba.prange``. Each docstring names the reference
+function and the derivation it implements; the tests hold each kernel to the reference, outputs and every
+gradient (1e-12 relative in float64, rounding in float32). The family uses no BLAS: NumPy's, with its own threads,
+would compete with numba's for the cores.
+
+Compiled functions are cached next to their source (``cache=True``): the first run in a fresh clone compiles
+them once. numba's threads come from OpenMP ("threadsafe": numba's fallback, workqueue, aborts the process when
+two threads run parallel kernels at once). OpenMP's threads wait passively between kernels unless
+``OMP_WAIT_POLICY`` says otherwise: spinning, they stalled every other kernel for 8 ms on the 2-core machine these
+were measured on (docs/benchmarks.md).
+"""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")       # read by OpenMP when numba first starts its threads
+
+import numba  # noqa: E402
+
+if not os.environ.get("NUMBA_THREADING_LAYER"):
+    numba.config.THREADING_LAYER = "threadsafe"
+
+from . import activation, batchnorm, conv, linear, pooling, shape  # noqa: E402,F401 - each registers its kernels

@@ -1,0 +1,47 @@
+"""What the numba kernels share: batch-last memory, when a kernel applies, threads, and the compile options.
+
+**Batch-last memory.** Every kernel of this family keeps its arrays with the batch axis last in memory: an
+(N, C, H, W) tensor is stored as a C-contiguous (C, H, W, N) array and handed back as the (N, C, H, W) view
+``array.transpose(3, 0, 1, 2)``; an (N, F) one as (F, N) and its transpose. Shapes and values are the usual ones,
+only the strides differ. Then every innermost loop runs over the N examples of the batch, contiguous in memory:
+long, and the same for every op, so the compiler vectorizes it. A kernel that receives another layout copies it
+into this one first (:func:`batch_last`); the next kernel takes its input without a copy.
+"""
+from __future__ import annotations
+
+import numba
+import numpy
+
+from .. import kernels
+
+# Reductions may be reordered (so that they vectorize) and a·b + c fused; nothing that would change a NaN, an
+# infinity or a signed zero. The tests hold every kernel to the reference within the rounding this allows.
+FASTMATH = {"reassoc", "contract"}
+JIT = dict(cache=True, fastmath=FASTMATH)
+PARALLEL = dict(JIT, parallel=True)
+
+FLOATS = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+def floats(*arrays) -> bool:
+    """Every array a NumPy array of one dtype, float32 or float64, and none empty (the reference handles the rest:
+    other dtypes, float16's float32 statistics, CuPy, empty batches)."""
+    dtype = getattr(arrays[0], "dtype", None)
+    return dtype in FLOATS and all(type(a) is numpy.ndarray and a.dtype == dtype and a.size for a in arrays)
+
+
+def batch_last(x):
+    """x (N, ...) as a C-contiguous array (..., N): a view when x came from a kernel of this family, else a copy."""
+    moved = numpy.moveaxis(x, 0, -1)
+    return moved if moved.flags.c_contiguous else numpy.ascontiguousarray(moved)
+
+
+def batch_first(array):
+    """The (N, ...) view of a batch-last array (..., N)."""
+    return numpy.moveaxis(array, -1, 0)
+
+
+def run_on_threads() -> None:
+    """Give this thread's next parallel kernel :func:`tinybn.kernels.threads` threads (numba's setting belongs to
+    the calling thread, and cannot exceed the threads numba started with)."""
+    numba.set_num_threads(max(1, min(kernels.threads(), numba.config.NUMBA_NUM_THREADS)))
