@@ -11,6 +11,8 @@ from tinybn.app.models import build_lenet
 
 import common
 
+tinybn.kernels.use("fastest")    # compiled kernels where installed; --kernels reference runs tinybn/functional
+
 args = common.parser(__doc__.splitlines()[0]).parse_args()
 out, data = common.setup(args, "bias_before_bn")
 

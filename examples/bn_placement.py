@@ -1,6 +1,9 @@
 """Exercise 3: batch norm after every hidden layer against batch norm in only some of them."""
 import common
+import tinybn
 from tinybn.app.models import build_lenet
+
+tinybn.kernels.use("fastest")    # compiled kernels where installed; --kernels reference runs tinybn/functional
 
 args = common.parser(__doc__.splitlines()[0]).parse_args()
 out, data = common.setup(args, "bn_placement")

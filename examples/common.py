@@ -39,6 +39,8 @@ def parser(description: str, epochs: int = 10) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1.0, help="learning rate (default: %(default)s, the chapter's)")
     p.add_argument("--precise-bn", type=int, default=50, help="batches for precise BN statistics (0: off)")
     p.add_argument("--device", default=None, help="cpu, gpu, cuda or cuda:N")
+    p.add_argument("--kernels", choices=("fastest", "numba", "reference"), default=None,
+                   help="which implementation runs each op (default: what the script chose at its top, 'fastest')")
     p.add_argument("--data", default=None, help="folder with the Fashion-MNIST files")
     p.add_argument("--out", default=None, help="folder for the PNG and results (default: runs/examples/NAME, "
                                                "or NAME-quick with --quick)")
@@ -47,7 +49,7 @@ def parser(description: str, epochs: int = 10) -> argparse.ArgumentParser:
 
 _replotting = False     # set by setup() for --replot: nothing is trained or saved
 
-QUICK_WORDS = ("quick mode: 1 epoch on all 60,000 training images, seed 0{fewer}. A smoke test: its numbers show "
+QUICK_WORDS = ("quick mode: 1 epoch on {images} training images, seed 0{fewer}. A smoke test: its numbers show "
                "where each variant is after one epoch, not the chapter's 10-epoch results, which are in "
                "docs/results.md.")
 
@@ -56,11 +58,15 @@ def setup(args, name: str, quick: dict | None = None, fewer: str = ""):
     """Apply ``--quick`` (1 epoch, all the images, seed 0, and the script's own ``quick`` settings, e.g. fewer
     learning rates, described by ``fewer``) and say what it is; returns ``(out, data)``. With ``--replot`` the
     saved results are read instead (``data`` is None and :func:`run_variant` returns them)."""
+    if args.kernels:
+        tinybn.kernels.use(args.kernels)
+    print(tinybn.kernels.describe(), flush=True)           # the first line: which code runs
     if args.quick:
         args.epochs, args.train_subset, args.seeds = 1, None, "0"
         for key, value in (quick or {}).items():
             setattr(args, key, value)
-        print(QUICK_WORDS.format(fewer=f", {fewer}" if fewer else ""), flush=True)
+        images = f"the first {args.train_subset:,}" if args.train_subset else "all 60,000"
+        print(QUICK_WORDS.format(images=images, fewer=f", {fewer}" if fewer else ""), flush=True)
     args.seed_list = [int(s) for s in str(args.seeds).split(",")]
     out = Path(args.out or f"runs/examples/{name}" + ("-quick" if args.quick else ""))   # never mixed with full runs
     if args.replot:

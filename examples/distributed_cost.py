@@ -25,6 +25,9 @@ from tinybn.app.models import build_model
 from tinybn.optim import SGD
 
 
+tinybn.kernels.use("fastest")    # compiled kernels where installed; TINYBN_KERNELS=reference runs tinybn/functional
+
+
 def median_ms(samples):
     return 1000 * statistics.median(samples)
 
@@ -35,6 +38,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
     comm = distributed.init(set_blas_threads=True)    # tinybn's and OpenBLAS's threads: cores // ranks here
+    if comm.rank == 0:
+        print(tinybn.kernels.describe(), flush=True)
     train_x, train_y, _, _ = load_fashion_mnist()
     tinybn.manual_seed(0)
     model = nn.SyncBatchNorm.convert_sync_batchnorm(build_model("lenet-bn"), comm)

@@ -5,7 +5,10 @@ each pair is compared at its own rate: dropout's effect is the gap between train
 closes, BN's is how fast and how far training goes.
 """
 import common
+import tinybn
 from tinybn.app.models import build_lenet
+
+tinybn.kernels.use("fastest")    # compiled kernels where installed; --kernels reference runs tinybn/functional
 
 p = common.parser(__doc__.splitlines()[0])
 p.add_argument("--p", type=float, default=0.5, help="dropout probability")

@@ -1,6 +1,9 @@
 """Exercise 5: fix γ = 1 and β = 0 (not trained) and compare with learned ones."""
 import common
+import tinybn
 from tinybn.app.models import build_lenet
+
+tinybn.kernels.use("fastest")    # compiled kernels where installed; --kernels reference runs tinybn/functional
 
 args = common.parser(__doc__.splitlines()[0]).parse_args()
 out, data = common.setup(args, "fixed_gamma_beta")

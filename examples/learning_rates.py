@@ -10,7 +10,10 @@ results.json without training.
 import numpy
 
 import common
+import tinybn
 from tinybn.app.models import build_lenet
+
+tinybn.kernels.use("fastest")    # compiled kernels where installed; --kernels reference runs tinybn/functional
 
 p = common.parser(__doc__.splitlines()[0])
 p.add_argument("--rates-plain", default="0.03,0.1,0.3,1,3,10", help="rates for LeNet without BN")

@@ -11,7 +11,9 @@ averages for BN and batch renorm; group norm has none), because that is what the
 Each batch size trains for ``--sweep-epochs`` epochs.
 
 ``--replot`` redraws both figures and tables from ``results.json`` without training. ``--quick`` trains part 1 for one
-epoch on all the images, and part 2 as its own quick settings say (see the quick-mode line it prints).
+epoch on all the images, and not part 2: its small batches need thousands of steps per epoch (a full sweep takes
+hours; one epoch at batch 8 still took longer than the whole quick mode may). It says so, and how to run a short
+sweep (``--part batch-sizes --batch-sizes 8,64 --sweep-epochs 1``).
 
 Merging (``--merge FOLDER ...``): small batches keep one core busy, so a long sweep runs faster as several
 processes, each with ``TINYBN_NUM_THREADS=1`` and its own ``--out``, e.g. one per normalization, batch size and
@@ -29,7 +31,10 @@ from pathlib import Path
 import numpy
 
 import common
+import tinybn
 from tinybn.app.models import build_lenet
+
+tinybn.kernels.use("fastest")    # compiled kernels where installed; --kernels reference runs tinybn/functional
 
 p = common.parser(__doc__.splitlines()[0])
 p.add_argument("--part", choices=("compare", "batch-sizes", "both"), default="both")
@@ -43,7 +48,7 @@ p.add_argument("--merge", nargs="+", metavar="FOLDER",
                     "--out/results.json (replacing it), then draw; see 'Merging' in the docstring")
 p.add_argument("--sweep-subset", type=int, default=None, help="first N training images in part 2 (default: all)")
 args = p.parse_args()
-QUICK = {"batch_sizes": "4,32", "sweep_epochs": 1, "sweep_subset": 12000, "sweep_norms": "batch norm,group norm"}
+QUICK = {"part": "compare"}        # part 1 only: see the docstring
 
 NORMS = {"batch norm": "scratch", "layer norm": "layer", "group norm": "group", "batch renorm": "renorm",
          "decorrelated BN": "decorrelated"}
@@ -125,8 +130,9 @@ if args.merge:
     print(f"merged {len(args.merge)} folders into {out / 'results.json'}")
 else:
     out, data = common.setup(args, "normalizations", quick=QUICK,
-                             fewer=f"and in part 2 batch norm and group norm at batches 4 and 32, 1 epoch on the first "
-                                   f"{QUICK['sweep_subset']:,} images")
+                             fewer="part 1 only: the batch-size sweep of part 2 is hours of small batches, and "
+                                   "docs/results.md has its results (a short one: --part batch-sizes --batch-sizes 8,64 "
+                                   "--sweep-epochs 1)")
     saved = args.saved if args.replot else (json.loads((out / "results.json").read_text())
                                             if (out / "results.json").is_file() else {"compare": [], "sweep": []})
     compare, sweep = saved["compare"], saved["sweep"]   # part 1 and part 2 may run separately: keep the other part

@@ -23,6 +23,7 @@ this process may use; :func:`set_threads`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -122,8 +123,11 @@ def threads() -> int:
     if _threads is not None:
         return _threads
     value = os.environ.get("TINYBN_NUM_THREADS", "").strip()
-    if not value:
-        return _cores()
+    return _parse_threads(value) if value else _cores()
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_threads(value: str) -> int:
     try:
         count = int(value)
     except ValueError:

@@ -9,6 +9,8 @@ into this one first (:func:`batch_last`); the next kernel takes its input withou
 """
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy
 
@@ -30,18 +32,28 @@ def floats(*arrays) -> bool:
     return dtype in FLOATS and all(type(a) is numpy.ndarray and a.dtype == dtype and a.size for a in arrays)
 
 
+_LAST = [None, (0,), (1, 0), (1, 2, 0), (1, 2, 3, 0)]     # the batch axis moved last, by ndim
+_FIRST = [None, (0,), (1, 0), (2, 0, 1), (3, 0, 1, 2)]               # and back
+
+
 def batch_last(x):
     """x (N, ...) as a C-contiguous array (..., N): a view when x came from a kernel of this family, else a copy."""
-    moved = numpy.moveaxis(x, 0, -1)
+    moved = x.transpose(_LAST[x.ndim])
     return moved if moved.flags.c_contiguous else numpy.ascontiguousarray(moved)
 
 
 def batch_first(array):
     """The (N, ...) view of a batch-last array (..., N)."""
-    return numpy.moveaxis(array, -1, 0)
+    return array.transpose(_FIRST[array.ndim])
+
+
+_threads = threading.local()      # .count: what this thread last gave numba
 
 
 def run_on_threads() -> None:
     """Give this thread's next parallel kernel :func:`tinybn.kernels.threads` threads (numba's setting belongs to
     the calling thread, and cannot exceed the threads numba started with)."""
-    numba.set_num_threads(max(1, min(kernels.threads(), numba.config.NUMBA_NUM_THREADS)))
+    count = max(1, min(kernels.threads(), numba.config.NUMBA_NUM_THREADS))
+    if getattr(_threads, "count", None) != count:
+        numba.set_num_threads(count)
+        _threads.count = count

@@ -21,7 +21,7 @@ import numpy
 from .. import kernels, ops
 from ..autograd import Cache
 from ..functional._util import pair
-from ._common import PARALLEL, batch_first, batch_last, floats, run_on_threads
+from ._common import _LAST, PARALLEL, batch_first, batch_last, floats, run_on_threads
 
 
 @numba.njit(**PARALLEL)
@@ -108,7 +108,7 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     c_out, _, kh, kw = weight.shape
     if ph or pw:
         x_pad = numpy.zeros((c_in, h + 2 * ph, w + 2 * pw, n), x.dtype)
-        x_pad[:, ph:ph + h, pw:pw + w] = numpy.moveaxis(x, 0, -1)
+        x_pad[:, ph:ph + h, pw:pw + w] = x.transpose(_LAST[x.ndim])
     else:
         x_pad = batch_last(x)
     y = numpy.empty((c_out, x_pad.shape[1] - kh + 1, x_pad.shape[2] - kw + 1, n), x.dtype)

@@ -10,7 +10,7 @@ import numpy
 
 from .. import ops
 from ..autograd import Cache
-from ._common import batch_first, batch_last, floats
+from ._common import _LAST, batch_first, batch_last, floats
 
 
 def flatten_forward(x):
@@ -24,7 +24,7 @@ def flatten_backward(dy, cache):
 
 def _applies(x):
     """A batch-last input (from a kernel of this family): the flatten is then a view."""
-    return floats(x) and x.ndim > 2 and numpy.moveaxis(x, 0, -1).flags.c_contiguous
+    return floats(x) and x.ndim > 2 and x.transpose(_LAST[x.ndim]).flags.c_contiguous
 
 
 ops.register_kernel("flatten", "numba", flatten_forward, flatten_backward, applies=_applies)
