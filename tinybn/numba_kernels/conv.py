@@ -64,11 +64,27 @@ def _weight_gradient(x_pad, dy, pieces, dweight):
                 for p in range(kh):
                     for q in range(kw):
                         values = x_pad[c, i + p, j + q]
-                        for o in range(c_out):
+                        o = 0
+                        while o + 4 <= c_out:      # four output channels at once: each x value loaded once for four
+                            g0, g1, g2, g3 = dy[o, i, j], dy[o + 1, i, j], dy[o + 2, i, j], dy[o + 3, i, j]
+                            s0 = s1 = s2 = s3 = dy[0, 0, 0, 0] * 0
+                            for k in range(n):
+                                v = values[k]
+                                s0 += g0[k] * v
+                                s1 += g1[k] * v
+                                s2 += g2[k] * v
+                                s3 += g3[k] * v
+                            partial[piece, o, c, p, q] += s0
+                            partial[piece, o + 1, c, p, q] += s1
+                            partial[piece, o + 2, c, p, q] += s2
+                            partial[piece, o + 3, c, p, q] += s3
+                            o += 4
+                        while o < c_out:
                             grads, s = dy[o, i, j], dy[0, 0, 0, 0] * 0
                             for k in range(n):
                                 s += grads[k] * values[k]
                             partial[piece, o, c, p, q] += s
+                            o += 1
     for o in range(c_out):
         for c in range(c_in):
             for p in range(kh):
