@@ -143,3 +143,17 @@ def test_a_numpy_scalar_takes_the_tensors_dtype_as_in_pytorch():
     (x * numpy.float64(2.0)).sum().backward()
     assert x.grad.dtype == numpy.float32 and (x.grad == 2.0).all()
     assert (x * numpy.ones(3)).dtype == numpy.float64       # an array keeps NumPy's promotion, as in PyTorch
+
+
+def test_one_op_refuses_tensors_on_two_devices_and_moves_numpy_constants_to_its_device():
+    """Found on the first GPU run: a GPU tensor times a NumPy array, or backward(numpy gradient) on a GPU tensor,
+    failed deep in CuPy ("Unsupported type numpy.ndarray"), and a CPU input to a GPU layer did too. As in PyTorch, an
+    op's tensors must share one device, and the error says which devices met; a NumPy constant or gradient is moved
+    to the tensors' device. The strict stand-in plays the GPU here (it refuses any host array inside an op)."""
+    x = tinybn.tensor([1.0, 2.0, 3.0], device="strict", requires_grad=True)
+    y = x * numpy.array([2.0, 3.0, 4.0], dtype=numpy.float32)
+    assert y.device == "strict"
+    y.backward(numpy.array([1.0, 0.0, -1.0], dtype=numpy.float32))
+    numpy.testing.assert_allclose(tinybn.backend.to_numpy(x.grad), [2.0, 0.0, -4.0])
+    with pytest.raises(RuntimeError, match="expected all tensors on one device, got cpu and strict.*to\\(device\\)"):
+        x * tinybn.tensor([1.0, 1.0, 1.0])

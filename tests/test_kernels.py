@@ -415,3 +415,11 @@ def test_which_code_runs_is_what_the_switch_says(model, family):
         else:
             assert implementation.forward.__module__.startswith(f"tinybn.{family}_kernels."), implementation
         assert implementation.backward.__module__ == implementation.forward.__module__
+
+
+def test_describe_says_the_reference_runs_on_a_gpu():
+    """The first GPU run printed "kernels: numba for batch_norm, conv2d, ..." while the reference ran every op on
+    CuPy: the compiled families are CPU kernels, and the line now says what runs on the device given."""
+    line = kernels.describe("numba", device="cuda:0")
+    assert line.startswith("kernels: the readable reference for every op on cuda:0") and "CPU only" in line
+    assert kernels.describe("reference", device="cuda:0").startswith("kernels: the readable reference for every op")

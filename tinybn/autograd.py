@@ -170,6 +170,18 @@ def _as_data(value):
     return value.data if isinstance(value, Tensor) else value
 
 
+def _on_one_device(name, arrays, tensors):
+    """The tensors of one op live on one device, as in PyTorch; a NumPy array beside GPU tensors is a constant
+    and moves to their device. (All on the CPU, the common case, costs one set of types.)"""
+    if {type(t.data) for t in tensors} <= {numpy.ndarray}:
+        return arrays
+    devices = sorted({t.device for t in tensors})
+    if len(devices) > 1:
+        raise RuntimeError(f"{name}: expected all tensors on one device, got {' and '.join(devices)}; "
+                           f"move them to one with .to(device) (a module with module.to(device))")
+    return [backend.to_device(a, devices[0]) if type(a) is numpy.ndarray else a for a in arrays]
+
+
 def apply(name: str, *inputs, **params):
     """Run the op ``name`` on the arrays of ``inputs`` and, if any input needs a gradient, record its backward.
 
@@ -186,6 +198,7 @@ def apply(name: str, *inputs, **params):
             tensors.append(value)
         else:
             arrays.append(value)
+    arrays = _on_one_device(name, arrays, tensors)
     implementation = ops.choose(ops.get(name), arrays, params)
     forward, backward = implementation.forward, implementation.backward
     for observer in ops.observers():
@@ -577,6 +590,7 @@ class Tensor:
                                     f"{type(grad).__name__} ({error})") from None
             if tuple(grad.shape) != self.shape:
                 raise ValueError(f"backward(grad) got a gradient of shape {tuple(grad.shape)} for a tensor of shape {self.shape}")
+            grad = backend.to_device(grad, self.device)     # a NumPy gradient for a GPU tensor moves to it
         if self._node is None:  # a leaf: its own gradient
             _accumulate(self, grad)
             return

@@ -98,9 +98,13 @@ def covered(family: str | None = None) -> list[str]:
     return sorted(name for name in ops.names() if any(k.label == family for k in ops.get(name).kernels))
 
 
-def describe(family: str | None = None) -> str:
-    """One line for the top of a program's output: which family runs which ops."""
+def describe(family: str | None = None, device: str = "cpu") -> str:
+    """One line for the top of a program's output: which family runs which ops on ``device`` (the compiled
+    families are CPU kernels: on a GPU the reference runs every op, on CuPy)."""
     family = family or active()
+    if not str(device).startswith("cpu") and family != "reference":
+        return (f"kernels: the readable reference for every op on {device} (tinybn/functional, on CuPy); "
+                f"{family}'s kernels run on the CPU only")
     if family == "reference":
         missing = [f for f in FAMILIES if f not in available()]
         return ("kernels: the readable reference for every op (tinybn/functional)"

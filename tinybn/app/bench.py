@@ -221,9 +221,9 @@ class OpProfiler:
 
 def run(args) -> int:
     family = kernels.use(args.kernels)
-    if not args.json:
-        print(kernels.describe(), flush=True)
     device = backend.resolve_device(args.device)[0]
+    if not args.json:
+        print(kernels.describe(device=device), flush=True)
     if args.batch_size < 2 and args.model != "lenet":
         raise ValueError(f"--batch-size {args.batch_size}: {args.model} trains with batch norm, which needs at least "
                          f"2 images per batch")

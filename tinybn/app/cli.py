@@ -119,9 +119,10 @@ def kernels_argument(parser) -> None:
                              "where installed), numba's, or the readable reference of tinybn/functional")
 
 
-def say_kernels(file=None) -> None:
-    """The first line of a command's output: which kernel family runs which ops."""
-    print(kernels.describe(), file=file or sys.stdout, flush=True)
+def say_kernels(device=None, file=None) -> None:
+    """The first line of a command's output: which kernel family runs which ops on ``device``."""
+    from ..backend import resolve_device
+    print(kernels.describe(device=resolve_device(device)[0]), file=file or sys.stdout, flush=True)
 
 
 def run_train(args, comm=None) -> int:
@@ -154,7 +155,7 @@ def train_in_this_process(config) -> int:
     out = prepare_output(config.out, config.resume, config.overwrite)
     created = not out.exists()
     data = load_fashion_mnist(config.data, allow_download=config.download)
-    say_kernels()
+    say_kernels(config.device)
     started = time.time()
     stop = "\n" if config.progress else ""     # ends a progress bar's line first
     try:
@@ -229,7 +230,7 @@ def _train_distributed(config, comm, started) -> int:
         print(f"error{'' if root else f' on rank {comm.rank}'}: {error}", file=sys.stderr)
         return 2
     if root:
-        say_kernels()
+        say_kernels(config.device)
     if root and not os.environ.get("TINYBN_NUM_THREADS", "").strip():
         print(f"tinybn: the compiled kernels and NumPy's BLAS use {kernels.threads()} thread(s) in each of the "
               f"{comm.local_size} rank(s) on this machine; TINYBN_NUM_THREADS overrides", file=sys.stderr)
@@ -291,7 +292,7 @@ def run_eval(args) -> int:
 
     checkpoint.load(args.checkpoint)   # a file that is not a checkpoint, or a device that is not there, is
     resolve_device(args.device)        # reported before anything else is said
-    say_kernels()
+    say_kernels(args.device)
     result, meta = evaluate_checkpoint(args.checkpoint, args.data, args.device, args.download,
                                        precise_bn=args.precise_bn)
     print(f"{args.checkpoint}: {meta['config']['model']} after {plural(meta['epoch'], 'epoch')}, {accuracies(result)}")

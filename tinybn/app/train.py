@@ -167,7 +167,7 @@ def train_epoch(model, optimizer, loader, epoch: int, lr_at, step0: int, progres
             pending.append((step, loss.data))
             if step % check_every == 0 or step == len(loader):
                 last_loss = check_pending()
-            bar.update(1, f"loss {last_loss:.4f}")
+            bar.update(1, f"loss {last_loss:.4f}" if math.isfinite(last_loss) else "")   # none read yet on a GPU
     start = time.perf_counter()
     synchronize(device)
     step_time += time.perf_counter() - start
