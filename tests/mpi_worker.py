@@ -1,7 +1,8 @@
 """What test_mpi.py runs on each rank of ``mpiexec -n P``, and in the test's own process as the reference.
 
 ``python tests/mpi_worker.py MODE STEPS OUT``: LeNet-BN in float64, trained for STEPS steps of a global batch of
-32 real Fashion-MNIST images with the trainer's own step (tinybn.app.train.train_epoch), on this rank's shard;
+32 real Fashion-MNIST images with the trainer's own loop (tinybn.app.loop.fit, given this rank's shard through
+tinybn.app.parallel.data_parallel);
 MODE ``sync`` converts the BN layers to SyncBatchNorm, ``local`` keeps per-shard batch norm. Each rank saves the
 loss, every parameter, gradient and buffer in OUT/rank<r>.npz.
 """
@@ -15,7 +16,8 @@ import tinybn
 from tinybn import backend, nn
 from tinybn.app.data import DataLoader, load_fashion_mnist
 from tinybn.app.models import build_model
-from tinybn.app.train import train_epoch
+from tinybn.app.loop import fit
+from tinybn.app.parallel import data_parallel
 from tinybn.autograd import Tensor
 from tinybn.optim import SGD
 
@@ -50,8 +52,10 @@ def run(comm, mode: str, steps: int) -> dict:
     optimizer = SGD(model.parameters(), lr=0.5)
     shard = (0, 1) if comm is None else (comm.rank, comm.world_size)
     loader = DataLoader(train_x[:count], train_y[:count], GLOBAL_BATCH, shuffle=True, seed=1, shard=shard)
-    stats = train_epoch(model, optimizer, Float64Batches(loader), 1, lambda step: 0.5, 0, progress=False, comm=comm)
-    result = {"loss": numpy.array(stats["train_loss"]), "acc": numpy.array(stats["train_acc"])}
+    batches = Float64Batches(loader)
+    given = {"batches": batches, "optimizer": optimizer} if comm is None else data_parallel(batches, optimizer, comm)
+    row = fit(model, epochs=1, **given)[-1]
+    result = {"loss": numpy.array(row["train_loss"]), "acc": numpy.array(row["train_acc"])}
     for name, tensor in model.named_parameters():
         result[name] = backend.to_numpy(tensor.data)
         result["grad/" + name] = backend.to_numpy(tensor.grad)

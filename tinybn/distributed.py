@@ -44,7 +44,7 @@ from .communicator import (Communicator, LocalCommunicator, check_summable, is_i
 
 __all__ = ["CommunicationError", "Communicator", "LocalCommunicator", "MPICommunicator", "MPIUnavailableError", "StoppedElsewhere", "agree",
            "all_reduce_gradients", "check_single_process", "get_communicator", "init", "is_initialized",
-           "launcher_rank", "launcher_size", "shard_loss", "share_cores"]
+           "launcher_rank", "launcher_size", "share_cores"]
 
 INSTALL_HINT = ("the extra from your clone of tinybn (it is not on PyPI): pip install -e '.[mpi]' (mpi4py and MPICH, "
                 "both from PyPI)")
@@ -254,17 +254,6 @@ def agree(comm: Communicator, error: BaseException | None) -> None:
         error = StoppedElsewhere(f"rank {comm.rank}: another rank failed (it said why)")
     error.agreed = True
     raise error
-
-
-def shard_loss(logits, labels, global_batch_size: int):
-    """This rank's share of the global batch's mean cross-entropy: its examples' summed loss / the global batch
-    size, so that the shares' gradients, summed over the ranks, are those of the global mean. An empty shard
-    gives 0, still connected to the model (its backward must run too: batch norm's collectives wait for it)."""
-    from . import functional as F
-
-    if len(labels) == 0:
-        return (logits * 0.0).sum()
-    return F.cross_entropy(logits, labels) * (len(labels) / global_batch_size)
 
 
 def check_single_process(what: str = "this") -> None:

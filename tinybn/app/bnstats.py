@@ -24,6 +24,7 @@ from .. import backend
 from ..autograd import is_grad_enabled
 from ..nn import Conv2d, Linear, Normalization, Sigmoid
 from .checkpoint import replace_atomically
+from .loop import Callback
 
 SATURATED = (0.05, 0.95)
 
@@ -204,31 +205,38 @@ def _layer_panels(document: dict, first: int):
 
     _saturation_panel(axes[2][0], document, first)
     for ax, key in ((axes[2][1], "gamma"), (axes[2][2], "beta")):
-        for column, (name, record) in enumerate(layers.items()):
-            values = record[key]
-            if not values:
-                continue
-            epochs = numpy.arange(first, first + len(values))
-            ax.set_xlim(first - 0.5, first + len(values) - 0.5)
-            mean = numpy.array([numpy.mean(v) for v in values])
-            low_, high_ = numpy.array([numpy.min(v) for v in values]), numpy.array([numpy.max(v) for v in values])
-            color = colors[column % len(colors)]
-            ax.plot(epochs, mean, marker="o", markersize=3, color=color,
-                    label=_label(document, name, "layer").split(" (")[0])
-            ax.fill_between(epochs, low_, high_, color=color, alpha=0.12)
-        ax.set_title(f"{'γ' if key == 'gamma' else 'β'} after each epoch\n(line: mean over channels; band: min to max)",
-                     fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        if layers:
-            ax.legend(fontsize=6)
+        _scale_panel(ax, document, key, first, colors)
     for column in range(3, columns):
         axes[2][column].axis("off")
     shown = ", ".join(f"{color.split(':')[1]} = channel {c}" for c, color in enumerate(colors[:document["channels"]]))
     return fig, (f"top rows: thin lines are each training batch's statistics, thick lines the layer's moving "
                  f"averages after that step ({shown})")
+
+
+def _scale_panel(ax, document: dict, key: str, first: int, colors: list) -> None:
+    """γ or β (``key``) of every BN layer after each epoch: the mean over channels, and a band from min to max."""
+    from matplotlib.ticker import MaxNLocator
+
+    layers = document["bn_layers"]
+    for column, (name, record) in enumerate(layers.items()):
+        values = record[key]
+        if not values:
+            continue
+        epochs = numpy.arange(first, first + len(values))
+        ax.set_xlim(first - 0.5, first + len(values) - 0.5)
+        mean = numpy.array([numpy.mean(v) for v in values])
+        low_, high_ = numpy.array([numpy.min(v) for v in values]), numpy.array([numpy.max(v) for v in values])
+        color = colors[column % len(colors)]
+        ax.plot(epochs, mean, marker="o", markersize=3, color=color, label=_label(document, name, "layer").split(" (")[0])
+        ax.fill_between(epochs, low_, high_, color=color, alpha=0.12)
+    ax.set_title(f"{'γ' if key == 'gamma' else 'β'} after each epoch\n(line: mean over channels; band: min to max)",
+                 fontsize=9)
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if layers:
+        ax.legend(fontsize=6)
 
 
 def step_positions(ends: list[int], first_epoch: int, count: int) -> list[float]:
@@ -270,3 +278,15 @@ def write(recorder: BNStatsRecorder, out: Path, title: str = "") -> None:
     document = recorder.to_json()
     replace_atomically(out / "bn_stats.json", lambda handle: handle.write(json.dumps(document)))
     plot(document, out / "bn_stats.png", title)
+
+
+class BNStatsFiles(Callback):
+    """The training loop's callback for ``--bn-stats``: each epoch's end noted in ``recorder``, then
+    ``bn_stats.json`` and ``bn_stats.png`` written into ``out`` (after the checkpoint)."""
+
+    def __init__(self, recorder: BNStatsRecorder, out: Path, title: str = ""):
+        self.recorder, self.out, self.title = recorder, out, title
+
+    def on_epoch_end(self, epoch, row):
+        self.recorder.end_epoch()
+        write(self.recorder, self.out, self.title)

@@ -1,4 +1,5 @@
-"""Checkpoints: one ``.npz`` file with the model, the optimizer, the epoch and the RNG states.
+"""Checkpoints: one ``.npz`` file with the model, the optimizer, the epoch and the RNG states; and the training
+loop's callback that writes one after every epoch (:class:`Checkpoints`).
 
 Written atomically (a temporary file in the same folder, then ``os.replace``), so an interrupted
 run always leaves the last complete checkpoint intact. Loaded without pickle.
@@ -12,6 +13,8 @@ import zipfile
 from pathlib import Path
 
 import numpy
+
+from .loop import Callback
 
 
 def save(path, model, optimizer, meta: dict, precise: dict | None = None) -> Path:
@@ -122,3 +125,28 @@ def _meta_problem(meta) -> str | None:
         if key in meta and not isinstance(meta[key], dict):
             return f"{key} is not a generator state"
     return None
+
+
+class Checkpoints(Callback):
+    """After every epoch, ``checkpoint.npz`` (and ``best.npz`` when ``keep_best`` says so) in ``out``: the model,
+    the optimizer, the precise statistics if any, and what exact resumption needs (the history, the loader's and
+    tinybn's generator states). ``write`` is False on every rank but rank 0."""
+
+    def __init__(self, out: Path, model, optimizer, config: dict, history: list, loader, precise=None, keep_best=None,
+                 write: bool = True):
+        self.out, self.model, self.optimizer, self.config, self.history = out, model, optimizer, config, history
+        self.loader, self.precise, self.keep_best, self.write = loader, precise, keep_best, write
+
+    def on_epoch_end(self, epoch, row):
+        import numpy
+
+        from .. import random as tb_random
+
+        meta = {"epoch": epoch, "config": self.config, "history": self.history,
+                "loader_rng": self.loader.get_state(), "tinybn_rng": tb_random.generator(numpy).bit_generator.state}
+        statistics = self.precise.statistics if self.precise else None
+        if self.write:
+            save(self.out / "checkpoint.npz", self.model, self.optimizer, meta, statistics)
+            if self.keep_best and self.keep_best.best:
+                save(self.out / "best.npz", self.model, self.optimizer, {**meta, "best_by": self.keep_best.key},
+                     statistics)
