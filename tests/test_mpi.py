@@ -117,12 +117,12 @@ def test_a_rank_that_cannot_start_is_named_and_the_job_ends(tmp_path):
 
 
 def test_a_rank_that_fails_while_training_ends_the_job_instead_of_hanging(tmp_path):
-    script = ("import sys, tinybn.app.train as t, tinybn.distributed as d\n"
-              "original = t.train_epoch\n"
+    script = ("import sys, tinybn.app.loop as loop, tinybn.distributed as d\n"
+              "original = loop.fit\n"
               "def failing(*args, **kwargs):\n"
               "    if d.get_communicator().rank == 1: raise RuntimeError('injected failure')\n"
               "    return original(*args, **kwargs)\n"
-              "t.train_epoch = failing\n"
+              "loop.fit = failing\n"
               "from tinybn.app.cli import main\n"
               "sys.exit(main(sys.argv[1:]))\n")
     done = launch(2, "-c", script, "train", "--distributed", "--no-progress", *COMMON, "--out", str(tmp_path / "run"),
@@ -196,14 +196,14 @@ def test_ctrl_c_early_in_a_run_ends_every_rank_and_says_so_once(tmp_path):
 def test_ctrl_c_while_rank_0_waits_inside_a_collective_is_said_by_another_rank(tmp_path):
     """Rank 0 blocked in a collective cannot see the signal; rank 1 waits for rank 0's word, hears none, and
     speaks for the job, once."""
-    script = ("import sys, time, tinybn.app.cli as cli, tinybn.app.train as t\n"
+    script = ("import sys, time, tinybn.app.cli as cli, tinybn.app.run as run\n"
               "def stuck(config, comm, started):\n"
               "    if comm.rank == 0:\n"
               "        comm.barrier()\n"
               "    print('rank 1 is ready', flush=True)\n"
               "    while True:\n"
               "        time.sleep(0.05)\n"
-              "cli._train_distributed = stuck\n"
+              "run._train_distributed = stuck\n"
               "sys.exit(cli.main(sys.argv[1:]))\n")
     command = [MPIEXEC, "-n", "2", sys.executable, "-c", script, "train", "--distributed", "--no-progress",
                "--out", str(tmp_path / "run")]

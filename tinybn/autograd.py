@@ -574,23 +574,7 @@ class Tensor:
         if not self.requires_grad:
             raise RuntimeError("backward() called on a tensor that does not require grad: "
                                "no input of the computation had requires_grad=True (or it ran under no_grad()).")
-        xp = backend.get_array_module(self.data)
-        if grad is None:
-            if self.size != 1:
-                raise RuntimeError(f"backward() without a gradient needs a one-element tensor, this one has shape "
-                                   f"{self.shape}; pass grad= with the same shape.")
-            grad = xp.ones_like(self.data)
-        else:
-            grad = _as_data(grad)
-            if not hasattr(grad, "shape"):      # a number or a nested list, as the output's dtype
-                try:
-                    grad = xp.asarray(grad, dtype=self.dtype)
-                except (TypeError, ValueError) as error:
-                    raise TypeError(f"backward(grad): a gradient must be a tensor, an array or numbers, got "
-                                    f"{type(grad).__name__} ({error})") from None
-            if tuple(grad.shape) != self.shape:
-                raise ValueError(f"backward(grad) got a gradient of shape {tuple(grad.shape)} for a tensor of shape {self.shape}")
-            grad = backend.to_device(grad, self.device)     # a NumPy gradient for a GPU tensor moves to it
+        grad = self._upstream(grad)
         if self._node is None:  # a leaf: its own gradient
             _accumulate(self, grad)
             return
@@ -629,6 +613,25 @@ class Tensor:
                 node.free()  # free the graph as we go: each cache goes once its rule has run
         for key, leaf in leaves.items():  # only once every rule has run: a rule that raises leaves .grad alone
             _accumulate(leaf, pending[key])
+
+    def _upstream(self, grad):
+        """backward's ``grad`` as an array of this tensor's shape, on its device (1 for a one-element tensor)."""
+        xp = backend.get_array_module(self.data)
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward() without a gradient needs a one-element tensor, this one has shape "
+                                   f"{self.shape}; pass grad= with the same shape.")
+            return xp.ones_like(self.data)
+        grad = _as_data(grad)
+        if not hasattr(grad, "shape"):      # a number or a nested list, as the output's dtype
+            try:
+                grad = xp.asarray(grad, dtype=self.dtype)
+            except (TypeError, ValueError) as error:
+                raise TypeError(f"backward(grad): a gradient must be a tensor, an array or numbers, got "
+                                f"{type(grad).__name__} ({error})") from None
+        if tuple(grad.shape) != self.shape:
+            raise ValueError(f"backward(grad) got a gradient of shape {tuple(grad.shape)} for a tensor of shape {self.shape}")
+        return backend.to_device(grad, self.device)     # a NumPy gradient for a GPU tensor moves to it
 
     def zero_grad(self):
         self.grad = None

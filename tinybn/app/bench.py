@@ -20,6 +20,7 @@ does); both frameworks' processes load the real Fashion-MNIST first when it is i
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
@@ -33,7 +34,7 @@ from .. import backend, kernels, ops
 from .. import functional as F
 from ..autograd import Tensor, no_grad
 from ..optim import SGD
-from .cli import positive_int
+from .arguments import positive_int
 from .models import MODELS, build_model
 
 def add_arguments(parser) -> None:
@@ -224,6 +225,27 @@ def run(args) -> int:
     device = backend.resolve_device(args.device)[0]
     if not args.json:
         print(kernels.describe(device=device), flush=True)
+    frameworks = _frameworks(args)
+    spec = dict(model=args.model, batch_size=args.batch_size, device=device, dtype=args.dtype, threads=args.threads,
+                variant=args.torch_variant, kernels=family, steps=args.steps, blocks=args.blocks,
+                warmup=args.warmup)
+    runs = {framework: [] for framework in frameworks}
+    for repeat in range(args.repeats):       # A B A B ...: each pair sees the machine in the same state
+        for framework in frameworks:
+            runs[framework].append(_run_worker(dict(spec, framework=framework)))
+        print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    results = _summarize(args, device, family, runs)
+    if args.profile:
+        results["profile"] = profile(args, device)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        _print_table(args, results, len(frameworks))
+    return 0
+
+
+def _frameworks(args) -> list[str]:
+    """The frameworks to time, after checking that the comparison asked for can run here."""
     if args.batch_size < 2 and args.model != "lenet":
         raise ValueError(f"--batch-size {args.batch_size}: {args.model} trains with batch norm, which needs at least "
                          f"2 images per batch")
@@ -233,59 +255,46 @@ def run(args) -> int:
             raise ValueError("--compare fold: lenet has no batch norm to fold; use lenet-bn or lenet-bn-concise")
         frameworks.append("fold")
     if args.compare == "torch":
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise ValueError("--compare torch needs PyTorch, which tinybn never depends on: pip install torch") from None
+        if importlib.util.find_spec("torch") is None:
+            raise ValueError("--compare torch needs PyTorch, which tinybn never depends on: pip install torch")
         frameworks.append("torch")
-    spec = dict(model=args.model, batch_size=args.batch_size, device=device, dtype=args.dtype, threads=args.threads,
-                variant=args.torch_variant, kernels=family, steps=args.steps, blocks=args.blocks,
-                warmup=args.warmup)
-    runs = {framework: [] for framework in frameworks}
-    for repeat in range(args.repeats):       # A B A B ...: each pair sees the machine in the same state
-        for framework in frameworks:
-            runs[framework].append(_run_worker(dict(spec, framework=framework)))
-        print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    return frameworks
+
+
+def _summarize(args, device, family, runs) -> dict:
+    """Each framework's medians and peak memory, and the per-pair ratios' median and range."""
     first = runs["tinybn"][0]
     results = {"model": args.model, "batch_size": args.batch_size, "device": device, "dtype": args.dtype,
                "kernels": family, "data": first["data"], "repeats": args.repeats, "steps": args.steps,
                "blocks": args.blocks, "threads": first["threads"], "numpy": numpy.__version__,
                "method": "each measurement in a fresh process; frameworks alternate", "frameworks": {}}
-    for framework in frameworks:
+    for framework, measured in runs.items():
         kinds = ("predict",) if framework == "fold" else ("train", "predict")     # a folded model only predicts
-        entry = {what: statistics.median(r[what] for r in runs[framework]) if what in kinds else None
+        entry = {what: statistics.median(r[what] for r in measured) if what in kinds else None
                  for what in ("train", "predict")}
-        entry["runs"] = [{what: round(r[what], 1) for what in kinds} for r in runs[framework]]
-        peaks = [r["peak_gpu_bytes"] for r in runs[framework] if r.get("peak_gpu_bytes")]
-        if framework == "fold":
-            peak = None
-        elif peaks:
-            peak = max(peaks)
-        else:
-            peak = peak_rss_growth(framework, args.model, args.batch_size, numpy.dtype(args.dtype), args.threads,
-                                   args.torch_variant)
+        entry["runs"] = [{what: round(r[what], 1) for what in kinds} for r in measured]
+        peaks = [r["peak_gpu_bytes"] for r in measured if r.get("peak_gpu_bytes")]
+        peak = None if framework == "fold" else max(peaks) if peaks else peak_rss_growth(
+            framework, args.model, args.batch_size, numpy.dtype(args.dtype), args.threads, args.torch_variant)
         entry["peak_memory_mb"] = None if peak is None else round(peak / 2**20, 1)
-        results["frameworks"][runs[framework][0]["name"]] = entry
-    if args.compare == "fold":
-        ratios = [b["predict"] / a["predict"] for a, b in zip(runs["tinybn"], runs["fold"])]
-        results["ratio_fold_predict"] = statistics.median(ratios)
-        results["ratio_fold_predict_range"] = [min(ratios), max(ratios)]
+        results["frameworks"][measured[0]["name"]] = entry
+    pairs = {"fold": [("predict", "fold_predict", lambda a, b: b / a)],
+             "torch": [("train", "train", lambda a, b: a / b), ("predict", "predict", lambda a, b: a / b)]}
+    for what, name, ratio in pairs.get(args.compare, []):
+        ratios = [ratio(a[what], b[what]) for a, b in zip(runs["tinybn"], runs[args.compare])]
+        results[f"ratio_{name}"], results[f"ratio_{name}_range"] = statistics.median(ratios), [min(ratios), max(ratios)]
     if args.compare == "torch":
-        for what in ("train", "predict"):
-            ratios = [a[what] / b[what] for a, b in zip(runs["tinybn"], runs["torch"])]
-            results[f"ratio_{what}"] = statistics.median(ratios)
-            results[f"ratio_{what}_range"] = [min(ratios), max(ratios)]
         mine, theirs = results["frameworks"].values()
         if mine["peak_memory_mb"] and theirs["peak_memory_mb"]:
             results["ratio_memory"] = mine["peak_memory_mb"] / theirs["peak_memory_mb"]
-    if args.profile:
-        results["profile"] = profile(args, device)
-    if args.json:
-        print(json.dumps(results))
-        return 0
+    return results
+
+
+def _print_table(args, results: dict, count: int) -> None:
+    device = results["device"]
     print(f"{args.model}, batch {args.batch_size}, {args.dtype}, {device}, {results['threads']} threads, "
-          f"{results['data']} data, tinybn kernels: {family}; "
-          f"{args.repeats} fresh process(es) per framework{', alternating' if len(frameworks) == 2 else ''}, "
+          f"{results['data']} data, tinybn kernels: {results['kernels']}; "
+          f"{args.repeats} fresh process(es) per framework{', alternating' if count == 2 else ''}, "
           f"each the best of {args.blocks} blocks of {args.steps} steps; medians")
     memory = "peak GPU MB" if device.startswith("cuda") else "train +MB"
     print(f"{'framework':44s} {'train ex/s':>11s} {'predict ex/s':>13s} {memory:>11s}")
@@ -310,7 +319,6 @@ def run(args) -> int:
         for row in results["profile"]:
             name = f"{row['op']} [{row['implementation']}]"
             print(f"{name:28s} {row['calls/step']:5d} {row['forward ms']:11.2f} {row['backward ms']:12.2f}")
-    return 0
 
 
 def profile(args, device) -> list[dict]:
