@@ -3,6 +3,8 @@ import numpy
 import pytest
 
 import tinybn
+from tinybn.app.models import build_model
+from tinybn.optim import SGD
 from tinybn import functional as F, nn
 from tinybn.functional import batchnorm as bn_math
 
@@ -11,6 +13,7 @@ from conftest import make
 rng = numpy.random.default_rng(5)
 
 
+@pytest.mark.study
 @pytest.mark.parametrize("shape", [(8, 5), (3, 4, 5, 2)])
 @pytest.mark.parametrize("training", [True, False])
 def test_staged_backward_equals_closed_form(shape, training, device):
@@ -164,3 +167,82 @@ def test_matches_pytorch_batchnorm2d():
     m = x.size // 3  # PyTorch's running_var takes the unbiased variance; tinybn the biased one
     unbiased = 0.9 + 0.1 * x.var(axis=(0, 2, 3)) * m / (m - 1)
     numpy.testing.assert_allclose(ref.running_var.numpy(), unbiased, rtol=1e-10)
+
+
+# ---- found as defects (once in test_regressions.py), each named after what it holds
+
+
+@pytest.mark.parametrize("shape, scale", [((256, 2, 16, 16), 1.0), ((64, 3, 8, 8), 200.0), ((4096, 3), 1.0)])
+def test_float16_batch_norm_is_standardized_and_matches_float64(shape, scale):
+    """The fast batch norm cast m = 65,536 to float16 (inf), so the variance was 0 and the output's std 29-125;
+    and a float16 square overflows once |x − μ| > 256. Statistics are now computed in float32."""
+    x = (rng.standard_normal(shape) * scale + 5).astype(numpy.float16)
+    c = shape[1]
+    gamma = tinybn.tensor(numpy.ones(c, numpy.float16), requires_grad=True)
+    beta = tinybn.tensor(numpy.zeros(c, numpy.float16), requires_grad=True)
+    xt = tinybn.tensor(x, requires_grad=True)
+    y, mean, var = F.batch_norm(xt, gamma, beta, numpy.zeros(c, numpy.float16), numpy.ones(c, numpy.float16),
+                                training=True, momentum=0.0)
+    dy = rng.standard_normal(shape)
+    y.backward(dy.astype(numpy.float16))
+    assert y.dtype == mean.dtype == xt.grad.dtype == gamma.grad.dtype == numpy.float16
+    x64, axes = x.astype(numpy.float64), (0,) if len(shape) == 2 else (0, 2, 3)
+    mu, sigma2 = x64.mean(axis=axes, keepdims=True), x64.var(axis=axes, keepdims=True)
+    expected = (x64 - mu) / numpy.sqrt(sigma2 + 1e-5)
+    numpy.testing.assert_allclose(y.numpy().std(axis=axes, dtype=numpy.float64), 1.0, rtol=2e-3)
+    numpy.testing.assert_allclose(y.numpy(), expected, atol=4e-3 * max(1.0, numpy.abs(expected).max() / 4))
+    numpy.testing.assert_allclose(var.numpy(), sigma2.reshape(-1), rtol=2e-3)
+    d = dy.astype(numpy.float16).astype(numpy.float64)
+    expected_dx = (d - d.mean(axis=axes, keepdims=True)
+                   - expected * (d * expected).mean(axis=axes, keepdims=True)) / numpy.sqrt(sigma2 + 1e-5)
+    numpy.testing.assert_allclose(xt.grad, expected_dx, atol=2e-3 * numpy.abs(expected_dx).max())
+
+@pytest.mark.parametrize("layer, shape", [(lambda: nn.BatchNorm2d(3), (0, 3, 4, 4)), (lambda: nn.BatchNorm1d(3), (0, 3)),
+                                          (lambda: nn.BatchNorm(3, num_dims=4), (0, 3, 2, 2))])
+def test_an_empty_batch_leaves_the_moving_averages_alone(layer, shape):
+    """Averaging over no values made the moving statistics NaN for good (PyTorch leaves them unchanged)."""
+    bn = layer()
+    x = tinybn.tensor(numpy.zeros(shape, numpy.float32), requires_grad=True)
+    with numpy.errstate(all="raise"):
+        y = bn(x)
+        y.sum().backward()
+    assert y.shape == shape and x.grad.shape == shape
+    numpy.testing.assert_array_equal(bn.moving_mean.numpy().reshape(-1), 0.0)
+    numpy.testing.assert_array_equal(bn.moving_var.numpy().reshape(-1), 1.0)
+    assert int(bn.num_batches_tracked.item()) == 0
+    numpy.testing.assert_array_equal(bn.gamma.grad.reshape(-1), 0.0)
+
+def test_functional_batch_norm_checks_its_momentum():
+    x = tinybn.tensor(numpy.random.default_rng(0).random((4, 3)))
+    for momentum in (5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="momentum must be in"):
+            F.batch_norm(x, numpy.ones(3), numpy.zeros(3), numpy.zeros(3), numpy.ones(3), training=True,
+                         momentum=momentum)
+
+def test_a_lazy_batch_norm_loads_a_state_given_as_lists():
+    bn = nn.BatchNorm1d()
+    bn.load_state_dict({"gamma": [1.0, 2.0], "beta": [0.0, 0.5], "moving_mean": [0.0, 0.0], "moving_var": [1.0, 1.0],
+                        "num_batches_tracked": 3})
+    numpy.testing.assert_array_equal(bn.gamma.numpy(), [1.0, 2.0])
+    assert bn.num_features == 2
+
+def test_concise_batch_norm_trains_gamma_and_beta_with_an_optimizer_built_first():
+    tinybn.manual_seed(0)
+    net = build_model("lenet-bn-concise")
+    params = net.parameters()
+    optimizer = SGD(params, lr=0.5)
+    images, labels = rng.random((16, 1, 28, 28)).astype(numpy.float32), numpy.arange(16) % 10
+    for _ in range(3):
+        loss = F.cross_entropy(net(tinybn.tensor(images)), tinybn.tensor(labels))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert [id(p) for p in net.parameters()] == [id(p) for p in params] and len(params) == 18
+    gamma, beta = net[1].gamma.numpy(), net[1].beta.numpy()
+    assert gamma.shape == (6,) and not numpy.allclose(gamma, 1.0) and not numpy.allclose(beta, 0.0)
+
+def test_frozen_concise_gamma_stays_frozen_after_it_takes_its_size():
+    layer = nn.BatchNorm1d()
+    layer.gamma.requires_grad = False
+    layer(tinybn.tensor(rng.standard_normal((4, 3)).astype(numpy.float32)))
+    assert layer.gamma.requires_grad is False and layer.beta.requires_grad is True

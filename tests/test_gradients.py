@@ -137,7 +137,8 @@ def _axes():
         for device in DEVICES:
             for implementation in ["reference"] + (kernels.available()[1:] if device == "cpu" and row.kernel else []):
                 for layout in LAYOUTS if device == "cpu" else ("contiguous",):
-                    yield pytest.param(row, device, implementation, layout,
+                    study = device == "cpu" and implementation == "reference" and layout == "contiguous"
+                    yield pytest.param(row, device, implementation, layout, marks=[pytest.mark.study] if study else [],
                                        id=f"{row.name}-{device}-{implementation}-{layout}")
 
 

@@ -17,6 +17,7 @@ import numpy
 import pytest
 
 import tinybn
+from tinybn import nn
 from tinybn import kernels, ops
 from tinybn import functional as F
 from tinybn.app.models import build_model
@@ -24,6 +25,8 @@ from tinybn.optim import SGD
 
 from conftest import Samples
 from test_data import needs_data
+
+rng = numpy.random.default_rng(9)
 
 FAMILIES = kernels.available()[1:]
 needs_a_family = pytest.mark.skipif(not FAMILIES, reason="no kernel family is installed (pip install -e '.[numba]')")
@@ -423,3 +426,107 @@ def test_describe_says_the_reference_runs_on_a_gpu():
     line = kernels.describe("numba", device="cuda:0")
     assert line.startswith("kernels: the readable reference for every op on cuda:0") and "CPU only" in line
     assert kernels.describe("reference", device="cuda:0").startswith("kernels: the readable reference for every op")
+
+
+# ---- found as defects (once in test_regressions.py), each named after what it holds
+
+
+@pytest.mark.parametrize("family", tinybn.kernels.available()[1:])
+def test_kernel_conv2d_batch_of_one_reads_only_its_input(family):
+    """The batch-last copy of a (1, C, H, W) input keeps the NCHW batch stride on its size-1 axis; the old fast
+    im2col stepped along that axis and read outside the buffer (NaN, 1e30, or a segmentation fault)."""
+    x, w, b = rng.standard_normal((1, 1, 28, 28)), rng.standard_normal((6, 1, 5, 5)), rng.standard_normal(6)
+    with tinybn.kernels.using(family):
+        y = F.conv2d(tinybn.tensor(x), tinybn.tensor(w), tinybn.tensor(b)).numpy()
+    expected = F.conv2d(tinybn.tensor(x), tinybn.tensor(w), tinybn.tensor(b)).numpy()
+    assert numpy.isfinite(y).all()
+    numpy.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+@pytest.mark.parametrize("nan_at", [[(0, 1)], [(0, 1), (1, 0)], [(1, 1), (0, 0)], [(2, 3), (3, 2), (0, 2)]])
+def test_kernel_max_pool_routes_a_nan_window_like_the_reference(nan_at):
+    """NumPy's argmax (the reference) counts a window's first NaN as its maximum; a fast path kept the sub-grid
+    it had before the NaN, so the gradient went elsewhere."""
+    x = rng.permutation(16).astype(float).reshape(1, 1, 4, 4)
+    for i, j in nan_at:
+        x[0, 0, i, j] = numpy.nan
+    dy = rng.standard_normal((1, 1, 2, 2))
+    grads = []
+    for family in tinybn.kernels.available():
+        t = tinybn.tensor(x, requires_grad=True)
+        with tinybn.kernels.using(family):
+            y = F.max_pool2d(t, 2)
+        y.backward(dy)
+        grads.append(t.grad)
+    for grad in grads[1:]:
+        numpy.testing.assert_array_equal(grad, grads[0])
+
+@pytest.mark.parametrize("family", tinybn.kernels.available())
+def test_conv2d_and_pooling_take_empty_batches_and_channels(family):
+    with tinybn.kernels.using(family):
+        for x_shape, w_shape in [((0, 1, 5, 5), (2, 1, 3, 3)), ((2, 0, 5, 5), (2, 0, 3, 3))]:
+            x, w = tinybn.tensor(numpy.zeros(x_shape), requires_grad=True), tinybn.tensor(numpy.ones(w_shape),
+                                                                                          requires_grad=True)
+            F.conv2d(x, w).sum().backward()
+            assert x.grad.shape == x_shape and w.grad.shape == w_shape
+        x = tinybn.tensor(numpy.zeros((0, 1, 4, 4)), requires_grad=True)
+        F.max_pool2d(x, 2).sum().backward()
+        assert x.grad.shape == (0, 1, 4, 4)
+
+@pytest.mark.parametrize("family", tinybn.kernels.available())
+def test_a_float64_loss_reaches_float32_kernels_as_float32(family):
+    """The upstream gradient of a float64 loss (a float32 net against float64 targets) crashed the fast linear
+    and conv2d backward (np.dot's out= takes only its own dtype); PyTorch casts a gradient to its tensor's dtype."""
+    for net, shape in [(nn.Sequential(nn.Linear(5, 8), nn.Sigmoid(), nn.Linear(8, 1)), (4, 5)),
+                       (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(18, 1)), (4, 1, 5, 5))]:
+        x = tinybn.tensor(rng.random(shape).astype(numpy.float32))
+        with tinybn.kernels.using(family):
+            ((net(x) - rng.random((4, 1))) ** 2).mean().backward()
+        assert all(p.grad.dtype == numpy.float32 for p in net.parameters())
+
+_USE_TINYBN = r"""
+import ctypes
+malloc_options = []                       # every lookup of glibc's mallopt through ctypes, from here on
+_lookup = ctypes.CDLL.__getattr__
+def _watch(library, name):
+    if name == "mallopt":
+        malloc_options.append(name)
+    return _lookup(library, name)
+ctypes.CDLL.__getattr__ = _watch
+import numpy, threadpoolctl
+def blas_threads():
+    return {(pool["internal_api"], pool["filepath"]): pool["num_threads"] for pool in threadpoolctl.threadpool_info()}
+found = (blas_threads(), numpy.get_printoptions(), numpy.geterr())
+import matplotlib
+backend = matplotlib.get_backend()
+import tinybn
+from tinybn.app.train import TrainConfig, train
+assert (blas_threads(), numpy.get_printoptions(), numpy.geterr()) == found, "import tinybn changed something"
+tinybn.kernels.use("fastest")
+rng = numpy.random.default_rng(0)
+data = (rng.integers(0, 256, (600, 1, 28, 28), numpy.uint8), rng.integers(0, 10, 600),
+        rng.integers(0, 256, (200, 1, 28, 28), numpy.uint8), rng.integers(0, 10, 200))
+import sys, tempfile
+with tempfile.TemporaryDirectory() as out:
+    train(TrainConfig(epochs=1, batch_size=64, out=out, progress=False, plot=True), log=lambda *a: None, data=data)
+pools = {pool: threads for pool, threads in blas_threads().items() if pool in found[0]}   # numba adds its own,
+after = (pools, numpy.get_printoptions(), numpy.geterr())                            # listed in any order
+assert after == found, (found, after)
+assert matplotlib.get_backend() == backend, (backend, matplotlib.get_backend())
+assert not malloc_options, "mallopt was looked up"
+print("unchanged", found[0])
+"""
+
+def test_using_tinybn_from_python_leaves_blas_numpy_allocator_and_matplotlib_as_found():
+    """The first fast op once put NumPy's OpenBLAS on one thread for the whole process and changed glibc's mallopt
+    thresholds; train() changed NumPy's print options and matplotlib's backend. With the fastest kernels, nothing
+    outside tinybn changes: not BLAS's threads, not the allocator (nothing looks up mallopt any more)."""
+    pytest.importorskip("threadpoolctl")
+    pytest.importorskip("matplotlib")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MPLBACKEND="svg")      # a backend train() would notice if it switched to Agg
+    done = subprocess.run([sys.executable, "-c", _USE_TINYBN], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("unchanged")
