@@ -1,4 +1,4 @@
-"""What data parallelism costs per step: run under MPI, e.g. ``mpiexec -n 2 python examples/distributed_cost.py``.
+"""What data parallelism costs per step: run under MPI, e.g. ``.venv/bin/mpiexec -n 2 .venv/bin/python examples/distributed_cost.py``.
 
 Times, on the real Fashion-MNIST and LeNet-BN with SyncBatchNorm, the median over ``--steps`` of:
 

@@ -73,3 +73,28 @@ def test_relative_links_name_existing_files(page):
     links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
     missing = [link for link in links if "://" not in link and not (ROOT / page).parent.joinpath(link).exists()]
     assert not missing, f"{page} links to missing files: {missing}"
+
+
+COMMAND = re.compile(r"(?:^|[\s`(])(?:python3? (?:-m tinybn|-m pytest|examples/)|(?<!-m )pip install|mpiexec (?:-\S+ \S+ )+python)")
+
+
+@pytest.mark.parametrize("page", ["README.md", *sorted(p.name for p in (ROOT / "docs").glob("*.md"))])
+def test_every_command_the_docs_show_runs_after_the_readmes_set_up(page):
+    """A newcomer ran `python examples/bias_before_bn.py` after the README's set-up and met ModuleNotFoundError:
+    the set-up makes .venv and never activates it. Every command that runs tinybn, an example, the tests, pip or
+    MPI names the venv's own program."""
+    path = ROOT / page if page == "README.md" else ROOT / "docs" / page
+    bare = [f"{page}:{number}: {line.strip()}" for number, line in enumerate(path.read_text().splitlines(), 1)
+            if COMMAND.search(line)]
+    assert not bare, "\n".join(bare)
+
+
+def test_the_readmes_reading_path_counts_its_lines_truly():
+    """The reading order's line counts are the files' own (a row that names a whole file), and the path stays
+    under 1,500 lines, the target that keeps it shorter than DeZero's."""
+    rows = re.findall(r"^\| (\d) \| [^|]+ \| ([^|]+) \| (\d+) \|$", (ROOT / "README.md").read_text(), re.M)
+    assert len(rows) == 6 and sum(int(count) for *_, count in rows) <= 1500
+    for _, where, count in rows:
+        link = re.fullmatch(r"\[([\w/.]+)\]\(\1\)", where.strip())
+        if link and link.group(1).endswith(".py"):      # a whole file
+            assert len((ROOT / link.group(1)).read_text().splitlines()) == int(count), where
