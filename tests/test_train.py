@@ -507,3 +507,50 @@ def test_a_full_disk_is_one_line_and_leaves_the_last_checkpoint_whole(tmp_path, 
     assert err.startswith("error: could not write to") and "No space left on device" in err and "\n" not in err, err
     assert "unchanged" in err and (tmp_path / "r" / "checkpoint.npz").read_bytes() == saved
     assert not list((tmp_path / "r").glob("*.tmp"))
+
+
+def test_fit_refuses_an_epoch_without_batches_and_reports_plain_numbers():
+    """Found by the outside test of issue 23: a generator of batches, used up after the first epoch, gave later
+    epochs a loss and an accuracy of 0.0 without a word; and the rows held NumPy scalars."""
+    from tinybn.app.loop import fit
+    from tinybn.optim import SGD
+
+    rng = numpy.random.default_rng(0)
+    batches = [(tinybn.tensor(rng.standard_normal((4, 3)).astype(numpy.float32)), tinybn.tensor(rng.integers(0, 2, 4)))
+               for _ in range(2)]
+    model = tinybn.nn.Linear(3, 2)
+    rows = fit(model, SGD(model.parameters(), 0.1), batches, 2)
+    assert [type(row["train_loss"]) for row in rows] == [float, float] and type(rows[0]["train_acc"]) is float
+    with pytest.raises(ValueError, match="epoch 2 had no batch.*not a generator"):
+        fit(model, SGD(model.parameters(), 0.1), (batch for batch in batches), 2)
+
+
+def test_ranks_share_their_running_statistics_before_the_divergence_guard_checks_them():
+    """Found by the outside test of issue 23: with per-shard batch norm, a rank whose own running variance
+    overflowed raised Diverged alone, before rank 0's statistics reached it, and rank 0 waited in the broadcast
+    for ever. The statistics are shared first, so every rank checks the same model."""
+    from types import SimpleNamespace
+
+    from threadcomm import run_ranks
+    from tinybn.app.guard import DivergenceGuard
+    from tinybn.app.parallel import ShareBuffers
+    from tinybn.app.train import _callbacks
+    from tinybn.optim import SGD
+
+    def work(comm):
+        model = tinybn.nn.Sequential(tinybn.nn.Linear(3, 2), tinybn.nn.BatchNorm1d(2))
+        model(tinybn.tensor((numpy.ones((4, 3)) * numpy.arange(4)[:, None]).astype(numpy.float32)))
+        if comm.rank == 1:
+            model[1].moving_var.data = model[1].moving_var.data * numpy.float32("inf")
+        config = TrainConfig(sync_bn=False, progress=False)
+        job = SimpleNamespace(config=config, comm=comm, train_loader=[None], device="cpu", precise=None, model=model,
+                              evaluations={}, best_by="test_acc", out=None, log=print)
+        optimizer = SGD(model.parameters(), 0.1)
+        callbacks = [c for c in _callbacks(job, optimizer, [], None, comm.rank == 0)[0]
+                     if isinstance(c, (ShareBuffers, DivergenceGuard))]
+        assert [type(c) for c in callbacks] == [ShareBuffers, DivergenceGuard]
+        for callback in callbacks:
+            callback.on_epoch_end(1, {})
+        return float(model[1].moving_var.data.max())
+
+    assert all(numpy.isfinite(value) for value in run_ranks(2, work))

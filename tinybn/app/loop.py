@@ -77,8 +77,11 @@ def fit(model, optimizer, batches, epochs: int, *, loss_fn=F.cross_entropy, call
             optimizer.step()
             metric.add(loss.data.astype(numpy.float64) * len(y), (y_hat.data.argmax(axis=1) == y.data).sum(), len(y))
             _each(callbacks, "on_step_end", step, loss)
-        loss_sum, correct, count = reduce(metric.totals())
-        row = {"epoch": epoch, "train_loss": round(loss_sum / max(count, 1), 6), "train_acc": round(correct / max(count, 1), 6)}
+        loss_sum, correct, count = (float(total) for total in reduce(metric.totals()))
+        if count == 0:
+            raise ValueError(f"fit: epoch {epoch} had no batch; give batches that can be iterated anew every epoch "
+                             f"(a DataLoader or a list), not a generator, which is used up after one")
+        row = {"epoch": epoch, "train_loss": round(loss_sum / count, 6), "train_acc": round(correct / count, 6)}
         history.append(row)
         _each(callbacks, "on_epoch_end", epoch, row)
     return history

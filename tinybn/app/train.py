@@ -456,8 +456,10 @@ def _callbacks(job: _Job, optimizer, history: list, recorder, root: bool) -> tup
     best = KeepBest(job.best_by, history) if config.keep_best else None
     settings = dataclasses.asdict(config)
     callbacks = [ProgressBar(steps, config.progress and root, check_every),
-                 DivergenceGuard(job.model, optimizer, steps, check_every, agree),
+                 # rank 0's running statistics go to every rank before the guard checks them: all ranks check the
+                 # same model, and stop together or not at all
                  ShareBuffers(job.model, comm) if comm is not None and not config.sync_bn else None,
+                 DivergenceGuard(job.model, optimizer, steps, check_every, agree),
                  Evaluation(job.model, job.evaluations), precise, Speed(job.train_loader, job.device),
                  LearningRateSchedule(optimizer, config.schedule, config.lr, steps, config.epochs), EpochSeconds(),
                  best, Checkpoints(job.out, job.model, optimizer, settings, history, job.train_loader, precise, best,
