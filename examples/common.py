@@ -88,10 +88,15 @@ def setup(args, name: str, quick: dict | None = None, fewer: str = ""):
 
 
 def saved_variant(args, label: str, lr: float, batch_size: int) -> dict:
-    """``--replot``: the saved result of one variant."""
-    for result in args.saved.get("results", []) + args.saved.get("compare", []) + args.saved.get("sweep", []):
+    """``--replot``: the saved result of one variant; at the rate it was saved with when that variant was saved at
+    one rate only (a rate the script chose from a sweep that is not here)."""
+    saved = args.saved.get("results", []) + args.saved.get("compare", []) + args.saved.get("sweep", [])
+    for result in saved:
         if (result["label"], result["lr"], result.get("batch_size", 256)) == (label, lr, batch_size):
             return result
+    same = [result for result in saved if (result["label"], result.get("batch_size", 256)) == (label, batch_size)]
+    if len(same) == 1:
+        return same[0]
     raise SystemExit(f"error: --replot: the saved results have no {label!r} at lr {lr:g}, batch {batch_size}; "
                      f"give the arguments of the run that wrote them")
 
