@@ -210,7 +210,7 @@ def run(label: str, seed: int, data, epochs: int, every: int, device=None) -> di
 
 def _band(ax, x, runs, label, color):
     values = numpy.array(runs)
-    ax.plot(x, values.mean(axis=0), color=color, label=label, linewidth=1.3)
+    ax.plot(x, values.mean(axis=0), color=color, label=label, linewidth=1.3, marker="o", markersize=2.5)
     if len(values) > 1:
         ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=color, alpha=0.18, linewidth=0)
 
@@ -240,7 +240,15 @@ def plot_training(records, path: Path, seeds: int) -> None:
     axes[0][1].set_title("test accuracy (prediction mode, moving averages)", fontsize=9)
     for ax in axes[0][:2]:
         ax.set_xlabel("epoch"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
-    axes[0][2].axis("off")
+    names = list(runs)
+    finals = [[g["epochs"][-1]["test_acc"] for g in runs[label]] for label in names]
+    means = [numpy.mean(f) for f in finals]
+    axes[0][2].bar(range(len(names)), means, color=[COLORS[label] for label in names],
+                   yerr=[[m - min(f) for m, f in zip(means, finals)], [max(f) - m for m, f in zip(means, finals)]])
+    axes[0][2].set_xticks(range(len(names)), names, fontsize=8)
+    axes[0][2].set_ylim(min(min(f) for f in finals) - 0.05, 1.0)
+    axes[0][2].set_title("final test accuracy (bar: mean; whiskers: lowest to highest)", fontsize=9)
+    axes[0][2].grid(alpha=0.3, axis="y")
     for ax, (label, group) in zip(axes[1], runs.items()):
         first = group[0]
         x = numpy.array(first["steps"][:len(first["activations"])]) / first["steps_per_epoch"]
