@@ -61,38 +61,58 @@ def _flat(arrays) -> numpy.ndarray:
 
 
 class Kept:
-    """``with Kept(model):`` puts every parameter and buffer back as it was when the block ends (the running
-    statistics too: a training-mode forward updates them)."""
+    """``with Kept(model):`` runs the block with the model in training mode and puts every parameter, gradient and
+    buffer (the running statistics: a training-mode forward updates them) and the mode back as they were."""
 
     def __init__(self, model):
         self.model = model
 
     def __enter__(self):
-        self.saved = [(t, t.data.copy()) for t in (*self.model.parameters(), *self.model.buffers())]
+        parameters = list(self.model.parameters())
+        self.saved = [(t, t.data.copy()) for t in (*parameters, *self.model.buffers())]
+        self.grads = [(p, None if p.grad is None else p.grad.copy()) for p in parameters]
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.train()
         return self
 
     def __exit__(self, *exc):
         for tensor, value in self.saved:
             tensor.data = value
-        self.model.zero_grad()
+        for p, grad in self.grads:
+            p.grad = grad
+        for module, training in self.modes:
+            module.training = training
         return False
+
+
+def check_measurable(model) -> None:
+    """The measurements compare forwards of one batch: a model that draws random numbers in its forward (dropout)
+    would differ between them by chance, so it is refused."""
+    random = [type(m).__name__ for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    if random:
+        raise ValueError(f"the model has {', '.join(random)}: its forward is random, so two forwards of one batch "
+                         f"differ by chance and the measurements would measure that; remove it (or p=0) to measure")
 
 
 def layers_of(model) -> list[list]:
     """The model's layers for ICS: each convolution or dense layer, with the parameters of the modules after it
-    up to the next one (its batch norm): ``[[weight, *its parameters], ...]``, the weight first."""
-    groups = []
+    up to the next one (its batch norm): ``[[weight, *its parameters], ...]``, the weight first. A layer used
+    twice is one layer here, and a parameter shared by two layers belongs to the first: ICS is defined for a
+    chain of distinct layers."""
+    groups, leading = [], []
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
-            groups.append([module.weight] + [p for p in module.parameters() if p is not module.weight])
-        elif groups and isinstance(module, nn.Normalization):
-            groups[-1] += list(module.parameters())
+            groups.append([module.weight] + leading + [p for p in module.parameters() if p is not module.weight])
+            leading = []
+        elif isinstance(module, nn.Normalization):
+            (groups[-1] if groups else leading).extend(module.parameters())   # one before any layer: the first's
     return groups
 
 
 def internal_covariate_shift(model, loss_of, lr: float) -> list[tuple[float, float]]:
     """(||G - G'||, cos(G, G')) for every layer after the first: G, the gradient of its weight now; G', the same
     after the layers before it take this step's SGD update (lr times their gradient), all others unchanged."""
+    check_measurable(model)
     groups = layers_of(model)
     everything = [p for group in groups for p in group]
     shifts = []
@@ -108,7 +128,8 @@ def internal_covariate_shift(model, loss_of, lr: float) -> list[tuple[float, flo
                 g = _flat([grads[before]])                       # this layer's weight
                 g_after = _flat(gradients(model, loss_of, [group[0]]))
                 distance = float(numpy.linalg.norm(g - g_after))
-                cosine = float(g @ g_after / max(numpy.linalg.norm(g) * numpy.linalg.norm(g_after), 1e-300))
+                norms = float(numpy.linalg.norm(g) * numpy.linalg.norm(g_after))
+                cosine = float(g @ g_after / norms) if norms > 0 else (1.0 if distance == 0 else 0.0)
                 shifts.append((distance, cosine))
             before += len(group)
     return shifts
@@ -119,6 +140,7 @@ def landscape(model, loss_of, step_sizes=STEP_SIZES) -> dict:
     gradient is from g. Returns the loss variation (largest minus smallest loss), the gradient predictiveness
     (the largest gradient change) and the effective beta-smoothness (the largest gradient change over the
     distance moved), with the per-eta values."""
+    check_measurable(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
     losses, changes, slopes = [], [], []
     with Kept(model):
@@ -151,7 +173,9 @@ def add_noise(model, rng: numpy.random.Generator, n: float = 1.0) -> list:
 
 
 class Activations:
-    """The quantiles of one layer's input (the second sigmoid's: a pre-activation), at the steps asked for."""
+    """The quantiles of one layer's input (the second sigmoid's: a pre-activation), channel 0, over the batch and
+    the positions, at the steps asked for (one channel: noisy BN's shift is per channel, and pooling the channels
+    would average it away)."""
 
     def __init__(self, model):
         sigmoids = [m for m in model.modules() if isinstance(m, nn.Sigmoid)]
@@ -160,7 +184,7 @@ class Activations:
 
     def record(self, module, inputs, output):
         if self.wanted and module.training:
-            values = tinybn.backend.to_numpy(inputs[0].data).ravel()
+            values = tinybn.backend.to_numpy(inputs[0].data)[:, 0].ravel()
             self.rows.append([float(q) for q in numpy.quantile(values, QUANTILES)])
             self.wanted = False
 
@@ -249,15 +273,19 @@ def plot_training(records, path: Path, seeds: int) -> None:
     axes[0][2].set_ylim(min(min(f) for f in finals) - 0.05, 1.0)
     axes[0][2].set_title("final test accuracy (bar: mean; whiskers: lowest to highest)", fontsize=9)
     axes[0][2].grid(alpha=0.3, axis="y")
-    for ax, (label, group) in zip(axes[1], runs.items()):
+    for ax, (label, group) in zip(axes[1], runs.items()):      # one scale for the three: the spreads compare
         first = group[0]
         x = numpy.array(first["steps"][:len(first["activations"])]) / first["steps_per_epoch"]
         q = numpy.array(first["activations"])
         ax.fill_between(x, q[:, 0], q[:, 4], color=COLORS[label], alpha=0.15, linewidth=0, label="5 % to 95 %")
         ax.fill_between(x, q[:, 1], q[:, 3], color=COLORS[label], alpha=0.35, linewidth=0, label="25 % to 75 %")
         ax.plot(x, q[:, 2], color=COLORS[label], linewidth=1.2, label="median")
-        ax.set_title(f"{label}: the second sigmoid's input (seed {first['seed']})", fontsize=9)
+        ax.set_title(f"{label}: second sigmoid's input, channel 0 (seed {first['seed']})", fontsize=9)
         ax.set_xlabel("epoch"), ax.grid(alpha=0.3), ax.legend(fontsize=7)
+    low = min(min(row[0] for row in g[0]["activations"]) for g in runs.values())
+    high = max(max(row[-1] for row in g[0]["activations"]) for g in runs.values())
+    for ax in axes[1]:
+        ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
     fig.suptitle(f"Noisy BN: covariate shift injected after every BN layer ({seeds} seed(s), band: lowest to "
                  f"highest)", fontsize=10)
     fig.tight_layout()
@@ -291,7 +319,7 @@ def plot_ics(records, path: Path, seeds: int) -> None:
     fig.savefig(path)
 
 
-def plot_landscape(records, path: Path, seeds: int) -> None:
+def plot_landscape(records, path: Path, seeds: int, step_sizes=STEP_SIZES) -> None:
     """Loss variation, gradient predictiveness and effective beta-smoothness over training, with and without BN."""
     from matplotlib.figure import Figure
 
@@ -308,7 +336,7 @@ def plot_landscape(records, path: Path, seeds: int) -> None:
     for ax, title in zip(axes, titles.values()):
         ax.set_title(title, fontsize=9), ax.set_xlabel("epoch"), ax.set_yscale("log"), ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"The loss landscape along the gradient, eta in {', '.join(map(str, STEP_SIZES))} "
+    fig.suptitle(f"The loss landscape along the gradient, eta in {', '.join(map(str, step_sizes))} "
                  f"({seeds} seed(s), band: lowest to highest)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -332,40 +360,79 @@ def summarize(records) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be whole numbers separated by commas, e.g. 0,1,2; got {text!r}") from None
+    return seeds
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _arguments(argv):
+    """The parsed arguments, every one checked (and the saved results read, for --replot) before anything is
+    written or trained."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs per run (default: %(default)s, the chapter's)")
-    p.add_argument("--every", type=int, default=47, help="measure every N steps (default: %(default)s, 5 an epoch)")
-    p.add_argument("--quick", action="store_true", help="seed 0, 1 epoch, measured every 20 steps: under a minute")
+    p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--epochs", type=_positive, default=10, help="epochs per run (default: %(default)s, the chapter's)")
+    p.add_argument("--every", type=_positive, default=47, help="measure every N steps (default: %(default)s, 5 an epoch)")
+    p.add_argument("--quick", action="store_true",
+                   help="seed 0, 1 epoch, measured every 20 steps (in place of --seeds, --epochs, --every): under a minute")
     p.add_argument("--replot", action="store_true", help="draw the figures again from --out's results.json")
     p.add_argument("--device", default=None, help="cpu, gpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help="folder for results.json and the figures "
                                                "(default: runs/examples/controversy, or controversy-quick)")
     args = p.parse_args(argv)
-    print(tinybn.kernels.describe(device=tinybn.backend.resolve_device(args.device)[0]), flush=True)
+    try:
+        args.device = tinybn.backend.resolve_device(args.device)[0]
+    except (ValueError, TypeError, tinybn.DeviceUnavailableError) as error:
+        p.error(f"--device: {error}")
     if args.quick:
-        args.seeds, args.epochs, args.every = "0", 1, 20
-        print("quick mode: seed 0, 1 epoch of each model, measured every 20 steps; a smoke test, not the "
-              "results (docs/results.md has those)", flush=True)
-    out = Path(args.out or "runs/examples/controversy" + ("-quick" if args.quick else ""))
-    seeds = [int(s) for s in args.seeds.split(",")]
+        args.seeds, args.epochs, args.every = [0], 1, 20
+    args.out = Path(args.out or "runs/examples/controversy" + ("-quick" if args.quick else ""))
+    args.saved = None
     if args.replot:
-        records = json.loads((out / "results.json").read_text())["records"]
+        path = args.out / "results.json"
+        try:
+            args.saved = json.loads(path.read_text())
+            assert args.saved["records"] and all("label" in r for r in args.saved["records"])
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            p.error(f"--replot: {path} is missing or holds no results; train first (without --replot), or name the "
+                    f"folder that holds them with --out")
+    elif args.out.exists() and not args.out.is_dir():
+        p.error(f"--out: {args.out} is a file; name a folder")
+    return args
+
+
+def main(argv=None) -> int:
+    args = _arguments(argv)
+    print(tinybn.kernels.describe(device=args.device), flush=True)
+    if args.quick:
+        print("quick mode: seed 0, 1 epoch of each model, measured every 20 steps; a smoke test: after one epoch "
+              "LeNet has not left its plateau, so its tiny gradients make every measure small. The 10-epoch "
+              "results are in docs/results.md.", flush=True)
+    out, seeds, step_sizes = args.out, args.seeds, STEP_SIZES
+    if args.saved is not None:
+        records, step_sizes = args.saved["records"], tuple(args.saved.get("step_sizes", STEP_SIZES))
         seeds = sorted({r["seed"] for r in records})
     else:
-        out.mkdir(parents=True, exist_ok=True)
         data = load_fashion_mnist()
+        out.mkdir(parents=True, exist_ok=True)
         records, started = [], time.time()
         for seed in seeds:
             for label in MODELS:
                 records.append(run(label, seed, data, args.epochs, args.every, args.device))
                 print(f"{label}, seed {seed}: test acc {records[-1]['epochs'][-1]['test_acc']:.4f} "
                       f"({time.time() - started:.0f} s so far)", flush=True)
-        (out / "results.json").write_text(json.dumps({"records": records}))
+        (out / "results.json").write_text(json.dumps({"records": records, "step_sizes": list(STEP_SIZES)}))
     plot_training(records, out / "controversy-training.png", len(seeds))
     plot_ics(records, out / "controversy-ics.png", len(seeds))
-    plot_landscape(records, out / "controversy-landscape.png", len(seeds))
+    plot_landscape(records, out / "controversy-landscape.png", len(seeds), step_sizes)
     print("\n".join(summarize(records)))
     print(f"wrote {out / 'results.json'} and the figures controversy-{{training,ics,landscape}}.png in {out}")
     return 0

@@ -92,3 +92,35 @@ def test_noisy_bn_shifts_only_in_training_and_anew_every_step():
     for handle in handles:
         handle.remove()
     numpy.testing.assert_array_equal(quiet, model(x).numpy())
+
+
+def test_the_measurements_put_back_gradients_and_the_mode_too():
+    """Found by the outside test: measuring between backward() and step() wiped every .grad, so the step did
+    nothing; and a model in eval mode was measured in eval mode."""
+    model, loss_of = _two_layers(frozen_first=False)
+    loss_of(model).backward()
+    grads = [p.grad.copy() for p in model.parameters()]
+    model.eval()
+    controversy.internal_covariate_shift(model, loss_of, lr=0.5)
+    controversy.landscape(model, loss_of, (0.1,))
+    assert not model.training and not model[1].training
+    for p, grad in zip(model.parameters(), grads):
+        numpy.testing.assert_array_equal(p.grad, grad)
+
+
+def test_a_batch_norm_before_the_first_layer_is_updated_with_the_previous_layers():
+    tinybn.manual_seed(2)
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2)).to(dtype=numpy.float64)
+    groups = controversy.layers_of(model)
+    assert [len(group) for group in groups] == [4, 2] and groups[0][0] is model[1].weight
+    assert any(p is model[0].gamma for p in groups[0])
+
+
+def test_a_random_forward_is_refused_and_bad_arguments_get_one_line(capsys):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).to(dtype=numpy.float64)
+    with pytest.raises(ValueError, match="Dropout: its forward is random"):
+        controversy.landscape(model, lambda m: m(tinybn.tensor(numpy.ones((2, 3)))).sum())
+    for argv in (["--every", "0"], ["--seeds", "x"], ["--replot", "--out", "/nonexistent/folder"]):
+        with pytest.raises(SystemExit):
+            controversy.main(argv)
+        assert ": error: " in capsys.readouterr().err.strip().splitlines()[-1]
