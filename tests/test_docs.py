@@ -2,6 +2,7 @@
 (:func:`...`, :mod:`...`, :class:`...`, :meth:`...`, :data:`...`) resolves, and every relative link in the
 README and docs/ names a file of the repository."""
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 import re
@@ -47,7 +48,9 @@ def _resolves(dotted: str) -> bool:
     for split in range(len(parts), 0, -1):
         try:
             target = importlib.import_module(".".join(parts[:split]))
-        except ImportError:
+        except ImportError as error:
+            if getattr(error, "name", None) in OPTIONAL and importlib.util.find_spec(".".join(parts[:split])):
+                return True                 # a module of an extra that is not installed here: it is there
             continue
         try:
             for attribute in parts[split:]:

@@ -167,7 +167,10 @@ def cell_fold(spec, model, x, dy):
 
 
 def torch_twin(model):
-    """The same model in PyTorch, layer by layer (None where a layer has no PyTorch counterpart)."""
+    """The same model in PyTorch, layer by layer (None where a layer has no PyTorch counterpart, or without
+    PyTorch)."""
+    if torch is None:
+        return None
     layers, previous = [], None
     for layer in model:
         after_conv, previous = isinstance(previous, nn.Conv2d), layer
