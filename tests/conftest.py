@@ -19,14 +19,18 @@ def device(request):
     return request.param
 
 
+KERNELS = tinybn.kernels.active()     # what `import tinybn` chose: the reference, unless TINYBN_KERNELS says
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
-    """Each test starts seeded, and leaves the process's kernel family as it found it: a test that runs the command
-    line in-process (which chooses the fastest kernels) must not change what later tests check."""
+    """Each test starts seeded and with the kernel family `import tinybn` chose: a test module that imports an
+    example script (which chooses the fastest kernels at its top, at collection time) or a test that runs the
+    command line in-process must not change what other tests check."""
     tinybn.manual_seed(0)
-    family = tinybn.kernels.active()
+    tinybn.kernels.use(KERNELS)
     yield
-    tinybn.kernels.use(family)
+    tinybn.kernels.use(KERNELS)
 
 
 def make(array, device, requires_grad=False):
