@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy
 
+from .. import random as tb_random
 from .loop import Callback
 
 
@@ -138,15 +139,11 @@ class Checkpoints(Callback):
         self.loader, self.precise, self.keep_best, self.write = loader, precise, keep_best, write
 
     def on_epoch_end(self, epoch, row):
-        import numpy
-
-        from .. import random as tb_random
-
+        if not self.write:
+            return
         meta = {"epoch": epoch, "config": self.config, "history": self.history,
                 "loader_rng": self.loader.get_state(), "tinybn_rng": tb_random.generator(numpy).bit_generator.state}
         statistics = self.precise.statistics if self.precise else None
-        if self.write:
-            save(self.out / "checkpoint.npz", self.model, self.optimizer, meta, statistics)
-            if self.keep_best and self.keep_best.best:
-                save(self.out / "best.npz", self.model, self.optimizer, {**meta, "best_by": self.keep_best.key},
-                     statistics)
+        save(self.out / "checkpoint.npz", self.model, self.optimizer, meta, statistics)
+        if self.keep_best and self.keep_best.best:
+            save(self.out / "best.npz", self.model, self.optimizer, {**meta, "best_by": self.keep_best.key}, statistics)
