@@ -530,3 +530,26 @@ def test_using_tinybn_from_python_leaves_blas_numpy_allocator_and_matplotlib_as_
     done = subprocess.run([sys.executable, "-c", _USE_TINYBN], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("unchanged")
+
+
+@needs_a_family
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_float32_sigmoid_is_within_three_units_in_the_last_place_everywhere(family):
+    """The numba family's float32 sigmoid computes e^t itself (a range reduction and a Taylor polynomial): against
+    the sigmoid in float64 rounded to float32, over a sweep of float32's range, the range's edges (±87, where 2^n
+    leaves the normal numbers), signed zeros, infinities, NaN and numbers whose sigmoid is subnormal."""
+    sweep = numpy.linspace(-110, 110, 2_000_003, dtype=numpy.float32)
+    edges = numpy.array([0.0, -0.0, 87.0, -87.0, numpy.nextafter(-87.0, 0.0), numpy.nextafter(-87.0, -100.0),
+                         -88.8, -100.0, -103.5, -104.0, 1e-45, -1e-45, 0.34657359, -0.34657359, 1e4, -1e4,
+                         numpy.inf, -numpy.inf, numpy.nan], numpy.float32)
+    x = numpy.concatenate([sweep, edges, sweep[::-1][:5000]])
+    with kernels.using(family):
+        y = F.sigmoid(x).data
+    truth = numpy.empty(x.shape)
+    with numpy.errstate(over="ignore"):
+        truth[:] = 1.0 / (1.0 + numpy.exp(-x.astype(numpy.float64)))
+    assert numpy.array_equal(numpy.isnan(y), numpy.isnan(x))
+    finite = ~numpy.isnan(x)
+    units = numpy.spacing(truth[finite].astype(numpy.float32)).astype(numpy.float64)
+    assert numpy.max(numpy.abs(y[finite] - truth[finite]) / units) <= 3
+    assert numpy.array_equal(y[x == -numpy.inf], [0.0]) and numpy.array_equal(y[x == numpy.inf], [1.0])

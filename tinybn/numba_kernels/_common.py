@@ -18,8 +18,10 @@ from .. import kernels
 
 # Reductions may be reordered (so that they vectorize) and a·b + c fused; nothing that would change a NaN, an
 # infinity or a signed zero. The tests hold every kernel to the reference within the rounding this allows.
+# A division by zero gives inf or nan, as in NumPy, instead of raising ZeroDivisionError as Python does: the check
+# Python's rule needs, a branch before every division, kept loops with a division from being vectorized.
 FASTMATH = {"reassoc", "contract"}
-JIT = dict(cache=True, fastmath=FASTMATH)
+JIT = dict(cache=True, fastmath=FASTMATH, error_model="numpy")
 PARALLEL = dict(JIT, parallel=True)
 
 FLOATS = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
