@@ -77,8 +77,9 @@ def _forward_float32(x, y):
 
 @numba.njit(**PARALLEL)
 def _backward(dy, y, dx):
+    one = y.dtype.type(1)                # in y's dtype: a plain 1.0 would make float32 arithmetic float64
     for k in numba.prange(y.size):
-        dx[k] = dy[k] * y[k] * (1.0 - y[k])
+        dx[k] = dy[k] * y[k] * (one - y[k])
 
 
 def _flat(array):

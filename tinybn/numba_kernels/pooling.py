@@ -44,6 +44,7 @@ def _backward(dy, x, y, kh, kw, dx):
     """dy to each window's first position holding its maximum (in row-major order; a NaN where the maximum is
     NaN), 0 to the rest: found again from x and y, which is cheaper than keeping the positions."""
     channels, out_h, out_w, n = dy.shape
+    zero = dy.dtype.type(0)              # a 0 of dy's dtype: a plain 0 would make the select float64
     for task in numba.prange(channels * out_h):
         c, i = task // out_h, task % out_h
         taken = numpy.empty(n, numpy.bool_)
@@ -56,7 +57,7 @@ def _backward(dy, x, y, kh, kw, dx):
                 for k in range(n):
                     v, m = values[k], top[k]
                     hit = ((v == m) | ((v != v) & (m != m))) & ~taken[k]
-                    out[k] = grads[k] if hit else 0
+                    out[k] = grads[k] if hit else zero
                     taken[k] = taken[k] | hit
 
 
