@@ -21,18 +21,8 @@ import numpy
 from .. import kernels, ops
 from ..autograd import Cache
 from ..functional._util import pair
-from ._common import _LAST, JIT, PARALLEL, batch_first, batch_last, floats, run_on_threads
-
-
-TERMS = 5           # window columns q taken together: one pass over the sums per row of a 5-wide window
-
-
-@numba.njit(**JIT)
-def _five_rows(rows, start, stop, nothing):
-    """rows[start], ..., rows[start + 4], with ``nothing`` (a row of zeros) in place of those from rows[stop] on."""
-    return (rows[start] if start < stop else nothing, rows[start + 1] if start + 1 < stop else nothing,
-            rows[start + 2] if start + 2 < stop else nothing, rows[start + 3] if start + 3 < stop else nothing,
-            rows[start + 4] if start + 4 < stop else nothing)
+from ._common import (_LAST, JIT, PARALLEL, TERMS, batch_first, batch_last, five_rows, floats, pad_columns,
+                      padded_columns, run_on_threads)
 
 
 @numba.njit(**PARALLEL)
@@ -56,7 +46,7 @@ def _forward(x_pad, weight, bias, y):
         for c in range(c_in):
             for p in range(kh):
                 for q in range(0, columns, TERMS):
-                    x0, x1, x2, x3, x4 = _five_rows(x_pad[c, i + p], j + q, j + kw, nothing)
+                    x0, x1, x2, x3, x4 = five_rows(x_pad[c, i + p], j + q, j + kw, nothing)
                     for o in range(c_out):
                         w = weight[o, c, p]
                         w0, w1, w2, w3, w4, out = w[q], w[q + 1], w[q + 2], w[q + 3], w[q + 4], total[o]
@@ -87,7 +77,7 @@ def _weight_gradient(x_pad, dy, pieces, dweight):
             for c in range(c_in):
                 for p in range(kh):
                     for q in range(0, columns, TERMS):
-                        x0, x1, x2, x3, x4 = _five_rows(x_pad[c, i + p], j + q, j + kw, nothing)
+                        x0, x1, x2, x3, x4 = five_rows(x_pad[c, i + p], j + q, j + kw, nothing)
                         for o in range(0, c_out, 2):
                             second = min(o + 1, c_out - 1)        # an odd last channel is summed twice
                             g, h = dy[o, i, j], dy[second, i, j]
@@ -109,6 +99,16 @@ def _weight_gradient(x_pad, dy, pieces, dweight):
                     dweight[o, c, p, q] = s
 
 
+@numba.njit(**PARALLEL)
+def _row_sums(rows, sums):
+    """db[o] = Σ_{i,j,n} dy[o, i, j, n]: each channel's row summed in float64, the threads taking rows."""
+    for r in numba.prange(rows.shape[0]):
+        total = 0.0
+        for k in range(rows.shape[1]):
+            total += rows[r, k]
+        sums[r] = total
+
+
 @numba.njit(**JIT)
 def _add_five(row, q, a0, a1, a2, a3, a4):
     row[q] += a0
@@ -116,10 +116,6 @@ def _add_five(row, q, a0, a1, a2, a3, a4):
     row[q + 2] += a2
     row[q + 3] += a3
     row[q + 4] += a4
-
-
-def _padded_columns(kw: int) -> int:
-    return -(-kw // TERMS) * TERMS
 
 
 @numba.njit(**PARALLEL)
@@ -156,10 +152,8 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
         x_pad = batch_last(x)
     y = numpy.empty((c_out, x_pad.shape[1] - kh + 1, x_pad.shape[2] - kw + 1, n), x.dtype)
     weight = numpy.ascontiguousarray(weight)
-    padded = numpy.zeros(weight.shape[:3] + (_padded_columns(kw),), weight.dtype)
-    padded[..., :kw] = weight
     run_on_threads()
-    _forward(x_pad, padded, numpy.zeros(c_out, x.dtype) if bias is None else bias, y)
+    _forward(x_pad, pad_columns(weight), numpy.zeros(c_out, x.dtype) if bias is None else bias, y)
     return batch_first(y), Cache(x_pad=x_pad, weight=weight, has_bias=bias is not None, padding=(ph, pw))
 
 
@@ -169,10 +163,14 @@ def conv2d_backward(dy, cache):
     dy = batch_last(dy)
     run_on_threads()
     kw = weight.shape[3]
-    dweight = numpy.empty(weight.shape[:3] + (_padded_columns(kw),), weight.dtype)
+    dweight = numpy.empty(weight.shape[:3] + (padded_columns(kw),), weight.dtype)
     _weight_gradient(x_pad, dy, 2 * kernels.threads(), dweight)
     dweight = numpy.ascontiguousarray(dweight[..., :kw])
-    dbias = dy.reshape(dy.shape[0], -1).sum(axis=1) if cache.has_bias else None
+    dbias = None
+    if cache.has_bias:
+        dbias = numpy.empty(dy.shape[0])
+        _row_sums(dy.reshape(dy.shape[0], -1), dbias)
+        dbias = dbias.astype(dy.dtype)
     dx = None
     if cache.needs(0):                  # the first layer's input is data: skip the most expensive sum
         dx_pad = numpy.empty(x_pad.shape, dy.dtype)
