@@ -84,8 +84,9 @@ def _weight_gradient(x_pad, dy, pieces, dweight):
                             a0 = a1 = a2 = a3 = a4 = b0 = b1 = b2 = b3 = b4 = zero
                             for k in range(n):
                                 u, v = g[k], h[k]
-                                a0 += u * x0[k]; a1 += u * x1[k]; a2 += u * x2[k]; a3 += u * x3[k]; a4 += u * x4[k]  # noqa: E702
-                                b0 += v * x0[k]; b1 += v * x1[k]; b2 += v * x2[k]; b3 += v * x3[k]; b4 += v * x4[k]  # noqa: E702
+                                a0 += u * x0[k]; a1 += u * x1[k]; a2 += u * x2[k]; a3 += u * x3[k]  # noqa: E702
+                                b0 += v * x0[k]; b1 += v * x1[k]; b2 += v * x2[k]; b3 += v * x3[k]  # noqa: E702
+                                a4 += u * x4[k]; b4 += v * x4[k]  # noqa: E702
                             _add_five(partial[piece, o, c, p], q, a0, a1, a2, a3, a4)
                             if second > o:
                                 _add_five(partial[piece, second, c, p], q, b0, b1, b2, b3, b4)

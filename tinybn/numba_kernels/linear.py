@@ -5,7 +5,7 @@ yᵀ (out, N), and each product is a sum of rows of N numbers::
 
     yᵀ[o, :]  = b[o] + Σ_k W[o, k] · xᵀ[k, :]           the threads take outputs o
     dxᵀ[k, :] = Σ_o Wᵀ[k, o] · dyᵀ[o, :]                the same loop, with Wᵀ and no bias
-    dW[o, :]  = Σ_n dyᵀ[o, n] · x[n, :]                 db[o] = Σ_n dyᵀ[o, n]
+    dW[o, k]  = Σ_n dyᵀ[o, n] · xᵀ[k, n]                db[o] = Σ_n dyᵀ[o, n]
 
 so the family runs without the BLAS that NumPy's ``@`` calls, whose own threads would compete with numba's.
 """
@@ -16,7 +16,8 @@ import numpy
 
 from .. import ops
 from ..autograd import Cache
-from ._common import PARALLEL, batch_first, batch_last, floats, run_on_threads
+from ._common import (JIT, PARALLEL, TERMS, batch_first, batch_last, five_rows, floats, padded_columns,
+                      run_on_threads)
 
 
 @numba.njit(**PARALLEL)
@@ -34,20 +35,35 @@ def _forward(x_t, weight, bias, y_t):
 
 
 @numba.njit(**PARALLEL)
-def _weight_gradient(dy_t, x_rows, dweight, dbias):
-    """dW[o, :] = Σ_n dyᵀ[o, n] · x[n, :], as rows added (no dot product to sum across a vector at the end, which
-    took twice as long), and db[o] = Σ_n dyᵀ[o, n]; the threads take outputs o."""
-    out_features, in_features = dweight.shape
-    n = dy_t.shape[1]
-    for o in numba.prange(out_features):
-        total, bias = numpy.zeros(in_features, dweight.dtype), 0.0
-        for i in range(n):
-            g, row = dy_t[o, i], x_rows[i]
-            bias += g
-            for k in range(in_features):
-                total[k] += g * row[k]
-        dweight[o, :] = total
-        dbias[o] = bias
+def _weight_gradient(dy_t, x_t, dweight, dbias):
+    """dW[o, k] = Σ_n dyᵀ[o, n] · xᵀ[k, n], ten at a time: two outputs o times five inputs k, summed over the batch
+    in registers, in dy's dtype (``dweight``'s columns padded to a multiple of five, as in conv2d's weight
+    gradient); db[o] = Σ_n dyᵀ[o, n] in float64. The threads take pairs of outputs."""
+    out_features, n = dy_t.shape
+    in_features, columns = x_t.shape[0], dweight.shape[1]
+    nothing, zero = numpy.zeros(n, dy_t.dtype), dy_t.dtype.type(0)
+    for pair in numba.prange((out_features + 1) // 2):
+        o, second = 2 * pair, min(2 * pair + 1, out_features - 1)      # an odd last output is summed twice
+        g, h = dy_t[o], dy_t[second]
+        for k in range(0, columns, TERMS):
+            x0, x1, x2, x3, x4 = five_rows(x_t, k, in_features, nothing)
+            a0 = a1 = a2 = a3 = a4 = b0 = b1 = b2 = b3 = b4 = zero
+            for i in range(n):
+                u, v = g[i], h[i]
+                a0 += u * x0[i]; a1 += u * x1[i]; a2 += u * x2[i]; a3 += u * x3[i]; a4 += u * x4[i]  # noqa: E702
+                b0 += v * x0[i]; b1 += v * x1[i]; b2 += v * x2[i]; b3 += v * x3[i]; b4 += v * x4[i]  # noqa: E702
+            _put_five(dweight[o], k, a0, a1, a2, a3, a4)
+            _put_five(dweight[second], k, b0, b1, b2, b3, b4)
+        for row in (o, second):
+            total = 0.0
+            for i in range(n):
+                total += dy_t[row, i]
+            dbias[row] = total
+
+
+@numba.njit(**JIT)
+def _put_five(row, k, a0, a1, a2, a3, a4):
+    row[k], row[k + 1], row[k + 2], row[k + 3], row[k + 4] = a0, a1, a2, a3, a4
 
 
 def linear_forward(x, weight, bias=None):
@@ -63,9 +79,11 @@ def linear_forward(x, weight, bias=None):
 def linear_backward(dy, cache):
     """:func:`tinybn.functional.linear.linear_backward`."""
     dy_t, weight = batch_last(dy), cache.weight
-    dweight, dbias = numpy.empty(weight.shape, weight.dtype), numpy.empty(weight.shape[0])
+    dweight = numpy.empty((weight.shape[0], padded_columns(weight.shape[1])), weight.dtype)
+    dbias = numpy.empty(weight.shape[0])
     run_on_threads()
-    _weight_gradient(dy_t, numpy.ascontiguousarray(cache.x_t.T), dweight, dbias)
+    _weight_gradient(dy_t, cache.x_t, dweight, dbias)
+    dweight = numpy.ascontiguousarray(dweight[:, :weight.shape[1]])
     dx = None
     if cache.needs(0):
         dx_t = numpy.empty(cache.x_t.shape, dy.dtype)        # the forward's sum, with Wᵀ and no bias
