@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy
@@ -156,29 +158,39 @@ def test_a_setting_every_rank_refuses_is_said_once(tmp_path, args, message):
 
 # ------------------------------------------------------------------ found by an outside test, kept as rows
 
-def interrupt_job_on(command, environment, *starts_with):
-    """Start the job, wait until it has printed, for each of ``starts_with``, a line that starts with it ("" for the
-    very first line), press Ctrl-C then, and return (exit status, everything it printed). Waiting for lines, not for
+def interrupt_job_on(command, environment, *markers):
+    """Start the job, wait until it has printed, for each of ``markers``, a line that holds it ("" for the very
+    first line), press Ctrl-C then, and return (exit status, everything it printed). Waiting for lines, not for
     a time, keeps the test's meaning on a fast machine and a slow one alike: a run cannot end before the lines that
-    stop it."""
+    stop it. A marker may be anywhere in a line: the ranks' output reaches mpiexec in pieces, and one rank's line
+    can land after another's unfinished one ("rank 0 waitsrank 1 is ready" hung this test forever when it asked
+    for lines that start with the marker). A job that prints nothing more for LINE_TIMEOUT seconds fails the test."""
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
-    seen, waiting = [], set(starts_with)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in job.stdout] + [lines.put(None)], daemon=True).start()
+    seen, waiting = [], set(markers)
     try:
-        for line in job.stdout:
+        while waiting:
+            line = lines.get(timeout=LINE_TIMEOUT)
+            if line is None:
+                pytest.fail(f"the job ended before printing lines that hold {sorted(waiting)!r}:\n{''.join(seen)}")
             seen.append(line)
-            waiting = {start for start in waiting if not line.startswith(start)}
-            if not waiting:
-                job.send_signal(signal.SIGINT)
-                break
-        else:
-            pytest.fail(f"the job ended before printing lines that start with {sorted(waiting)!r}:\n{''.join(seen)}")
-        rest, _ = job.communicate(timeout=120)
+            waiting = {marker for marker in waiting if marker not in line}
+        job.send_signal(signal.SIGINT)
+        job.wait(timeout=120)
+    except queue.Empty:
+        pytest.fail(f"the job printed nothing for {LINE_TIMEOUT} s while the test waited for {sorted(waiting)!r}:\n"
+                    f"{''.join(seen)}")
     except subprocess.TimeoutExpired:
-        job.kill()
         pytest.fail(f"Ctrl-C after the line {seen[-1]!r} left the job running")
     finally:
         job.kill()
-    return job.returncode, "".join(seen) + rest
+    while (line := lines.get(timeout=60)) is not None:
+        seen.append(line)
+    return job.returncode, "".join(seen)
+
+
+LINE_TIMEOUT = 300       # a failure's limit only: a passing run prints its lines within seconds
 
 
 def test_ctrl_c_early_in_a_run_ends_every_rank_and_says_so_once(tmp_path):
