@@ -69,8 +69,9 @@ def five_rows(rows, start, stop, nothing):
     """rows[start], ..., rows[start + 4], with ``nothing`` (a row of zeros) in place of those from rows[stop] on.
 
     A kernel whose innermost loop adds w·x[k] to a row out[k] reads and writes that row once per term; adding
-    w₀·x₀[k] + … + w₄·x₄[k] instead does it once per five. The weights beyond the last term are zeros
-    (:func:`padded_columns`), and so are the rows, so that an inf or NaN elsewhere cannot reach the sum."""
+    w₀·x₀[k] + … + w₄·x₄[k] instead does it once per five. The weights beyond the last term are zeros (their
+    arrays padded to :func:`padded_columns`), and so are the rows, so that an inf or NaN elsewhere cannot reach
+    the sum."""
     return (rows[start] if start < stop else nothing, rows[start + 1] if start + 1 < stop else nothing,
             rows[start + 2] if start + 2 < stop else nothing, rows[start + 3] if start + 3 < stop else nothing,
             rows[start + 4] if start + 4 < stop else nothing)
@@ -79,10 +80,3 @@ def five_rows(rows, start, stop, nothing):
 def padded_columns(count: int) -> int:
     """count rounded up to a multiple of :data:`TERMS`."""
     return -(-count // TERMS) * TERMS
-
-
-def pad_columns(weight):
-    """weight with zero columns added along its last axis up to a multiple of :data:`TERMS`."""
-    padded = numpy.zeros(weight.shape[:-1] + (padded_columns(weight.shape[-1]),), weight.dtype)
-    padded[..., :weight.shape[-1]] = weight
-    return padded

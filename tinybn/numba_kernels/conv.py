@@ -21,7 +21,7 @@ import numpy
 from .. import kernels, ops
 from ..autograd import Cache
 from ..functional._util import pair
-from ._common import (_LAST, JIT, PARALLEL, TERMS, batch_first, batch_last, five_rows, floats, pad_columns,
+from ._common import (_LAST, JIT, PARALLEL, TERMS, batch_first, batch_last, five_rows, floats,
                       padded_columns, run_on_threads)
 
 
@@ -30,28 +30,33 @@ def _forward(x_pad, weight, bias, y):
     """y[o, i, j, :] = b[o] + Σ_{c,p,q} W[o, c, p, q] · x̃[c, i + p, j + q, :]; one position (i, j) per thread at a
     time, all the output channels together.
 
-    The sum over q runs five columns at a time: y's row gets w₀·x₀ + … + w₄·x₄ in one pass, instead of a pass per
-    term (each pass reads and writes y's row; five rows of x̃ are read for the price of that one). ``weight`` comes
-    with its columns padded with zeros to a multiple of five, and the rows past the window are rows of zeros."""
+    The sum over q runs five columns at a time, for two output channels at a time: each of the two rows of y gets
+    w₀·x₀ + … + w₄·x₄ in one pass, instead of a pass per term (each pass reads and writes y's row; five rows of x̃
+    are read for the price of one, and serve two outputs). ``weight`` and ``bias`` come padded with zeros: the
+    columns to a multiple of five, the output channels to an even number (the padded channel's sums, left out of y,
+    are zeros); the rows past the window are rows of zeros."""
     c_in, n = x_pad.shape[0], x_pad.shape[3]
-    c_out, kh, columns = weight.shape[0], weight.shape[2], weight.shape[3]
-    out_h, out_w = y.shape[1], y.shape[2]
+    channels, kh, columns = weight.shape[0], weight.shape[2], weight.shape[3]
+    c_out, out_h, out_w = y.shape[0], y.shape[1], y.shape[2]
     kw = x_pad.shape[2] - out_w + 1
     nothing = numpy.zeros(n, y.dtype)
     for task in numba.prange(out_h * out_w):
         i, j = task // out_w, task % out_w
-        total = numpy.empty((c_out, n), y.dtype)
-        for o in range(c_out):
+        total = numpy.empty((channels, n), y.dtype)
+        for o in range(channels):
             total[o, :] = bias[o]
         for c in range(c_in):
             for p in range(kh):
                 for q in range(0, columns, TERMS):
                     x0, x1, x2, x3, x4 = five_rows(x_pad[c, i + p], j + q, j + kw, nothing)
-                    for o in range(c_out):
-                        w = weight[o, c, p]
-                        w0, w1, w2, w3, w4, out = w[q], w[q + 1], w[q + 2], w[q + 3], w[q + 4], total[o]
+                    for o in range(0, channels, 2):
+                        w, v, out, other = weight[o, c, p], weight[o + 1, c, p], total[o], total[o + 1]
+                        w0, w1, w2, w3, w4 = w[q], w[q + 1], w[q + 2], w[q + 3], w[q + 4]
+                        v0, v1, v2, v3, v4 = v[q], v[q + 1], v[q + 2], v[q + 3], v[q + 4]
                         for k in range(n):
-                            out[k] += w0 * x0[k] + w1 * x1[k] + w2 * x2[k] + w3 * x3[k] + w4 * x4[k]
+                            a, b, c_, d, e = x0[k], x1[k], x2[k], x3[k], x4[k]
+                            out[k] += w0 * a + w1 * b + w2 * c_ + w3 * d + w4 * e
+                            other[k] += v0 * a + v1 * b + v2 * c_ + v3 * d + v4 * e
         for o in range(c_out):
             y[o, i, j, :] = total[o]
 
@@ -153,8 +158,13 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
         x_pad = batch_last(x)
     y = numpy.empty((c_out, x_pad.shape[1] - kh + 1, x_pad.shape[2] - kw + 1, n), x.dtype)
     weight = numpy.ascontiguousarray(weight)
+    channels = c_out + c_out % 2                 # an even number of output channels, for the forward's pairs
+    padded = numpy.zeros((channels,) + weight.shape[1:3] + (padded_columns(kw),), weight.dtype)
+    padded[:c_out, :, :, :kw] = weight
+    padded_bias = numpy.zeros(channels, x.dtype)
+    padded_bias[:c_out] = 0 if bias is None else bias
     run_on_threads()
-    _forward(x_pad, pad_columns(weight), numpy.zeros(c_out, x.dtype) if bias is None else bias, y)
+    _forward(x_pad, padded, padded_bias, y)
     return batch_first(y), Cache(x_pad=x_pad, weight=weight, has_bias=bias is not None, padding=(ph, pw))
 
 
