@@ -556,3 +556,45 @@ def test_the_float32_sigmoid_is_within_three_units_in_the_last_place_everywhere(
     units = numpy.spacing(truth[finite].astype(numpy.float32)).astype(numpy.float64)
     assert numpy.max(numpy.abs(y[finite] - truth[finite]) / units) <= 3
     assert numpy.array_equal(y[x == -numpy.inf], [0.0]) and numpy.array_equal(y[x == numpy.inf], [1.0])
+
+
+LENET_SIZES = [
+    ("conv1", lambda x, w, b: F.conv2d(x, w, b), [(1, 1, 28, 28), (6, 1, 5, 5), (6,)]),
+    ("conv2", lambda x, w, b: F.conv2d(x, w, b), [(1, 6, 12, 12), (16, 6, 5, 5), (16,)]),
+    ("dense 1", F.linear, [(1, 256), (120, 256), (120,)]),
+    ("batch norm 1", lambda x, g, b: F.batch_norm(x, g, b, numpy.zeros(6, x.dtype), numpy.ones(6, x.dtype),
+                                                  training=True)[0], [(1, 6, 24, 24), (6,), (6,)]),
+    ("sigmoid 1", F.sigmoid, [(1, 6, 24, 24)]),
+    ("pooling 1", lambda x: F.max_pool2d(x, 2), [(1, 6, 24, 24)]),
+]
+
+
+@needs_a_family
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name, call, shapes", LENET_SIZES, ids=[s[0] for s in LENET_SIZES])
+def test_at_lenets_own_sizes_in_float32_the_kernels_are_as_accurate_as_the_reference(name, call, shapes, family):
+    """Batch 256 at LeNet-BN's shapes, float32: outputs and every gradient (a random upstream gradient) of the
+    kernel and of the reference, each against the reference in float64. The kernels sum in other orders (and
+    conv2d's and linear's weight gradients over the batch in float32, in registers), so they may differ from the
+    reference by its rounding; their error against float64 must stay within twice the reference's own, or within
+    1e-6 of the largest value (about eight float32 roundings), whichever is larger."""
+    generator = numpy.random.default_rng(5)
+    arrays = [generator.standard_normal((256,) + shape[1:] if i == 0 else shape) for i, shape in enumerate(shapes)]
+    upstream = None
+
+    def run(dtype, chosen):
+        nonlocal upstream
+        tensors_ = [tinybn.tensor(a.astype(dtype), requires_grad=True) for a in arrays]
+        with kernels.using(chosen), ops.observe(ops.Recorder()) as recorder:
+            out = call(*tensors_)
+            upstream = generator.standard_normal(out.shape) if upstream is None else upstream
+            (out * tinybn.tensor(upstream.astype(dtype))).sum().backward()
+        assert chosen in {i.label for i, _ in recorder.calls}, recorder.calls
+        return [out.data.astype(numpy.float64)] + [t.grad.astype(numpy.float64) for t in tensors_]
+
+    exact = run(numpy.float64, "reference")
+    reference, kernel = run(numpy.float32, "reference"), run(numpy.float32, family)
+    for what, e, r, k in zip(["output"] + [f"gradient {i}" for i in range(len(arrays))], exact, reference, kernel):
+        scale = numpy.max(numpy.abs(e)) or 1.0
+        reference_error, kernel_error = numpy.max(numpy.abs(r - e)) / scale, numpy.max(numpy.abs(k - e)) / scale
+        assert kernel_error <= max(2 * reference_error, 1e-6), (what, kernel_error, reference_error)
