@@ -598,3 +598,24 @@ def test_at_lenets_own_sizes_in_float32_the_kernels_are_as_accurate_as_the_refer
         scale = numpy.max(numpy.abs(e)) or 1.0
         reference_error, kernel_error = numpy.max(numpy.abs(r - e)) / scale, numpy.max(numpy.abs(k - e)) / scale
         assert kernel_error <= max(2 * reference_error, 1e-6), (what, kernel_error, reference_error)
+
+
+@needs_a_family
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_float32_sigmoid_of_a_number_does_not_depend_on_its_neighbours(family):
+    """Numbers beyond the float32 kernel's range (|x| > 87, NaN) are computed again by the reference's formula, in
+    float32, one by one: a 100 or a NaN in the same block once made the kernel recompute the whole block in float64,
+    changing a quarter of its neighbours by one unit in the last place, and their gradients."""
+    x = numpy.random.default_rng(3).standard_normal(4095).astype(numpy.float32) * 6
+    with kernels.using(family):
+        alone = F.sigmoid(x).data
+        for neighbour in (100.0, -100.0, numpy.nan, numpy.inf, -88.0):
+            beside = F.sigmoid(numpy.append(x, numpy.float32(neighbour))).data
+            assert numpy.array_equal(beside[:-1], alone), neighbour
+    far = numpy.array([17.0, 87.5, -87.5, 88.8, -88.8, -100.0, -103.5, 1e4, -1e4, numpy.nan, numpy.inf, -numpy.inf],
+                      numpy.float32)
+    with kernels.using(family):
+        mine = F.sigmoid(numpy.concatenate([x, far])).data[x.size:]
+    reference = F.sigmoid(far).data                # its formula in float32; exp from the C library, not NumPy's
+    assert numpy.array_equal(numpy.isnan(mine), numpy.isnan(reference))
+    numpy.testing.assert_array_max_ulp(mine[~numpy.isnan(far)], reference[~numpy.isnan(far)], maxulp=1)

@@ -13,8 +13,9 @@ so that |r| ≤ ln 2 / 2::
 
 r is formed in two steps (Cody and Waite): ln 2 = LN2_HIGH + LN2_LOW, where LN2_HIGH has so few bits that n·LN2_HIGH is
 exact, and 2^n is built from its bits: the exponent field of a float32 holds n + 127. The result is within two
-units in the last place of the correctly rounded sigmoid. Where t < −87 (2^n would leave float32's normal numbers)
-or x is NaN, the numbers are computed again as the reference does, with ``math.exp``.
+units in the last place of the correctly rounded sigmoid. Where t < −87 (a margin above −87.3, where 2^n would leave
+float32's normal numbers) or x is NaN, that number alone is computed again by the reference's formula, in float32,
+with ``math.exp``: each number's sigmoid depends on that number only.
 """
 from __future__ import annotations
 
@@ -36,18 +37,18 @@ EXACT = dict(PARALLEL, fastmath={"contract"})       # no reassociation: it could
 
 
 @numba.njit(**JIT)
-def _exact(x, y):
-    """The reference's formula, number by number, with ``math.exp``."""
-    for k in range(x.size):
-        e = math.exp(-abs(x[k]))
-        y[k] = (1.0 if x[k] >= 0 else e) / (1.0 + e)
+def _exact(v):
+    """The reference's formula for one number, in its dtype, with ``math.exp``."""
+    one = type(v)(1)                     # 1 in v's dtype: a plain 1.0 would make float32 arithmetic float64
+    e = math.exp(-abs(v))
+    return (one if v >= 0 else e) / (one + e)
 
 
 @numba.njit(**PARALLEL)
 def _forward(x, y):
-    """The sigmoid in float64: the reference's formula, one chunk of numbers per thread at a time."""
-    for chunk in numba.prange((x.size + CHUNK - 1) // CHUNK):
-        _exact(x[chunk * CHUNK:(chunk + 1) * CHUNK], y[chunk * CHUNK:(chunk + 1) * CHUNK])
+    """The sigmoid in float64: the reference's formula, number by number, shared among the threads."""
+    for k in numba.prange(x.size):
+        y[k] = _exact(x[k])
 
 
 @numba.njit(**EXACT)
@@ -71,8 +72,23 @@ def _forward_float32(x, y):
         for i in range(xs.size):
             e = ys[i] * two_n[i]
             ys[i] = (ONE if xs[i] >= ZERO else e) / (ONE + e)
-        if outside:
-            _exact(xs, ys)
+        if outside:                                       # rare: those numbers again, by the reference's formula
+            _redo_outside(xs, ys)
+
+
+@numba.njit(**JIT)
+def _redo_outside(xs, ys):
+    """ys[i] = the reference's sigmoid of xs[i] where −|xs[i]| < LOWEST or xs[i] is NaN; blocks of 64 numbers with
+    none of them are passed over after one count, which vectorizes (a scan of them all, one by one, did not)."""
+    for block in range(0, xs.size, 64):
+        x, y = xs[block:block + 64], ys[block:block + 64]
+        count = 0
+        for i in range(x.size):
+            count += not -abs(x[i]) >= LOWEST
+        if count:
+            for i in range(x.size):
+                if not -abs(x[i]) >= LOWEST:
+                    y[i] = _exact(x[i])
 
 
 @numba.njit(**PARALLEL)
