@@ -14,7 +14,11 @@ two threads run parallel kernels at once). OpenMP's threads keep libgomp's defau
 short while, then sleep, and the next kernel, a fraction of a millisecond later, finds them awake. Told to sleep at
 once (``OMP_WAIT_POLICY=PASSIVE``, which this family set until 2026-12-04), every kernel paid for waking them: a
 LeNet-BN step at batch 256 took 8.9 ms instead of 6.8 on the 2-core machine in docs/benchmarks.md, and a step at
-batch 2 took 4.0 ms instead of 1.6. ``OMP_WAIT_POLICY`` set by the user is left as it is.
+batch 2 took 4.0 ms instead of 1.6. The price is paid when two processes share the cores, each with threads for
+all of them: there the spinning threads take turns away from the working ones (two LeNet-BN trainings at once:
+about 40 ms a step each, against 21 ms passive; PyTorch, whose threads spin too, 58 – 68 ms). Give each process
+its share instead (``TINYBN_NUM_THREADS=1`` for two on two cores: 19 – 21 ms; the ranks of an MPI job get their
+share this way already), or set ``OMP_WAIT_POLICY=PASSIVE``: a policy set by the user is left as it is.
 """
 import os
 

@@ -16,8 +16,10 @@ import numpy
 
 from .. import kernels
 
-# Reductions may be reordered (so that they vectorize) and a·b + c fused; nothing that would change a NaN, an
-# infinity or a signed zero. The tests hold every kernel to the reference within the rounding this allows.
+# Reductions may be reordered (so that they vectorize) and a·b + c fused. The flags that let the compiler assume
+# there are no NaNs, infinities or signed zeros stay off; a reordered sum still rounds differently, and in float32
+# can overflow where another order would not (as the reference's BLAS may). The tests hold every kernel to the
+# reference within the rounding this allows.
 # A division by zero gives inf or nan, as in NumPy, instead of raising ZeroDivisionError as Python does: the check
 # Python's rule needs, a branch before every division, kept loops with a division from being vectorized.
 FASTMATH = {"reassoc", "contract"}

@@ -33,8 +33,8 @@ def _forward(x_pad, weight, bias, y):
     The sum over q runs five columns at a time, for two output channels at a time: each of the two rows of y gets
     w₀·x₀ + … + w₄·x₄ in one pass, instead of a pass per term (each pass reads and writes y's row; five rows of x̃
     are read for the price of one, and serve two outputs). ``weight`` and ``bias`` come padded with zeros: the
-    columns to a multiple of five, the output channels to an even number (the padded channel's sums, left out of y,
-    are zeros); the rows past the window are rows of zeros."""
+    columns to a multiple of five, the output channels to an even number (the padded channel's sums are left out of
+    y); the rows past the window are rows of zeros."""
     c_in, n = x_pad.shape[0], x_pad.shape[3]
     channels, kh, columns = weight.shape[0], weight.shape[2], weight.shape[3]
     c_out, out_h, out_w = y.shape[0], y.shape[1], y.shape[2]
