@@ -165,7 +165,8 @@ def interrupt_job_on(command, environment, *markers):
     stop it. A marker may be anywhere in a line: the ranks' output reaches mpiexec in pieces, and one rank's line
     can land after another's unfinished one ("rank 0 waitsrank 1 is ready" hung this test forever when it asked
     for lines that start with the marker). A job that prints nothing more for LINE_TIMEOUT seconds fails the test."""
-    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
+                           start_new_session=True)            # its own process group: stragglers can be ended too
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in job.stdout] + [lines.put(None)], daemon=True).start()
     seen, waiting = [], set(markers)
@@ -178,15 +179,20 @@ def interrupt_job_on(command, environment, *markers):
             waiting = {marker for marker in waiting if marker not in line}
         job.send_signal(signal.SIGINT)
         job.wait(timeout=120)
+        while (line := lines.get(timeout=60)) is not None:
+            seen.append(line)
     except queue.Empty:
         pytest.fail(f"the job printed nothing for {LINE_TIMEOUT} s while the test waited for {sorted(waiting)!r}:\n"
-                    f"{''.join(seen)}")
+                    f"{''.join(seen)}" if waiting else
+                    f"mpiexec ended, but a process it started still held the output open 60 s later:\n{''.join(seen)}")
     except subprocess.TimeoutExpired:
         pytest.fail(f"Ctrl-C after the line {seen[-1]!r} left the job running")
     finally:
-        job.kill()
-    while (line := lines.get(timeout=60)) is not None:
-        seen.append(line)
+        try:
+            os.killpg(job.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        job.wait()
     return job.returncode, "".join(seen)
 
 
