@@ -554,3 +554,20 @@ def test_ranks_share_their_running_statistics_before_the_divergence_guard_checks
         return float(model[1].moving_var.data.max())
 
     assert all(numpy.isfinite(value) for value in run_ranks(2, work))
+
+
+def test_the_progress_bar_leaves_the_first_step_out_of_its_eta(monkeypatch):
+    """The first step carries the start-up (numba compiling its kernels: 8 s on the 2-core machine, where the rest
+    take 10 ms), and an ETA from it said 1879 s for a 3 s epoch. The bar says '?' until a second step has run, and
+    then counts from the steps after the first."""
+    import io
+    from tinybn.app import progress
+    clock = iter([100.0, 108.0, 108.01, 108.02])           # start, after step 1 (8 s), steps 2 and 3 (10 ms each)
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    stream = io.StringIO()
+    bar = progress.Progress(235, "epoch 1", stream=stream, interval=0.0)
+    for _ in range(3):
+        bar.update(1)
+    first, second, third = stream.getvalue().splitlines()
+    assert "eta    ?s" in first
+    assert "eta    2s" in second and "eta    2s" in third, (second, third)     # 233 steps of 10 ms

@@ -20,7 +20,7 @@ class Progress:
         self.total, self.label, self.enabled, self.interval = total, label, enabled, interval
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.count, self.start, self.last = 0, time.monotonic(), 0.0
+        self.count, self.start, self.last, self.first = 0, time.monotonic(), 0.0, None
 
     def __enter__(self):
         return self
@@ -43,9 +43,13 @@ class Progress:
         width = 30
         filled = int(width * self.count / max(1, self.total))
         elapsed = now - self.start
-        eta = elapsed / self.count * (self.total - self.count) if self.count else 0.0
+        if self.first is None:                 # the first step carries the start-up (numba compiles its kernels)
+            self.first = (self.count, elapsed)
+        counted, before = self.first
+        eta = ((elapsed - before) / (self.count - counted) * (self.total - self.count)
+               if self.count > counted else None)
         line = (f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.count}/{self.total} "
-                f"{elapsed:5.1f}s eta {eta:4.0f}s {status}")
+                f"{elapsed:5.1f}s eta {'   ?' if eta is None else format(eta, '4.0f')}s {status}")
         self.stream.write(("\r" + line) if self.tty else (line + "\n"))
         self.stream.flush()
 
