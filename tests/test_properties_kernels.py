@@ -180,7 +180,7 @@ def test_kernel_sigmoid_equals_reference(shape, layout, dy_layout, dtype, family
 
 
 @budget(100)
-@given(leading=st.integers(1, 5).map(lambda n: (n,)), d_in=st.integers(1, 6),
+@given(leading=st.integers(1, 5).map(lambda n: (n,)), d_in=st.integers(1, 12),       # dW takes five inputs at a time
        d_out=st.integers(1, 5), bias=st.booleans(), x_needs=st.booleans(), x_layout=layouts, w_layout=layouts,
        dy_layout=layouts, dtype=dtypes, family=families, thread_count=thread_counts, seed=st.integers(0, 2**32 - 1))
 def test_kernel_linear_equals_reference(leading, d_in, d_out, bias, x_needs, x_layout, w_layout, dy_layout, dtype,
