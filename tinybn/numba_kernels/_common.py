@@ -82,3 +82,23 @@ def five_rows(rows, start, stop, nothing):
 def padded_columns(count: int) -> int:
     """count rounded up to a multiple of :data:`TERMS`."""
     return -(-count // TERMS) * TERMS
+
+
+@numba.njit(**JIT)
+def add_five(row, start, a0, a1, a2, a3, a4):
+    """row[start:start + 5] += (a0, ..., a4): five sums kept in registers, written where they belong."""
+    row[start] += a0
+    row[start + 1] += a1
+    row[start + 2] += a2
+    row[start + 3] += a3
+    row[start + 4] += a4
+
+
+@numba.njit(**PARALLEL)
+def row_sums(rows, sums):
+    """sums[r] = Σ_k rows[r, k] in float64, the threads taking rows (a bias gradient: each channel's row of dy)."""
+    for r in numba.prange(rows.shape[0]):
+        total = 0.0
+        for k in range(rows.shape[1]):
+            total += rows[r, k]
+        sums[r] = total

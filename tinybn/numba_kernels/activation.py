@@ -37,6 +37,12 @@ EXACT = dict(PARALLEL, fastmath={"contract"})       # no reassociation: it could
 
 
 @numba.njit(**JIT)
+def _in_range(v):
+    """Whether the float32 kernel's exponential covers v: −|v| ≥ LOWEST (False for NaN)."""
+    return -abs(v) >= LOWEST
+
+
+@numba.njit(**JIT)
 def _exact(v):
     """The reference's formula for one number, in its dtype, with ``math.exp``."""
     one = type(v)(1)                     # 1 in v's dtype: a plain 1.0 would make float32 arithmetic float64
@@ -60,10 +66,9 @@ def _forward_float32(x, y):
         bits = numpy.empty(xs.size, numpy.int32)          # the bits of 2^n
         outside = 0
         for i in range(xs.size):                          # indices from 0, which the compiler knows are not negative
-            t = -abs(xs[i])
-            inside = t >= LOWEST                          # False for NaN too
+            inside = _in_range(xs[i])
             outside += not inside
-            t = t if inside else LOWEST
+            t = -abs(xs[i]) if inside else LOWEST
             n = numpy.floor(t * LOG2E + HALF)
             r = (t - n * LN2_HIGH) - n * LN2_LOW
             bits[i] = (numpy.int32(n) + 127) << 23
@@ -84,10 +89,10 @@ def _redo_outside(xs, ys):
         x, y = xs[block:block + 64], ys[block:block + 64]
         count = 0
         for i in range(x.size):
-            count += not -abs(x[i]) >= LOWEST
+            count += not _in_range(x[i])
         if count:
             for i in range(x.size):
-                if not -abs(x[i]) >= LOWEST:
+                if not _in_range(x[i]):
                     y[i] = _exact(x[i])
 
 

@@ -21,8 +21,8 @@ import numpy
 from .. import kernels, ops
 from ..autograd import Cache
 from ..functional._util import pair
-from ._common import (_LAST, JIT, PARALLEL, TERMS, batch_first, batch_last, five_rows, floats,
-                      padded_columns, run_on_threads)
+from ._common import (_LAST, PARALLEL, TERMS, add_five, batch_first, batch_last, five_rows, floats,
+                      padded_columns, row_sums, run_on_threads)
 
 
 @numba.njit(**PARALLEL)
@@ -92,9 +92,9 @@ def _weight_gradient(x_pad, dy, pieces, dweight):
                                 a0 += u * x0[k]; a1 += u * x1[k]; a2 += u * x2[k]; a3 += u * x3[k]  # noqa: E702
                                 b0 += v * x0[k]; b1 += v * x1[k]; b2 += v * x2[k]; b3 += v * x3[k]  # noqa: E702
                                 a4 += u * x4[k]; b4 += v * x4[k]  # noqa: E702
-                            _add_five(partial[piece, o, c, p], q, a0, a1, a2, a3, a4)
+                            add_five(partial[piece, o, c, p], q, a0, a1, a2, a3, a4)
                             if second > o:
-                                _add_five(partial[piece, second, c, p], q, b0, b1, b2, b3, b4)
+                                add_five(partial[piece, second, c, p], q, b0, b1, b2, b3, b4)
     for o in range(c_out):
         for c in range(c_in):
             for p in range(kh):
@@ -103,25 +103,6 @@ def _weight_gradient(x_pad, dy, pieces, dweight):
                     for piece in range(pieces):
                         s += partial[piece, o, c, p, q]
                     dweight[o, c, p, q] = s
-
-
-@numba.njit(**PARALLEL)
-def _row_sums(rows, sums):
-    """db[o] = Σ_{i,j,n} dy[o, i, j, n]: each channel's row summed in float64, the threads taking rows."""
-    for r in numba.prange(rows.shape[0]):
-        total = 0.0
-        for k in range(rows.shape[1]):
-            total += rows[r, k]
-        sums[r] = total
-
-
-@numba.njit(**JIT)
-def _add_five(row, q, a0, a1, a2, a3, a4):
-    row[q] += a0
-    row[q + 1] += a1
-    row[q + 2] += a2
-    row[q + 3] += a3
-    row[q + 4] += a4
 
 
 @numba.njit(**PARALLEL)
@@ -162,7 +143,8 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     padded = numpy.zeros((channels,) + weight.shape[1:3] + (padded_columns(kw),), weight.dtype)
     padded[:c_out, :, :, :kw] = weight
     padded_bias = numpy.zeros(channels, x.dtype)
-    padded_bias[:c_out] = 0 if bias is None else bias
+    if bias is not None:
+        padded_bias[:c_out] = bias
     run_on_threads()
     _forward(x_pad, padded, padded_bias, y)
     return batch_first(y), Cache(x_pad=x_pad, weight=weight, has_bias=bias is not None, padding=(ph, pw))
@@ -180,7 +162,7 @@ def conv2d_backward(dy, cache):
     dbias = None
     if cache.has_bias:
         dbias = numpy.empty(dy.shape[0])
-        _row_sums(dy.reshape(dy.shape[0], -1), dbias)
+        row_sums(dy.reshape(dy.shape[0], -1), dbias)
         dbias = dbias.astype(dy.dtype)
     dx = None
     if cache.needs(0):                  # the first layer's input is data: skip the most expensive sum

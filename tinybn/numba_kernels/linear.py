@@ -16,8 +16,8 @@ import numpy
 
 from .. import ops
 from ..autograd import Cache
-from ._common import (JIT, PARALLEL, TERMS, batch_first, batch_last, five_rows, floats, padded_columns,
-                      run_on_threads)
+from ._common import (PARALLEL, TERMS, add_five, batch_first, batch_last, five_rows, floats, padded_columns,
+                      row_sums, run_on_threads)
 
 
 @numba.njit(**PARALLEL)
@@ -35,10 +35,10 @@ def _forward(x_t, weight, bias, y_t):
 
 
 @numba.njit(**PARALLEL)
-def _weight_gradient(dy_t, x_t, dweight, dbias):
-    """dW[o, k] = Σ_n dyᵀ[o, n] · xᵀ[k, n], ten at a time: two outputs o times five inputs k, summed over the batch
-    in registers, in dy's dtype (``dweight``'s columns padded to a multiple of five, as in conv2d's weight
-    gradient); db[o] = Σ_n dyᵀ[o, n] in float64. The threads take pairs of outputs."""
+def _weight_gradient(dy_t, x_t, dweight):
+    """dW[o, k] += Σ_n dyᵀ[o, n] · xᵀ[k, n], ten at a time: two outputs o times five inputs k, summed over the batch
+    in registers, in dy's dtype (``dweight`` zeros, its columns padded to a multiple of five, as in conv2d's weight
+    gradient). The threads take pairs of outputs."""
     out_features, n = dy_t.shape
     in_features, columns = x_t.shape[0], dweight.shape[1]
     nothing, zero = numpy.zeros(n, dy_t.dtype), dy_t.dtype.type(0)
@@ -52,18 +52,9 @@ def _weight_gradient(dy_t, x_t, dweight, dbias):
                 u, v = g[i], h[i]
                 a0 += u * x0[i]; a1 += u * x1[i]; a2 += u * x2[i]; a3 += u * x3[i]; a4 += u * x4[i]  # noqa: E702
                 b0 += v * x0[i]; b1 += v * x1[i]; b2 += v * x2[i]; b3 += v * x3[i]; b4 += v * x4[i]  # noqa: E702
-            _put_five(dweight[o], k, a0, a1, a2, a3, a4)
-            _put_five(dweight[second], k, b0, b1, b2, b3, b4)
-        for row in (o, second):
-            total = 0.0
-            for i in range(n):
-                total += dy_t[row, i]
-            dbias[row] = total
-
-
-@numba.njit(**JIT)
-def _put_five(row, k, a0, a1, a2, a3, a4):
-    row[k], row[k + 1], row[k + 2], row[k + 3], row[k + 4] = a0, a1, a2, a3, a4
+            add_five(dweight[o], k, a0, a1, a2, a3, a4)
+            if second > o:
+                add_five(dweight[second], k, b0, b1, b2, b3, b4)
 
 
 def linear_forward(x, weight, bias=None):
@@ -79,17 +70,21 @@ def linear_forward(x, weight, bias=None):
 def linear_backward(dy, cache):
     """:func:`tinybn.functional.linear.linear_backward`."""
     dy_t, weight = batch_last(dy), cache.weight
-    dweight = numpy.empty((weight.shape[0], padded_columns(weight.shape[1])), weight.dtype)
-    dbias = numpy.empty(weight.shape[0])
+    dweight = numpy.zeros((weight.shape[0], padded_columns(weight.shape[1])), weight.dtype)
     run_on_threads()
-    _weight_gradient(dy_t, cache.x_t, dweight, dbias)
+    _weight_gradient(dy_t, cache.x_t, dweight)
     dweight = numpy.ascontiguousarray(dweight[:, :weight.shape[1]])
+    dbias = None
+    if cache.has_bias:                                   # db[o] = Σ_n dyᵀ[o, n], in float64
+        dbias = numpy.empty(weight.shape[0])
+        row_sums(dy_t, dbias)
+        dbias = dbias.astype(dy.dtype)
     dx = None
     if cache.needs(0):
         dx_t = numpy.empty(cache.x_t.shape, dy.dtype)        # the forward's sum, with Wᵀ and no bias
         _forward(dy_t, numpy.ascontiguousarray(weight.T), numpy.zeros(weight.shape[1], dy.dtype), dx_t)
         dx = batch_first(dx_t)
-    return dx, dweight, dbias.astype(dy.dtype) if cache.has_bias else None
+    return dx, dweight, dbias
 
 
 def _applies(x, weight, bias=None):
